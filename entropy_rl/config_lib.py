@@ -1,0 +1,254 @@
+"""The run configuration: one ConfigDict shared by every config file, paper presets, validation.
+
+`configs/<family>.py` files start from `base_config()`, set their method, and apply a preset chosen
+by `get_config(arg)`. `validate(config)` runs before anything is compiled and raises one ValueError
+naming the offending key.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from entropy_rl import losses
+
+# The papers' models. Sizes matter only for presets; weights come from `model.hf_path`.
+PAPER_MODELS = ("qwen2_5_7b", "qwen2_5_32b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
+BENCHMARKS = ("math500.jsonl", "aime24.jsonl", "amc23.jsonl", "minerva_math.jsonl",
+              "olympiadbench.jsonl", "gsm8k_test.jsonl")
+HE_TEMPLATE = ("User:\n{question}\nPlease reason step by step, and put your final answer within "
+               "\\boxed{{}}.\n\nAssistant:\n")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The embedded default: a tiny policy on a synthetic verifiable task, sized for 2 CPU cores."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_steps = 200
+  c.log_every = 1
+  c.eval_every = 50
+  c.checkpoint_every = 50
+  c.keep_checkpoints = 3
+  c.max_nonfinite_steps = 3
+  c.distributed = "auto"  # auto | on | off: jax.distributed.initialize() on multi-host launches.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.source = "tiny"  # tiny: ModelConfig from the fields below | hf: model.hf_path
+  c.model.hf_path = ""
+  c.model.hidden_size = 128
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 32
+  c.model.intermediate_size = 384
+  c.model.dtype = "float32"
+  c.model.param_dtype = "float32"
+  c.model.remat = False
+
+  c.task = ml_collections.ConfigDict()
+  c.task.source = "synthetic"  # synthetic | jsonl | tfds
+  c.task.name = "countdown"
+  c.task.path = ""  # jsonl: file; tfds: dataset name
+  c.task.split = "train"
+  c.task.data_dir = ""  # tfds: TFDS_DATA_DIR
+  c.task.question_field = "problem"
+  c.task.answer_field = "answer"
+  c.task.template = ""  # "" = the tokenizer's chat template (real models) or the task's own
+  c.task.max_prompt_len = 32
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.name = "task"  # task | math
+  c.reward.timeout_s = 5.0
+  c.reward.num_workers = 4
+  c.reward.format_coef = 0.0
+  c.reward.overlong_buffer = 0  # DAPO overlong shaping: 0 disables
+  c.reward.overlong_penalty = 1.0
+
+  c.warm_start = ml_collections.ConfigDict()
+  c.warm_start.enabled = True
+  c.warm_start.steps = 1500
+  c.warm_start.batch_size = 256
+  c.warm_start.lr = 1e-3
+  c.warm_start.corrupt_prob = 0.6
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompts_per_step = 32
+  c.rollout.num_samples = 8
+  c.rollout.max_new_tokens = 32
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
+  c.rl.num_minibatches = 4
+  c.rl.num_microbatches = 1
+  c.rl.ppo_epochs = 1
+  c.rl.recompute_old_logp = False
+  c.rl.dynamic_sampling = False
+  c.rl.dynamic_sampling_max_draws = 3
+  c.rl.fused_chunk_size = 4096
+
+  c.loss = losses.default_loss_config()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-5
+  c.optim.schedule = "constant"  # constant | cosine
+  c.optim.warmup_steps = 10
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 128
+  c.eval.num_samples = 16
+  c.eval.temperature = 1.0
+  c.eval.max_new_tokens = -1  # -1 = rollout.max_new_tokens
+  c.eval.data_dir = ""  # real runs: directory holding the benchmark JSONL files
+  c.eval.files = ()
+  return c
+
+
+def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> None:
+  """The papers' settings for a real model (DESIGN.md section 7); only paths need editing.
+
+  EM (arXiv 2505.22617): 256 prompts x 8 responses, T = 1, mini-batch 32 prompts, 1 epoch, no KL, no
+  entropy loss, constant LR 1e-6 (7B) / 5e-7 (32B), max response 8192. HE (arXiv 2506.01939): the DAPO
+  recipe on Qwen3, 512 prompts x 16 responses, mini-batch 32 prompts, clip-higher, dynamic sampling,
+  overlong shaping, LR 1e-6, max response 20480.
+  """
+  if model not in PAPER_MODELS:
+    raise ValueError(f"unknown preset {model!r}; expected one of {PAPER_MODELS}")
+  c.model.source = "hf"
+  c.model.hf_path = f"/path/to/{model}"
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = True
+  c.warm_start.enabled = False
+  c.task.source = "jsonl"
+  c.task.path = "/path/to/train.jsonl"
+  c.task.template = HE_TEMPLATE
+  c.task.max_prompt_len = 1024
+  c.reward.name = "math"
+  c.rollout.temperature = 1.0
+  c.rl.num_microbatches = 16
+  c.rl.fused_chunk_size = 16384
+  c.optim.schedule = "constant"
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.eval.data_dir = "/path/to/shared/data"
+  c.eval.files = BENCHMARKS
+  c.eval.num_prompts = -1
+  c.eval.num_samples = 16
+  c.eval.max_new_tokens = -1
+  c.num_steps = 2400 if paper == "em" else 1000
+  c.eval_every = 20
+  c.checkpoint_every = 20
+  big = model.endswith("32b")
+  if paper == "em":
+    c.rollout.prompts_per_step = 256
+    c.rollout.num_samples = 8
+    c.rollout.max_new_tokens = 8192
+    c.rl.num_minibatches = 256 // 32
+    c.optim.lr = 5e-7 if big else 1e-6
+  else:
+    c.rollout.prompts_per_step = 512
+    c.rollout.num_samples = 16
+    c.rollout.max_new_tokens = 20480
+    c.rl.num_minibatches = 512 // 32
+    c.rl.dynamic_sampling = True
+    c.reward.overlong_buffer = 4096
+    c.loss.clip_ratio_high = 0.28
+    c.optim.lr = 1e-6
+  c.loss.loss_agg_mode = "token-mean"
+
+
+def get_config_for(arg: str | None, method) -> ml_collections.ConfigDict:
+  """`arg` is '' / 'tiny' (the embedded default) or a paper model (`qwen2_5_7b`, ...)."""
+  c = base_config()
+  name = arg or "tiny"
+  if name != "tiny":
+    apply_paper_preset(c, name, "he" if name.startswith("qwen3") else "em")
+  method(c, name)
+  return c
+
+
+_CHOICES = {
+    "model.source": ("tiny", "hf"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "task.source": ("synthetic", "jsonl", "tfds"),
+    "reward.name": ("task", "math"),
+    "rl.advantage": ("grpo", "drgrpo", "rloo"),
+    "optim.schedule": ("constant", "cosine"),
+    "distributed": ("auto", "on", "off"),
+}
+_POSITIVE = ("num_steps", "rollout.prompts_per_step", "rollout.num_samples", "rollout.max_new_tokens",
+             "rl.num_minibatches", "rl.num_microbatches", "rl.ppo_epochs", "optim.lr",
+             "eval.num_samples", "rl.fused_chunk_size", "max_nonfinite_steps", "reward.num_workers")
+
+
+def _get(c, dotted):
+  for part in dotted.split("."):
+    c = c[part]
+  return c
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fails with one message naming the key, before any compilation."""
+  for key, choices in _CHOICES.items():
+    if _get(c, key) not in choices:
+      raise ValueError(f"config.{key}={_get(c, key)!r}: expected one of {choices}")
+  for key in _POSITIVE:
+    if not _get(c, key) > 0:
+      raise ValueError(f"config.{key}={_get(c, key)!r}: must be positive")
+  if c.rollout.temperature <= 0:
+    raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: must be positive")
+  if not 0 < c.rollout.top_p <= 1:
+    raise ValueError(f"config.rollout.top_p={c.rollout.top_p}: must be in (0, 1]")
+  losses.validate_loss_config(c.loss, prefix="config.loss")
+  n = c.rollout.prompts_per_step * c.rollout.num_samples
+  mb = c.rl.num_minibatches
+  if c.rollout.prompts_per_step % mb:
+    raise ValueError(f"config.rl.num_minibatches={mb} must divide config.rollout.prompts_per_step="
+                     f"{c.rollout.prompts_per_step} (a mini-batch holds whole groups)")
+  micro = c.rl.num_microbatches
+  if (n // mb) % micro:
+    raise ValueError(f"config.rl.num_microbatches={micro} must divide the mini-batch of "
+                     f"{n // mb} sequences")
+  sizes = {a: c.mesh[a] for a in ("data", "fsdp", "tensor")}
+  rest = [a for a, s in sizes.items() if s == -1]
+  if len(rest) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {rest}")
+  fixed = 1
+  for a, s in sizes.items():
+    if s != -1 and s < 1:
+      raise ValueError(f"config.mesh.{a}={s}: must be positive or -1")
+    fixed *= s if s != -1 else 1
+  if num_devices % fixed or (not rest and fixed != num_devices):
+    raise ValueError(f"config.mesh={sizes} does not fit {num_devices} devices")
+  batch_shards = (sizes["data"] if sizes["data"] != -1 else num_devices // fixed) * (
+      sizes["fsdp"] if sizes["fsdp"] != -1 else num_devices // fixed)
+  if (n // mb // micro) % batch_shards:
+    raise ValueError(f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
+                     f"sequences does not split over {batch_shards} data-parallel devices "
+                     "(config.mesh.data x config.mesh.fsdp)")
+  if c.model.source == "hf" and not c.model.hf_path:
+    raise ValueError("config.model.hf_path: required when config.model.source='hf'")
+  if c.task.source in ("jsonl", "tfds") and not c.task.path:
+    raise ValueError(f"config.task.path: required when config.task.source={c.task.source!r}")
+  if c.warm_start.enabled and c.task.source != "synthetic":
+    raise ValueError("config.warm_start.enabled: the warm start trains on synthetic "
+                     "demonstrations; disable it for config.task.source="
+                     f"{c.task.source!r}")
+  if c.reward.name == "task" and c.task.source != "synthetic":
+    raise ValueError("config.reward.name='task' needs config.task.source='synthetic'; use 'math'")
+  if c.loss.kl_ref_coef < 0 or c.loss.entropy_coef < 0:
+    raise ValueError("config.loss.kl_ref_coef and config.loss.entropy_coef must be >= 0")
