@@ -61,6 +61,8 @@ def test_roundtrip_sharded_keep_last_and_metadata(tmp_path):
   ckpt.close()
 
 
+# Orbax leaves the failed read's sibling tasks unretrieved; harmless noise.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["array_files", "json", "state_dir"])
 def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
   d = str(tmp_path / "ckpt")
