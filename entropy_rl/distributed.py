@@ -1,0 +1,124 @@
+"""Multi-host JAX: start-up, and which slice of a global batch each process feeds.
+
+Every process runs the same program on a global (mesh-wide) batch; a process holds data only for
+its own devices. `process_rows` says which rows of the global batch those are, so each host loads
+only its shard of the prompts, and `make_global_batch` assembles the global `jax.Array`s from the
+per-host NumPy slices.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("auto", "on", "off")
+# Set by launch_tpu.sh on every worker; read when the flag is 'auto'.
+LAUNCH_ENV = "ENTROPY_RL_DISTRIBUTED"
+
+
+def _int_env(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def detect_multihost() -> str | None:
+  """Why the environment looks like a multi-process launch (a short reason), or None.
+
+  Reads environment variables only: nothing here may initialise a JAX backend.
+  """
+  env = os.environ
+  if env.get(LAUNCH_ENV, "").lower() in ("1", "on", "true"):
+    return LAUNCH_ENV
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):  # GKE / TPU pod slices.
+    if len([h for h in env.get(name, "").split(",") if h.strip()]) > 1:
+      return name
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):  # Multislice TPU.
+    return "MEGASCALE_COORDINATOR_ADDRESS"
+  if "SLURM_JOB_ID" in env and (_int_env("SLURM_NTASKS") or 1) > 1:
+    return "SLURM_NTASKS"
+  if (_int_env("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    return "OMPI_COMM_WORLD_SIZE"
+  return None
+
+
+def maybe_initialize(flag: str = "auto") -> tuple[int, int]:
+  """Calls `jax.distributed.initialize()` when needed; returns (process_index, process_count).
+
+  flag: 'off' never initialises; 'on' always does (cluster auto-detection: Cloud TPU, SLURM,
+  Open MPI, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID); 'auto' does when
+  `detect_multihost()` finds a multi-process launch. Call it before anything touches a device.
+  """
+  if flag not in FLAGS:
+    raise ValueError(f"config.distributed must be one of {FLAGS}, got {flag!r}")
+  reason = detect_multihost() if flag == "auto" else ("config.distributed='on'"
+                                                       if flag == "on" else None)
+  if reason is not None and not jax.distributed.is_initialized():
+    kwargs = {}
+    num, pid = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
+    if num is not None:
+      kwargs["num_processes"] = num
+    if pid is not None:
+      kwargs["process_id"] = pid
+    log.info("jax.distributed.initialize(%s) (%s)", kwargs, reason)
+    try:
+      jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:
+      raise RuntimeError(
+          f"jax.distributed.initialize() failed ({reason}): {e}. Outside Cloud TPU/SLURM/Open "
+          "MPI set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or "
+          "use config.distributed='off' for one process") from e
+  return jax.process_index(), jax.process_count()
+
+
+def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding,
+                 devices=None) -> slice:
+  """Rows of a global batch (leading dimension under `sharding`) that `devices` hold.
+
+  `devices` defaults to this process's devices. The rows must be contiguous, which holds for
+  meshes from `sharding.make_mesh` (each host's devices are adjacent along the batch axes).
+  """
+  ndim = len(getattr(sharding, "spec", ())) or 1
+  shape = (global_batch_size,) + (1,) * (ndim - 1)
+  try:
+    index_map = sharding.devices_indices_map(shape)
+  except ValueError as e:
+    raise ValueError(f"global batch size {global_batch_size} cannot be split by {sharding}: "
+                     f"{e}") from None
+  devices = sharding.addressable_devices if devices is None else devices
+  spans = sorted({index_map[d][0].indices(global_batch_size)[:2] for d in devices})
+  start, stop = spans[0]
+  for s, e in spans[1:]:
+    if s != stop:
+      raise ValueError(f"the rows these devices hold are not contiguous ({spans}); build the "
+                       "mesh with sharding.make_mesh so each host's devices are adjacent")
+    stop = e
+  return slice(start, stop)
+
+
+def make_global_batch(local_tree, sharding: jax.sharding.Sharding, global_batch_size: int):
+  """Global `jax.Array`s from this process's rows (`process_rows`) of every leaf of a pytree."""
+  rows = process_rows(global_batch_size, sharding)
+  n_local = rows.stop - rows.start
+
+  def one(path, x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] != n_local:
+      raise ValueError(
+          f"batch leaf {jax.tree_util.keystr(path)} has shape {x.shape}; this process feeds "
+          f"rows {rows.start}:{rows.stop} of {global_batch_size}, so its leading dimension "
+          f"must be {n_local}")
+    return jax.make_array_from_process_local_data(sharding, x,
+                                                  (global_batch_size,) + x.shape[1:])
+
+  return jax.tree_util.tree_map_with_path(one, local_tree)

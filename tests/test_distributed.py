@@ -1,0 +1,104 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from entropy_rl import distributed, sharding
+
+_ENV = ("ENTROPY_RL_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+  for name in _ENV:
+    monkeypatch.delenv(name, raising=False)
+  recorded = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: recorded.append(kw))
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  return recorded
+
+
+def test_single_process_does_not_initialize(calls):
+  assert distributed.detect_multihost() is None
+  assert distributed.maybe_initialize("auto") == (0, 1)
+  assert distributed.maybe_initialize("off") == (0, 1)
+  assert calls == []
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"ENTROPY_RL_DISTRIBUTED": "1"}, "ENTROPY_RL_DISTRIBUTED"),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}, "TPU_WORKER_HOSTNAMES"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1"}, None),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "MEGASCALE_COORDINATOR_ADDRESS"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "SLURM_NTASKS"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE"),
+])
+def test_detect_multihost(calls, monkeypatch, env, reason):
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  assert distributed.detect_multihost() == reason
+  distributed.maybe_initialize("auto")
+  assert len(calls) == (reason is not None)
+  calls.clear()
+  distributed.maybe_initialize("off")
+  assert calls == []
+
+
+def test_explicit_process_env_and_flag_on(calls, monkeypatch):
+  distributed.maybe_initialize("on")
+  assert calls == [{}]
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("JAX_PROCESS_ID", "1")
+  distributed.maybe_initialize("auto")
+  assert calls[-1] == {"num_processes": 2, "process_id": 1}
+  monkeypatch.setenv("JAX_PROCESS_ID", "one")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one'"):
+    distributed.maybe_initialize("auto")
+
+
+def test_bad_flag_and_failed_initialize(calls, monkeypatch):
+  with pytest.raises(ValueError, match="config.distributed"):
+    distributed.maybe_initialize("yes")
+
+  def fail(**kw):
+    raise ValueError("coordinator_address should be defined.")
+
+  monkeypatch.setattr(jax.distributed, "initialize", fail)
+  with pytest.raises(RuntimeError, match="JAX_COORDINATOR_ADDRESS=host:port"):
+    distributed.maybe_initialize("on")
+
+
+def test_process_rows():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  batch = sharding.batch_sharding(mesh)
+  assert distributed.process_rows(16, batch) == slice(0, 16)
+  # A host owning the devices of data index 1 feeds the second half.
+  assert distributed.process_rows(16, batch, devices=mesh.devices[1, :, 0]) == slice(8, 16)
+  assert distributed.process_rows(16, batch, devices=mesh.devices[0, 2:, 0]) == slice(4, 8)
+  with pytest.raises(ValueError, match="not contiguous"):
+    distributed.process_rows(16, batch, devices=mesh.devices[:, 0, 0])
+  with pytest.raises(ValueError, match="global batch size 6"):
+    distributed.process_rows(6, batch)
+  # Replicated over 'tensor': both tensor shards of a row range feed the same rows.
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  batch = sharding.batch_sharding(mesh)
+  assert distributed.process_rows(8, batch, devices=mesh.devices[0, 1, :]) == slice(2, 4)
+
+
+def test_make_global_batch():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  batch = sharding.batch_sharding(mesh)
+  local = {"tokens": np.arange(32).reshape(16, 2), "mask": np.ones(16, np.float32)}
+  out = distributed.make_global_batch(local, batch, 16)
+  np.testing.assert_array_equal(np.asarray(out["tokens"]), local["tokens"])
+  assert out["tokens"].sharding == batch and out["mask"].shape == (16,)
+  assert out["tokens"].addressable_shards[0].data.shape == (2, 2)
+  with pytest.raises(ValueError, match=r"\['mask'\] has shape \(8,\).*must be 16"):
+    distributed.make_global_batch({"mask": np.ones(8)}, batch, 16)
+  other = NamedSharding(mesh, P(("data", "fsdp"), None))
+  assert distributed.make_global_batch({"t": local["tokens"]}, other, 16)["t"].sharding == other
