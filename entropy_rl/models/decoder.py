@@ -1,0 +1,269 @@
+"""Flax Linen decoder for the Qwen2/Qwen2.5, Qwen3 and Llama 3 families, used functionally.
+
+Pre-norm blocks: h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h)). Attention is grouped-query with
+rotate-half RoPE, causal, and ignores padded keys. The layers are one `nn.scan` over a stacked
+Block, so every per-layer parameter has a leading `layers` axis and compile time does not grow
+with depth.
+
+Two entry points:
+  `Decoder.__call__(tokens_BxT, positions_BxT, attn_mask_BxT, return_hidden)`: training forward.
+  `Decoder.decode(tokens_BxT, cache, attn_mask_BxT, positions_BxT)`: appends T tokens to an explicit
+    KV cache (see `init_cache`) and returns (logits_BxTxV, new cache); prefill and one-token
+    decoding are the same call.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entropy_rl.models.config import ModelConfig
+
+Cache = dict[str, Any]
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module, name, shape, axes, init=_init):
+  cfg = module.config
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
+
+
+def rms_norm(x, scale, eps, dtype):
+  """x / sqrt(mean(x^2) + eps) * scale, statistics in float32 (as Hugging Face)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(dtype) * y.astype(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [head_dim // 2], float32 as transformers computes them."""
+  dim = config.head_dim
+  exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / np.float32(config.rope_theta) ** exponent).astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  # Llama 3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+  old_len = np.float32(s.original_max_position_embeddings)
+  low_freq_wavelen = old_len / np.float32(s.low_freq_factor)
+  high_freq_wavelen = old_len / np.float32(s.high_freq_factor)
+  wavelen = np.float32(2 * np.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+  smooth = (old_len / wavelen - np.float32(s.low_freq_factor)) / np.float32(
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(positions_BxT, config: ModelConfig):
+  """sin, cos of shape [B, T, head_dim] (the half-frequencies repeated twice)."""
+  angles_BxTxK = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+  angles_BxTxH = jnp.concatenate([angles_BxTxK, angles_BxTxK], axis=-1)
+  return jnp.sin(angles_BxTxH), jnp.cos(angles_BxTxH)
+
+
+def apply_rope(x_BxTxNxH, sin_BxTxH, cos_BxTxH):
+  """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]."""
+  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  dtype = x_BxTxNxH.dtype
+  sin, cos = sin_BxTxH[:, :, None].astype(dtype), cos_BxTxH[:, :, None].astype(dtype)
+  return x_BxTxNxH * cos + rotated * sin
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention; optionally writes into and reads from a per-layer KV cache."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, kv, index):
+    cfg = self.config
+    dtype = cfg.jnp_dtype
+    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_proj = _param(self, "q_proj", (D, N, H), ("embed", "heads", "head_dim"))
+    k_proj = _param(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"))
+    v_proj = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"))
+    o_proj = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"))
+    x = x_BxTxD.astype(dtype)
+    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x, q_proj.astype(dtype))
+    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x, k_proj.astype(dtype))
+    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x, v_proj.astype(dtype))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros_init()
+      q_BxTxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dtype)
+      k_BxTxKxH += _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dtype)
+      v_BxTxKxH += _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(dtype)
+    if cfg.qk_norm:
+      ones = nn.initializers.ones_init()
+      q_norm = _param(self, "q_norm", (H,), ("norm",), ones)
+      k_norm = _param(self, "k_norm", (H,), ("norm",), ones)
+      q_BxTxNxH = rms_norm(q_BxTxNxH, q_norm, cfg.rms_norm_eps, dtype)
+      k_BxTxKxH = rms_norm(k_BxTxKxH, k_norm, cfg.rms_norm_eps, dtype)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
+
+    if kv is None:
+      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    else:
+      k_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv[0], k_BxTxKxH.astype(kv[0].dtype), index, 1)
+      v_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(kv[1], v_BxTxKxH.astype(kv[1].dtype), index, 1)
+      kv = (k_BxSxKxH, v_BxSxKxH)
+
+    B, T = x.shape[:2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(dtype),
+                        preferred_element_type=jnp.float32) * H**-0.5
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(dtype))
+    out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, N, H)
+    return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_proj.astype(dtype)), kv
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    dtype = cfg.jnp_dtype
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    gate = _param(self, "gate_proj", (D, F), ("embed", "mlp"))
+    up = _param(self, "up_proj", (D, F), ("embed", "mlp"))
+    down = _param(self, "down_proj", (F, D), ("mlp", "embed"))
+    x = x_BxTxD.astype(dtype)
+    h_BxTxF = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+    return h_BxTxF @ down.astype(dtype)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer, shaped for nn.scan: (h, broadcast..., kv) -> (h, kv)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, index, kv):
+    cfg = self.config
+    ones = nn.initializers.ones_init()
+    D = cfg.hidden_size
+    attn_norm = _param(self, "attn_norm", (D,), ("norm",), ones)
+    mlp_norm = _param(self, "mlp_norm", (D,), ("norm",), ones)
+    x = rms_norm(h_BxTxD, attn_norm, cfg.rms_norm_eps, cfg.jnp_dtype)
+    attn_BxTxD, kv = Attention(cfg, name="attn")(x, sin_BxTxH, cos_BxTxH, mask_BxTxS, kv, index)
+    h_BxTxD = h_BxTxD + attn_BxTxD
+    x = rms_norm(h_BxTxD, mlp_norm, cfg.rms_norm_eps, cfg.jnp_dtype)
+    h_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(x)
+    h_BxTxD = nn.with_logical_constraint(h_BxTxD, ("batch", "length", "embed"))
+    return h_BxTxD, kv
+
+
+class Decoder(nn.Module):
+  """Decoder-only language model; see the module docstring for the two entry points."""
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    V, D = cfg.vocab_size, cfg.hidden_size
+    self.embed = _param(self, "embed", (V, D), ("vocab", "embed"))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(self, "lm_head", (D, V), ("embed", "vocab"))
+    self.final_norm = _param(self, "final_norm", (D,), ("norm",), nn.initializers.ones_init())
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, attn_mask_BxT=None, return_hidden=False):
+    """Training forward: logits_BxTxV (float32), or the final-normed hidden_BxTxD."""
+    B, T = tokens_BxT.shape
+    if attn_mask_BxT is None:
+      attn_mask_BxT = jnp.ones((B, T), jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = default_positions(attn_mask_BxT)
+    valid_BxT = attn_mask_BxT.astype(bool)
+    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+    mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
+    h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, mask_BxTxT, None, None)
+    return h_BxTxD if return_hidden else self._logits(h_BxTxD)
+
+  def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None):
+    """Appends T tokens at slot cache['index'] and returns (logits_BxTxV, new cache).
+
+    A query attends to the cache slots marked valid at or before its own slot. Positions default to
+    the number of valid slots before each token (so left-padded prompts get positions 0, 1, ...).
+    """
+    B, T = tokens_BxT.shape
+    S = cache["mask"].shape[1]
+    if attn_mask_BxT is None:
+      attn_mask_BxT = jnp.ones((B, T), jnp.int32)
+    index = cache["index"]
+    if positions_BxT is None:
+      positions_BxT = jnp.sum(cache["mask"], axis=1, keepdims=True) + default_positions(attn_mask_BxT)
+    slot_mask_BxS = jax.lax.dynamic_update_slice_in_dim(
+        cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1)
+    query_slot_T = index + jnp.arange(T)
+    causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+    mask_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :].astype(bool)
+    h_BxTxD, (k, v) = self._layers(tokens_BxT, positions_BxT, mask_BxTxS, index,
+                                   (cache["k"], cache["v"]))
+    new_cache = dict(k=k, v=v, mask=slot_mask_BxS, index=index + T)
+    return self._logits(h_BxTxD), new_cache
+
+  def _layers(self, tokens_BxT, positions_BxT, mask_BxTxS, index, kv):
+    cfg = self.config
+    h_BxTxD = jnp.take(self.embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+    h_BxTxD = nn.with_logical_constraint(h_BxTxD, ("batch", "length", "embed"))
+    sin_BxTxH, cos_BxTxH = rope_sin_cos(positions_BxT, cfg)
+    h_BxTxD, kv = self.layers(h_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, index, kv)
+    return rms_norm(h_BxTxD, self.final_norm, cfg.rms_norm_eps, cfg.jnp_dtype), kv
+
+  def _logits(self, h_BxTxD):
+    unembed_DxV = self.embed.T if self.config.tie_word_embeddings else self.lm_head
+    dtype = self.config.jnp_dtype
+    return jnp.einsum("btd,dv->btv", h_BxTxD.astype(dtype), unembed_DxV.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def default_positions(attn_mask_BxT):
+  """Position of each token among the real ones: cumsum(mask) - 1 (0 on left padding)."""
+  return jnp.maximum(jnp.cumsum(attn_mask_BxT, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> Cache:
+  """An empty KV cache: k, v [layers, B, S, kv_heads, head_dim] in config.dtype, mask [B, S]."""
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  return dict(
+      k=jnp.zeros(shape, config.jnp_dtype),
+      v=jnp.zeros(shape, config.jnp_dtype),
+      mask=jnp.zeros((batch_size, max_len), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+  )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, rng) -> dict:
+  """Randomly initialised params (normal(0.02) weights, unit norms, zero biases), unboxed."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(Decoder(config).init(rng, tokens)["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+  """Tuples of logical axis names with the structure of `init_params(config, rng)`."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  boxed = jax.eval_shape(Decoder(config).init, jax.random.key(0), tokens)["params"]
+  specs = nn.get_partition_spec(boxed)
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def unembedding(params, config: ModelConfig):
+  """unembed_DxV: the tied embedding transposed, or lm_head."""
+  return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
