@@ -1,0 +1,349 @@
+"""Policy losses around the entropy mechanism (DESIGN.md section 3).
+
+- `ppo`: clipped surrogate with clip-higher (`clip_ratio_low`/`clip_ratio_high`) and dual-clip
+  (`clip_ratio_c`) for negative advantages, ratio = exp(clip(logp - old_logp, -20, 20)).
+- `clip_cov` (EM Eq. 11-12): a random `max(floor(r * n), 1)` of the not-yet-clipped tokens with
+  `lb < cov < ub` get loss x 0 (they stay in the denominator); others the PPO surrogate without
+  dual-clip and without the log-ratio clamp.
+- `kl_cov` (EM Eq. 13-14): `-A * ratio` for every token plus `beta * |logp - old_logp|` on the
+  `max(1, floor(kappa * n))` tokens with the largest covariance.
+- Entropy token masks (HE Eq. 6), four aggregation modes returning (numerator, denominator),
+  KL-to-reference estimators and an entropy bonus.
+
+Selections happen over whatever arrays `select_tokens` is given (a micro-batch, or the whole update
+batch when the trainer uses `selection_scope='global'` and passes `selections` slices in).
+"""
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from entropy_rl import stats
+
+LOSS_NAMES = ("ppo", "clip_cov", "kl_cov")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# config.loss.token_mask -> stats.entropy_token_mask mode.
+TOKEN_MASKS = {"all": None, "top_entropy": "top", "bottom_entropy": "bottom", "random": "random",
+               "top_quantile": "top_quantile"}
+SELECTION_SCOPES = ("microbatch", "global")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0
+
+
+def default_loss_config():
+  """GRPO defaults (eps_low = eps_high = 0.2, token-mean, all tokens)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "ppo"
+  cfg.clip_ratio_low = 0.2
+  cfg.clip_ratio_high = 0.2
+  cfg.clip_ratio_c = 3.0
+  cfg.clip_cov_ratio = 2e-4
+  cfg.clip_cov_lb = 1.0
+  cfg.clip_cov_ub = 5.0
+  cfg.kl_cov_ratio = 2e-3
+  cfg.kl_cov_coef = 1.0
+  cfg.loss_agg_mode = "token-mean"
+  cfg.token_mask = "all"
+  cfg.token_mask_rho = 0.2
+  cfg.selection_scope = "microbatch"
+  cfg.kl_ref_coef = 0.0
+  cfg.kl_ref_estimator = "k3"
+  cfg.entropy_coef = 0.0
+  return cfg
+
+
+def _is_real(x):
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_loss_config(cfg, prefix="config.loss"):
+  """Raises one ValueError naming the first bad field, e.g. `config.loss.token_mask_rho`."""
+  expected = default_loss_config()
+  for key in cfg.keys():
+    if key not in expected:
+      raise ValueError(f"{prefix}.{key} is not a loss option; known: {sorted(expected.keys())}")
+  for key in expected.keys():
+    if key not in cfg:
+      raise ValueError(f"{prefix}.{key} is missing")
+
+  def fail(key, what):
+    raise ValueError(f"{prefix}.{key} must be {what}; got {cfg[key]!r}")
+
+  def choice(key, options):
+    if cfg[key] not in options:
+      fail(key, f"one of {tuple(options)}")
+
+  def real(key, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    x = cfg[key]
+    ok = _is_real(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+      fail(key, f"a real number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+  choice("name", LOSS_NAMES)
+  real("clip_ratio_low", 0.0, 1.0)
+  real("clip_ratio_high", 0.0)
+  real("clip_ratio_c", 1.0, lo_open=True)
+  real("clip_cov_ratio", 0.0, 1.0, lo_open=True)
+  real("clip_cov_lb")
+  real("clip_cov_ub")
+  if not cfg.clip_cov_lb < cfg.clip_cov_ub:
+    fail("clip_cov_ub", f"greater than {prefix}.clip_cov_lb = {cfg.clip_cov_lb!r}")
+  real("kl_cov_ratio", 0.0, 1.0, lo_open=True)
+  real("kl_cov_coef", 0.0)
+  choice("loss_agg_mode", AGG_MODES)
+  choice("token_mask", tuple(TOKEN_MASKS))
+  real("token_mask_rho", 0.0, 1.0, lo_open=True)
+  choice("selection_scope", SELECTION_SCOPES)
+  real("kl_ref_coef", 0.0)
+  choice("kl_ref_estimator", KL_ESTIMATORS)
+  real("entropy_coef")
+
+
+def _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT):
+  validate_loss_config(cfg)
+  if logp_BxT.ndim != 2:
+    raise ValueError(f"logp_BxT must be [batch, time]; got shape {tuple(logp_BxT.shape)}")
+  stats._check_same_shape("logp_BxT", logp_BxT, old_logp_BxT=old_logp_BxT, adv_BxT=adv_BxT,
+                          mask_BxT=mask_BxT, entropy_BxT=entropy_BxT)
+
+
+def _check_selection_args(cfg, entropy_BxT, rng):
+  if rng is None and (cfg.name == "clip_cov" or cfg.token_mask == "random"):
+    raise ValueError("rng is required when config.loss.name is 'clip_cov' or "
+                     "config.loss.token_mask is 'random'")
+  if entropy_BxT is None and cfg.token_mask in ("top_entropy", "bottom_entropy", "top_quantile"):
+    raise ValueError(f"entropy_BxT is required for config.loss.token_mask={cfg.token_mask!r}")
+
+
+def _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, cfg, clamp_log_ratio):
+  log_ratio_BxT = logp_BxT - old_logp_BxT
+  if clamp_log_ratio:
+    log_ratio_BxT = jnp.clip(log_ratio_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+  ratio_BxT = jnp.exp(log_ratio_BxT)
+  l1_BxT = -adv_BxT * ratio_BxT
+  l2_BxT = -adv_BxT * jnp.clip(ratio_BxT, 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+  return ratio_BxT, l1_BxT, l2_BxT
+
+
+def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None):
+  """Float32 [B, T] masks over the given arrays (one selection set), computed stop-gradient.
+
+  `token_mask`: the entropy token mask (`mask` itself when token_mask='all').
+  `cov_selected`: Clip-Cov's zeroed tokens, KL-Cov's penalised tokens (zeros for ppo).
+  """
+  _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
+  _check_selection_args(cfg, entropy_BxT, rng)
+  logp_BxT, old_logp_BxT, adv_BxT = jax.lax.stop_gradient(
+      (logp_BxT.astype(jnp.float32), old_logp_BxT.astype(jnp.float32),
+       adv_BxT.astype(jnp.float32)))
+  valid_BxT = mask_BxT > 0
+  n = jnp.sum(valid_BxT, dtype=jnp.int32)
+
+  mode = TOKEN_MASKS[cfg.token_mask]
+  if mode is None:
+    token_mask_BxT = valid_BxT.astype(jnp.float32)
+  else:
+    scores_BxT = jnp.zeros_like(logp_BxT) if entropy_BxT is None else entropy_BxT
+    token_mask_BxT = stats.entropy_token_mask(
+        scores_BxT, mask_BxT, cfg.token_mask_rho, mode,
+        None if rng is None else jax.random.fold_in(rng, 1))
+
+  cov_BxT = stats.token_covariance(logp_BxT, adv_BxT, mask_BxT)
+  if cfg.name == "clip_cov":
+    _, l1_BxT, l2_BxT = _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, cfg, clamp_log_ratio=False)
+    candidates_BxT = (valid_BxT & ~(l2_BxT > l1_BxT)
+                      & (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub))
+    k = jnp.maximum(stats.fraction_count(cfg.clip_cov_ratio, n, "floor"), 1)
+    scores_BxT = jax.random.uniform(jax.random.fold_in(rng, 0), valid_BxT.shape)
+    selected_BxT = stats.top_k_mask(scores_BxT, candidates_BxT, k)
+  elif cfg.name == "kl_cov":
+    k = jnp.maximum(stats.fraction_count(cfg.kl_cov_ratio, n, "floor"), 1)
+    selected_BxT = stats.top_k_mask(cov_BxT, valid_BxT, k)
+  else:
+    selected_BxT = jnp.zeros(valid_BxT.shape, bool)
+  return {"token_mask": token_mask_BxT, "cov_selected": selected_BxT.astype(jnp.float32)}
+
+
+def aggregate_loss(loss_BxT, mask_BxT, mode, max_len=None, *, response_mask_BxT=None):
+  """(numerator, denominator) of the aggregated loss; numerator / denominator is the loss.
+
+  `token-mean` sum(l m) / sum(m); `seq-mean-token-sum` sum(l m) / S; `seq-mean-token-mean`
+  sum_b [sum_t l m / sum_t m] / S; `seq-mean-token-sum-norm` (Dr.GRPO) sum(l m) / (S * max_len),
+  with S the rows holding >= 1 token of `response_mask_BxT` (default `mask_BxT`) and max_len
+  defaulting to T. Sums over row splits of both parts give the full batch's parts.
+  """
+  if mode not in AGG_MODES:
+    raise ValueError(f"mode must be one of {AGG_MODES}; got {mode!r}")
+  stats._check_same_shape("loss_BxT", loss_BxT, mask_BxT=mask_BxT,
+                          response_mask_BxT=response_mask_BxT)
+  m_BxT = mask_BxT.astype(jnp.float32)
+  response_BxT = mask_BxT if response_mask_BxT is None else response_mask_BxT
+  lm_BxT = jnp.where(m_BxT != 0, loss_BxT.astype(jnp.float32), 0.0) * m_BxT
+  num_seqs = jnp.sum(jnp.any(response_BxT > 0, axis=-1), dtype=jnp.float32)
+  if mode == "token-mean":
+    return jnp.sum(lm_BxT), jnp.sum(m_BxT)
+  if mode == "seq-mean-token-mean":
+    return jnp.sum(stats.masked_mean(loss_BxT, m_BxT, axis=-1)), num_seqs
+  if mode == "seq-mean-token-sum":
+    return jnp.sum(lm_BxT), num_seqs
+  max_len = loss_BxT.shape[-1] if max_len is None else max_len
+  return jnp.sum(lm_BxT), num_seqs * max_len
+
+
+def kl_penalty(logp_BxT, ref_logp_BxT, estimator):
+  """Per-token KL(pi || ref) estimate: k1 `logp - ref`, k2 `(logp - ref)^2 / 2`,
+  k3 `exp(ref - logp) - (ref - logp) - 1`."""
+  if estimator not in KL_ESTIMATORS:
+    raise ValueError(f"estimator must be one of {KL_ESTIMATORS}; got {estimator!r}")
+  d_BxT = logp_BxT - ref_logp_BxT
+  if estimator == "k1":
+    return d_BxT
+  if estimator == "k2":
+    return 0.5 * jnp.square(d_BxT)
+  return jnp.exp(-d_BxT) + d_BxT - 1.0
+
+
+def entropy_bonus(entropy_BxT, coef):
+  """Per-token loss term `-coef * H` (an entropy bonus baseline; coef 0 by default)."""
+  return -coef * entropy_BxT
+
+
+def _abs_zero_grad_at_zero(x):
+  """|x| whose gradient at x = 0 is 0 (as torch's abs), so on-policy KL-Cov is plain PG."""
+  return x * jax.lax.stop_gradient(jnp.sign(x))
+
+
+def _safe_div(num, den):
+  return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), 0.0)
+
+
+def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None,
+                selections=None, denominator=None, ref_logp_BxT=None):
+  """Per-token loss of `cfg.name`, entropy-masked and aggregated by `cfg.loss_agg_mode`.
+
+  Returns (numerator / denominator, metrics): the denominator is `denominator` when given (e.g.
+  `global_denominator` for gradient accumulation), else the local one (`metrics['loss_den']`).
+  `selections` (from `select_tokens`, e.g. over the whole update batch) replaces selecting here.
+  Optional terms: `kl_ref_coef * kl_penalty(logp, ref_logp_BxT)` and the entropy bonus
+  `-entropy_coef * entropy_BxT` (differentiable) are added per token before masking.
+  token_mask 'top_quantile' keeps TRL's denominator (all valid tokens); the other entropy masks
+  average over the kept tokens.
+  """
+  _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
+  if selections is None:
+    _check_selection_args(cfg, entropy_BxT, rng)
+  if cfg.kl_ref_coef > 0 and ref_logp_BxT is None:
+    raise ValueError("ref_logp_BxT is required when config.loss.kl_ref_coef > 0")
+  if cfg.entropy_coef != 0 and entropy_BxT is None:
+    raise ValueError("entropy_BxT is required when config.loss.entropy_coef != 0")
+  stats._check_same_shape("logp_BxT", logp_BxT, ref_logp_BxT=ref_logp_BxT)
+  if selections is None:
+    selections = select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg,
+                               entropy_BxT=entropy_BxT, rng=rng)
+  elif set(selections) != {"token_mask", "cov_selected"}:
+    raise ValueError(f"selections must have keys token_mask, cov_selected; got {sorted(selections)}")
+  else:
+    stats._check_same_shape("logp_BxT", logp_BxT, **{f"selections['{k}']": v
+                                                     for k, v in selections.items()})
+  logp_BxT = logp_BxT.astype(jnp.float32)
+  old_logp_BxT = old_logp_BxT.astype(jnp.float32)
+  adv_BxT = adv_BxT.astype(jnp.float32)
+  valid_BxT = mask_BxT > 0
+  token_mask_BxT = jax.lax.stop_gradient(selections["token_mask"]).astype(jnp.float32)
+  selected_BxT = jax.lax.stop_gradient(selections["cov_selected"]).astype(jnp.float32)
+  log_ratio_BxT = logp_BxT - old_logp_BxT
+
+  ratio_BxT, l1_BxT, l2_BxT = _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, cfg,
+                                          clamp_log_ratio=cfg.name != "clip_cov")
+  zeros_BxT = jnp.zeros_like(logp_BxT)
+  clip_low_BxT = clip_high_BxT = dual_BxT = zeros_BxT
+  if cfg.name in ("ppo", "clip_cov"):
+    clipped_BxT = jnp.maximum(l1_BxT, l2_BxT)
+    clip_low_BxT = (adv_BxT < 0) & (ratio_BxT < 1.0 - cfg.clip_ratio_low)
+    clip_high_BxT = (adv_BxT > 0) & (ratio_BxT > 1.0 + cfg.clip_ratio_high)
+  if cfg.name == "ppo":
+    dual_bound_BxT = -adv_BxT * cfg.clip_ratio_c
+    dual_BxT = (adv_BxT < 0) & (clipped_BxT > dual_bound_BxT)
+    loss_BxT = jnp.where(adv_BxT < 0, jnp.minimum(clipped_BxT, dual_bound_BxT), clipped_BxT)
+  elif cfg.name == "clip_cov":
+    loss_BxT = clipped_BxT * (1.0 - selected_BxT)
+  else:
+    loss_BxT = l1_BxT + cfg.kl_cov_coef * selected_BxT * _abs_zero_grad_at_zero(log_ratio_BxT)
+
+  metrics = {}
+  if cfg.kl_ref_coef > 0:
+    kl_BxT = kl_penalty(logp_BxT, ref_logp_BxT.astype(jnp.float32), cfg.kl_ref_estimator)
+    loss_BxT = loss_BxT + cfg.kl_ref_coef * kl_BxT
+    metrics["kl_ref"] = stats.masked_mean(jax.lax.stop_gradient(kl_BxT), valid_BxT)
+  if cfg.entropy_coef != 0:
+    loss_BxT = loss_BxT + entropy_bonus(entropy_BxT.astype(jnp.float32), cfg.entropy_coef)
+
+  if cfg.token_mask == "top_quantile":
+    num, den = aggregate_loss(jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT,
+                              cfg.loss_agg_mode)
+  else:
+    num, den = aggregate_loss(loss_BxT, token_mask_BxT, cfg.loss_agg_mode,
+                              response_mask_BxT=mask_BxT)
+  loss = _safe_div(num, den if denominator is None else denominator)
+
+  sg = jax.lax.stop_gradient
+  cov_BxT = stats.token_covariance(logp_BxT, adv_BxT, mask_BxT)
+  n = jnp.sum(valid_BxT, dtype=jnp.int32)
+  top_cov_BxT = stats.top_k_mask(
+      cov_BxT, valid_BxT, jnp.maximum(stats.fraction_count(cfg.kl_cov_ratio, n, "floor"), 1))
+  metrics.update({
+      "loss_num": sg(num),
+      "loss_den": sg(den),
+      "clipfrac_low": stats.masked_mean(clip_low_BxT, valid_BxT),
+      "clipfrac_high": stats.masked_mean(clip_high_BxT, valid_BxT),
+      "clipfrac_dual": stats.masked_mean(dual_BxT, valid_BxT),
+      "ppo_kl": stats.masked_mean(sg(-log_ratio_BxT), valid_BxT),
+      "abs_log_ratio_mean": stats.masked_mean(sg(jnp.abs(log_ratio_BxT)), valid_BxT),
+      "n_valid": n.astype(jnp.float32),
+      "n_cov_selected": jnp.sum(jnp.where(valid_BxT, selected_BxT, 0.0)),
+      "n_token_mask": jnp.sum(token_mask_BxT),
+      "cov_mean": stats.masked_mean(cov_BxT, valid_BxT),
+      "cov_selected_mean": stats.masked_mean(cov_BxT, valid_BxT & (selected_BxT > 0)),
+      "cov_topk_mean": stats.masked_mean(cov_BxT, top_cov_BxT),
+      "cov_frac_in_band": stats.masked_mean(
+          (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub), valid_BxT),
+  })
+  if entropy_BxT is not None:
+    entropy_BxT = sg(entropy_BxT).astype(jnp.float32)
+    metrics["entropy_mean"] = stats.masked_mean(entropy_BxT, valid_BxT)
+    metrics["entropy_selected_mean"] = stats.masked_mean(
+        entropy_BxT, valid_BxT & (selected_BxT > 0))
+    metrics["entropy_token_mask_mean"] = stats.masked_mean(entropy_BxT, token_mask_BxT)
+  return loss, metrics
+
+
+def global_denominator(mask_BxT, cfg, num_microbatches):
+  """Sum over the `num_microbatches` equal row-splits of the `loss_den` that policy_loss reports.
+
+  Depends only on the response mask: entropy masks keep ceil(rho * n) tokens per selection set
+  (each micro-batch, or the whole batch for selection_scope='global').
+  """
+  validate_loss_config(cfg)
+  if mask_BxT.ndim != 2:
+    raise ValueError(f"mask_BxT must be [batch, time]; got shape {tuple(mask_BxT.shape)}")
+  if (not isinstance(num_microbatches, int) or num_microbatches < 1
+      or mask_BxT.shape[0] % num_microbatches):
+    raise ValueError(f"num_microbatches must be a positive divisor of the batch size "
+                     f"{mask_BxT.shape[0]}; got {num_microbatches!r}")
+  valid_BxT = mask_BxT > 0
+  if cfg.loss_agg_mode != "token-mean":
+    num_seqs = jnp.sum(jnp.any(valid_BxT, axis=-1), dtype=jnp.float32)
+    if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
+      return num_seqs * mask_BxT.shape[-1]
+    return num_seqs
+  sets = 1 if cfg.selection_scope == "global" else num_microbatches
+  n_S = jnp.sum(valid_BxT.reshape(sets, -1), axis=-1, dtype=jnp.int32)
+  if cfg.token_mask in ("all", "top_quantile"):
+    kept_S = n_S
+  else:
+    kept_S = stats.fraction_count(cfg.token_mask_rho, n_S, "ceil")
+    if cfg.token_mask == "bottom_entropy":
+      kept_S = n_S - kept_S
+  return jnp.sum(kept_S).astype(jnp.float32)
