@@ -233,7 +233,7 @@ start_run() {
 
 # Follows worker 0's log until the run ends on every worker; exits with the run's status.
 follow_run() {
-  tpu_ssh all "pid=\$(cat ${REMOTE_LOGS}/main.pid); if [ ${WORKER_ID} = 0 ]; then tail -n 50 -F --pid=\$pid ${REMOTE_LOGS}/run.log; else while kill -0 \$pid 2>/dev/null; do sleep 10; done; fi; exit \$(cat ${REMOTE_LOGS}/exit_code 2>/dev/null || echo 1)"
+  tpu_ssh all "pid=\$(cat ${REMOTE_LOGS}/main.pid); if [ ${WORKER_ID} = 0 ]; then tail -n 50 -F -s 0.5 --pid=\$pid ${REMOTE_LOGS}/run.log; else while kill -0 \$pid 2>/dev/null; do sleep 10; done; fi; exit \$(cat ${REMOTE_LOGS}/exit_code 2>/dev/null || echo 1)"
 }
 
 recreate() {
