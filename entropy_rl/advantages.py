@@ -1,6 +1,6 @@
 """Outcome advantages over groups of G responses per prompt, rewards shaped [prompts, group].
 
-A group of one has mean 0 and std 1 (as in verl), so its advantage is its reward (GRPO: / (1 + eps)).
+A group of one has mean 0 and std 1 (as in verl): its advantage is its reward (GRPO: / (1 + eps)).
 """
 import jax.numpy as jnp
 

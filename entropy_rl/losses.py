@@ -105,7 +105,7 @@ def _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT):
   validate_loss_config(cfg)
   if logp_BxT.ndim != 2:
     raise ValueError(f"logp_BxT must be [batch, time]; got shape {tuple(logp_BxT.shape)}")
-  stats._check_same_shape("logp_BxT", logp_BxT, old_logp_BxT=old_logp_BxT, adv_BxT=adv_BxT,
+  stats.check_same_shape("logp_BxT", logp_BxT, old_logp_BxT=old_logp_BxT, adv_BxT=adv_BxT,
                           mask_BxT=mask_BxT, entropy_BxT=entropy_BxT)
 
 
@@ -176,7 +176,7 @@ def aggregate_loss(loss_BxT, mask_BxT, mode, max_len=None, *, response_mask_BxT=
   """
   if mode not in AGG_MODES:
     raise ValueError(f"mode must be one of {AGG_MODES}; got {mode!r}")
-  stats._check_same_shape("loss_BxT", loss_BxT, mask_BxT=mask_BxT,
+  stats.check_same_shape("loss_BxT", loss_BxT, mask_BxT=mask_BxT,
                           response_mask_BxT=response_mask_BxT)
   m_BxT = mask_BxT.astype(jnp.float32)
   response_BxT = mask_BxT if response_mask_BxT is None else response_mask_BxT
@@ -220,32 +220,27 @@ def _safe_div(num, den):
 
 
 def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None,
-                selections=None, denominator=None, ref_logp_BxT=None):
+                selections=None, denominator=None):
   """Per-token loss of `cfg.name`, entropy-masked and aggregated by `cfg.loss_agg_mode`.
 
   Returns (numerator / denominator, metrics): the denominator is `denominator` when given (e.g.
   `global_denominator` for gradient accumulation), else the local one (`metrics['loss_den']`).
   `selections` (from `select_tokens`, e.g. over the whole update batch) replaces selecting here.
-  Optional terms: `kl_ref_coef * kl_penalty(logp, ref_logp_BxT)` and the entropy bonus
-  `-entropy_coef * entropy_BxT` (differentiable) are added per token before masking.
   token_mask 'top_quantile' keeps TRL's denominator (all valid tokens); the other entropy masks
-  average over the kept tokens.
+  average over the kept tokens. The KL-to-reference and entropy-bonus terms (`kl_ref_coef`,
+  `entropy_coef`) are not part of this loss: the caller adds `kl_penalty` / `entropy_bonus`.
   """
   _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
   if selections is None:
     _check_selection_args(cfg, entropy_BxT, rng)
-  if cfg.kl_ref_coef > 0 and ref_logp_BxT is None:
-    raise ValueError("ref_logp_BxT is required when config.loss.kl_ref_coef > 0")
-  if cfg.entropy_coef != 0 and entropy_BxT is None:
-    raise ValueError("entropy_BxT is required when config.loss.entropy_coef != 0")
-  stats._check_same_shape("logp_BxT", logp_BxT, ref_logp_BxT=ref_logp_BxT)
   if selections is None:
     selections = select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg,
                                entropy_BxT=entropy_BxT, rng=rng)
   elif set(selections) != {"token_mask", "cov_selected"}:
-    raise ValueError(f"selections must have keys token_mask, cov_selected; got {sorted(selections)}")
+    raise ValueError(
+        f"selections must have keys token_mask, cov_selected; got {sorted(selections)}")
   else:
-    stats._check_same_shape("logp_BxT", logp_BxT, **{f"selections['{k}']": v
+    stats.check_same_shape("logp_BxT", logp_BxT, **{f"selections['{k}']": v
                                                      for k, v in selections.items()})
   logp_BxT = logp_BxT.astype(jnp.float32)
   old_logp_BxT = old_logp_BxT.astype(jnp.float32)
@@ -272,14 +267,6 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
   else:
     loss_BxT = l1_BxT + cfg.kl_cov_coef * selected_BxT * _abs_zero_grad_at_zero(log_ratio_BxT)
 
-  metrics = {}
-  if cfg.kl_ref_coef > 0:
-    kl_BxT = kl_penalty(logp_BxT, ref_logp_BxT.astype(jnp.float32), cfg.kl_ref_estimator)
-    loss_BxT = loss_BxT + cfg.kl_ref_coef * kl_BxT
-    metrics["kl_ref"] = stats.masked_mean(jax.lax.stop_gradient(kl_BxT), valid_BxT)
-  if cfg.entropy_coef != 0:
-    loss_BxT = loss_BxT + entropy_bonus(entropy_BxT.astype(jnp.float32), cfg.entropy_coef)
-
   if cfg.token_mask == "top_quantile":
     num, den = aggregate_loss(jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT,
                               cfg.loss_agg_mode)
@@ -293,7 +280,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
   n = jnp.sum(valid_BxT, dtype=jnp.int32)
   top_cov_BxT = stats.top_k_mask(
       cov_BxT, valid_BxT, jnp.maximum(stats.fraction_count(cfg.kl_cov_ratio, n, "floor"), 1))
-  metrics.update({
+  metrics = {
       "loss_num": sg(num),
       "loss_den": sg(den),
       "clipfrac_low": stats.masked_mean(clip_low_BxT, valid_BxT),
@@ -309,7 +296,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
       "cov_topk_mean": stats.masked_mean(cov_BxT, top_cov_BxT),
       "cov_frac_in_band": stats.masked_mean(
           (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub), valid_BxT),
-  })
+  }
   if entropy_BxT is not None:
     entropy_BxT = sg(entropy_BxT).astype(jnp.float32)
     metrics["entropy_mean"] = stats.masked_mean(entropy_BxT, valid_BxT)

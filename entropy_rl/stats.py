@@ -22,7 +22,8 @@ def _check_temperature(temperature):
   return float(temperature)
 
 
-def _check_same_shape(ref_name, ref, **arrays):
+def check_same_shape(ref_name, ref, **arrays):
+  """ValueError naming the first of `arrays` (None skipped) whose shape differs from `ref`'s."""
   for name, x in arrays.items():
     if x is not None and tuple(x.shape) != tuple(ref.shape):
       raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}; "
@@ -156,7 +157,8 @@ def fused_logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, temperatu
   Matmuls accumulate in float32 (bf16 inputs are fine); outputs are float32 [B, T].
   """
   temperature = _check_temperature(temperature)
-  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+  if (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+      or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
   if unembed_DxV.ndim != 2 or hidden_BxTxD.shape[-1] != unembed_DxV.shape[0]:
     raise ValueError(f"unembed_DxV must have shape (hidden_BxTxD.shape[-1], V) = "
@@ -183,12 +185,16 @@ def masked_mean(x, mask, axis=None):
 
 
 def token_covariance(logp_BxT, adv_BxT, mask_BxT):
-  """EM Eq. 10: `(A - mean(A)) * (logp - mean(logp))` over valid tokens, stop-gradient, 0 if masked."""
-  _check_same_shape("logp_BxT", logp_BxT, adv_BxT=adv_BxT, mask_BxT=mask_BxT)
+  """EM Eq. 10: `(A - mean(A)) * (logp - mean(logp))`, means over valid tokens, not divided by n.
+
+  Stop-gradient; 0 where masked.
+  """
+  check_same_shape("logp_BxT", logp_BxT, adv_BxT=adv_BxT, mask_BxT=mask_BxT)
   logp_BxT = jax.lax.stop_gradient(logp_BxT).astype(jnp.float32)
   adv_BxT = jax.lax.stop_gradient(adv_BxT).astype(jnp.float32)
   valid_BxT = mask_BxT > 0
-  cov_BxT = (adv_BxT - masked_mean(adv_BxT, valid_BxT)) * (logp_BxT - masked_mean(logp_BxT, valid_BxT))
+  adv_c_BxT = adv_BxT - masked_mean(adv_BxT, valid_BxT)
+  cov_BxT = adv_c_BxT * (logp_BxT - masked_mean(logp_BxT, valid_BxT))
   return jnp.where(valid_BxT, cov_BxT, 0.0)
 
 
@@ -255,7 +261,7 @@ def entropy_token_mask(entropy_BxT, mask_BxT, rho, mode, rng=None):
   entropy >= the linear-interpolation (1 - rho) quantile of valid entropies.
   """
   check_entropy_mask_args(rho, mode, rng)
-  _check_same_shape("entropy_BxT", entropy_BxT, mask_BxT=mask_BxT)
+  check_same_shape("entropy_BxT", entropy_BxT, mask_BxT=mask_BxT)
   entropy_BxT = jax.lax.stop_gradient(entropy_BxT).astype(jnp.float32)
   valid_BxT = mask_BxT > 0
   if mode == "top_quantile":
@@ -274,7 +280,7 @@ def entropy_token_mask(entropy_BxT, mask_BxT, rho, mode, rng=None):
 
 def entropy_summary(entropy_BxT, mask_BxT):
   """Token-mean (verl, HE), sequence-mean-token-mean (EM Eq. 5) and p50/p80/p95 of valid tokens."""
-  _check_same_shape("entropy_BxT", entropy_BxT, mask_BxT=mask_BxT)
+  check_same_shape("entropy_BxT", entropy_BxT, mask_BxT=mask_BxT)
   entropy_BxT = entropy_BxT.astype(jnp.float32)
   valid_BxT = mask_BxT > 0
   seq_B = masked_mean(entropy_BxT, valid_BxT, axis=-1)
