@@ -7,9 +7,10 @@ with depth.
 
 Two entry points:
   `Decoder.__call__(tokens_BxT, positions_BxT, attn_mask_BxT, return_hidden)`: training forward.
-  `Decoder.decode(tokens_BxT, cache, attn_mask_BxT, positions_BxT)`: appends T tokens to an explicit
-    KV cache (see `init_cache`) and returns (logits_BxTxV, new cache); prefill and one-token
-    decoding are the same call.
+  `Decoder.decode(tokens_BxT, cache, attn_mask_BxT, positions_BxT, return_hidden)`: appends T tokens
+    to an explicit KV cache (see `init_cache`) and returns (logits_BxTxV, new cache); prefill and
+    one-token decoding are the same call.
+  `Decoder.unembed(hidden_BxTxD)`: logits from hidden states (e.g. only the last prefill position).
 """
 import functools
 from typing import Any
@@ -193,10 +194,11 @@ class Decoder(nn.Module):
     causal_TxT = jnp.tril(jnp.ones((T, T), bool))
     mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
     h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, mask_BxTxT, None, None)
-    return h_BxTxD if return_hidden else self._logits(h_BxTxD)
+    return h_BxTxD if return_hidden else self.unembed(h_BxTxD)
 
-  def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None):
-    """Appends T tokens at slot cache['index'] and returns (logits_BxTxV, new cache).
+  def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None,
+             return_hidden=False):
+    """Appends T tokens at slot cache['index'] and returns (logits_BxTxV or hidden_BxTxD, cache).
 
     A query attends to the cache slots marked valid at or before its own slot. Positions default to
     the number of valid slots before each token (so left-padded prompts get positions 0, 1, ...).
@@ -216,7 +218,7 @@ class Decoder(nn.Module):
     h_BxTxD, (k, v) = self._layers(tokens_BxT, positions_BxT, mask_BxTxS, index,
                                    (cache["k"], cache["v"]))
     new_cache = dict(k=k, v=v, mask=slot_mask_BxS, index=index + T)
-    return self._logits(h_BxTxD), new_cache
+    return (h_BxTxD if return_hidden else self.unembed(h_BxTxD)), new_cache
 
   def _layers(self, tokens_BxT, positions_BxT, mask_BxTxS, index, kv):
     cfg = self.config
@@ -226,7 +228,8 @@ class Decoder(nn.Module):
     h_BxTxD, kv = self.layers(h_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, index, kv)
     return rms_norm(h_BxTxD, self.final_norm, cfg.rms_norm_eps, cfg.jnp_dtype), kv
 
-  def _logits(self, h_BxTxD):
+  def unembed(self, h_BxTxD):
+    """Float32 logits_BxTxV from final-normed hidden states."""
     unembed_DxV = self.embed.T if self.config.tie_word_embeddings else self.lm_head
     dtype = self.config.jnp_dtype
     return jnp.einsum("btd,dv->btv", h_BxTxD.astype(dtype), unembed_DxV.astype(dtype),

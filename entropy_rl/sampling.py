@@ -1,0 +1,161 @@
+"""KV-cache sampler: a jitted prefill, then a jitted `lax.while_loop` decode over a donated cache.
+
+Prompts arrive left-padded (`prompt_mask_BxP` marks real tokens), so every row's last prompt slot
+is a real token and response token t sits at cache slot P + t for every row. Each prompt is
+repeated G times, prompt-major (row n belongs to prompt n // G). Token t is drawn with key
+`fold_in(rng, t)` from softmax(logits / T), optionally truncated by top-k then top-p, or taken
+greedily; its log-prob and the entropy are those of the temperature-scaled FULL distribution,
+computed by `stats.token_logprobs_and_entropy`, exactly what the trainer recomputes. A row is done
+after emitting a stop id (the stop token is part of the response); the loop ends when every row is
+done or after `max_new_tokens`.
+
+Both jitted functions are module-level with the model and the sampling settings static, so each
+static shape compiles once and is reused. Sharded inputs (params over the mesh, prompts with rows
+over the data axes) propagate through jit unchanged.
+"""
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from entropy_rl import stats
+from entropy_rl.models.decoder import Decoder, init_cache
+
+
+class SampleOutput(NamedTuple):
+  tokens_NxL: jax.Array        # int32 response tokens, pad_id after the end
+  mask_NxL: jax.Array          # int32, 1 for response tokens including the stop token
+  logprobs_NxL: jax.Array      # float32 log pi_T(token), 0 where mask is 0
+  entropy_NxL: jax.Array | None  # float32 entropy of pi_T, 0 where mask is 0; None unless asked
+  prompt_NxP: jax.Array        # the prompts, each repeated num_samples times
+  prompt_mask_NxP: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  max_new_tokens: int
+  temperature: float
+  top_p: float
+  top_k: int
+  greedy: bool
+  stop_ids: tuple[int, ...]
+  pad_id: int
+  return_entropy: bool
+
+
+def _truncate(z_NxV, top_k, top_p):
+  """Logits with tokens outside the top-k, then outside the top-p nucleus, set to -inf."""
+  if top_k > 0:
+    kth_N = jax.lax.top_k(z_NxV, top_k)[0][:, -1]
+    z_NxV = jnp.where(z_NxV < kth_N[:, None], -jnp.inf, z_NxV)
+  if top_p < 1.0:
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (at least one).
+    sorted_NxV = -jnp.sort(-z_NxV, axis=-1)
+    p_NxV = jax.nn.softmax(sorted_NxV, axis=-1)
+    mass_before_NxV = jnp.cumsum(p_NxV, axis=-1) - p_NxV
+    n_keep_N = jnp.maximum(jnp.sum(mass_before_NxV < top_p, axis=-1), 1)
+    threshold_N = jnp.take_along_axis(sorted_NxV, n_keep_N[:, None] - 1, axis=-1)
+    z_NxV = jnp.where(z_NxV < threshold_N, -jnp.inf, z_NxV)
+  return z_NxV
+
+
+def _choose(logits_NxV, key, s: _Settings):
+  """(token_N, logp_N, entropy_N) for one position."""
+  if s.greedy:
+    token_N = jnp.argmax(logits_NxV, axis=-1)
+  else:
+    z_NxV = _truncate(logits_NxV.astype(jnp.float32) / s.temperature, s.top_k, s.top_p)
+    token_N = jax.random.categorical(key, z_NxV, axis=-1)
+  token_N = token_N.astype(jnp.int32)
+  logp_Nx1, entropy_Nx1 = stats.token_logprobs_and_entropy(
+      logits_NxV[:, None], token_N[:, None], s.temperature)
+  return token_N, logp_Nx1[:, 0], entropy_Nx1[:, 0]
+
+
+def _is_stop(token_N, stop_ids):
+  return jnp.isin(token_N, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else jnp.zeros_like(
+      token_N, bool)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "s"))
+def _prefill(params, prompt_NxP, prompt_mask_NxP, rng, *, model: Decoder, s: _Settings):
+  """Runs the prompts into a fresh cache and draws response token 0."""
+  N, P = prompt_NxP.shape
+  L = s.max_new_tokens
+  cache = init_cache(model.config, N, P + L)
+  hidden_NxPxD, cache = model.apply({"params": params}, prompt_NxP, cache, prompt_mask_NxP,
+                                    return_hidden=True, method=Decoder.decode)
+  logits_NxV = model.apply({"params": params}, hidden_NxPxD[:, -1:], method=Decoder.unembed)[:, 0]
+  token_N, logp_N, entropy_N = _choose(logits_NxV, jax.random.fold_in(rng, 0), s)
+  state = dict(
+      cache=cache,
+      tokens=jnp.full((N, L), s.pad_id, jnp.int32).at[:, 0].set(token_N),
+      mask=jnp.zeros((N, L), jnp.int32).at[:, 0].set(1),
+      logprobs=jnp.zeros((N, L), jnp.float32).at[:, 0].set(logp_N),
+      done=_is_stop(token_N, s.stop_ids),
+      t=jnp.ones((), jnp.int32),
+      rng=rng,
+  )
+  if s.return_entropy:
+    state["entropy"] = jnp.zeros((N, L), jnp.float32).at[:, 0].set(entropy_N)
+  return state
+
+
+@functools.partial(jax.jit, static_argnames=("model", "s"), donate_argnames="state")
+def _decode(params, state, *, model: Decoder, s: _Settings):
+  """Draws response tokens 1 .. L-1, one per iteration, until every row is done."""
+
+  def cond(st):
+    return (st["t"] < s.max_new_tokens) & ~jnp.all(st["done"])
+
+  def body(st):
+    t = st["t"]
+    prev_Nx1 = jax.lax.dynamic_slice_in_dim(st["tokens"], t - 1, 1, axis=1)
+    logits_Nx1xV, cache = model.apply({"params": params}, prev_Nx1, st["cache"],
+                                      method=Decoder.decode)
+    token_N, logp_N, entropy_N = _choose(logits_Nx1xV[:, 0], jax.random.fold_in(st["rng"], t), s)
+    live_N = ~st["done"]
+    new = dict(st, cache=cache, t=t + 1, done=st["done"] | (live_N & _is_stop(token_N, s.stop_ids)))
+    columns = dict(tokens=jnp.where(live_N, token_N, s.pad_id), mask=live_N.astype(jnp.int32),
+                   logprobs=jnp.where(live_N, logp_N, 0.0))
+    if s.return_entropy:
+      columns["entropy"] = jnp.where(live_N, entropy_N, 0.0)
+    for name, col_N in columns.items():
+      new[name] = jax.lax.dynamic_update_slice_in_dim(
+          st[name], col_N[:, None].astype(st[name].dtype), t, axis=1)
+    return new
+
+  # The whole state comes back (the cache too) so every donated buffer is reused in place.
+  return jax.lax.while_loop(cond, body, state)
+
+
+def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, *, num_samples: int,
+           max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           greedy: bool = False, stop_ids=(), pad_id: int = 0,
+           return_entropy: bool = False) -> SampleOutput:
+  """Samples `num_samples` responses per left-padded prompt; see the module docstring."""
+  if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape:
+    raise ValueError(f"prompt_BxP and prompt_mask_BxP must be [B, P] of the same shape; got "
+                     f"{prompt_BxP.shape} and {prompt_mask_BxP.shape}")
+  for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 1),
+                           ("top_k", top_k, 0)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+  if top_k > model.config.vocab_size:
+    raise ValueError(f"top_k={top_k} exceeds vocab_size={model.config.vocab_size}")
+  if not isinstance(temperature, (int, float)) or not temperature > 0:
+    raise ValueError(f"temperature must be > 0; got {temperature!r}")
+  if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
+  s = _Settings(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                top_k=top_k, greedy=bool(greedy), stop_ids=tuple(int(i) for i in stop_ids),
+                pad_id=int(pad_id), return_entropy=bool(return_entropy))
+  prompt_NxP = jnp.repeat(prompt_BxP.astype(jnp.int32), num_samples, axis=0)
+  prompt_mask_NxP = jnp.repeat(prompt_mask_BxP.astype(jnp.int32), num_samples, axis=0)
+  state = _prefill(params, prompt_NxP, prompt_mask_NxP, rng, model=model, s=s)
+  out = _decode(params, state, model=model, s=s)
+  return SampleOutput(tokens_NxL=out["tokens"], mask_NxL=out["mask"],
+                      logprobs_NxL=out["logprobs"], entropy_NxL=out.get("entropy"),
+                      prompt_NxP=prompt_NxP, prompt_mask_NxP=prompt_mask_NxP)

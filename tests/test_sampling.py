@@ -1,0 +1,183 @@
+"""KV-cache sampler: agreement with the teacher-forced training forward, stop ids and padding,
+truncation (top-k / top-p / greedy), determinism, compile reuse, sharded == unsharded."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from entropy_rl import sampling, stats
+from entropy_rl.models import Decoder, ModelConfig, init_params, param_logical_axes
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, model_type="qwen2")
+MODEL = Decoder(CFG)
+PROMPT = np.array([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 9, 8, 7, 6, 5], [0, 0, 0, 0, 0, 4]])
+PROMPT_MASK = (np.arange(6)[None] >= np.array([3, 0, 1, 5])[:, None]).astype(np.int32)
+STOP_IDS = tuple(range(10, 20))
+PAD = 60
+G, L = 2, 10
+MAIN = dict(num_samples=G, max_new_tokens=L, temperature=0.7, stop_ids=STOP_IDS, pad_id=PAD,
+            return_entropy=True)
+
+
+@functools.cache
+def params():
+  shapes = jax.eval_shape(functools.partial(init_params, CFG), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
+
+
+@jax.jit
+def teacher_forced_logits(params, out: sampling.SampleOutput):
+  """Logits predicting each response token: the training forward over prompt + response."""
+  tokens = jnp.concatenate([out.prompt_NxP, out.tokens_NxL], axis=1)
+  mask = jnp.concatenate([out.prompt_mask_NxP, out.mask_NxL], axis=1)
+  P = out.prompt_NxP.shape[1]
+  return MODEL.apply({"params": params}, tokens, attn_mask_BxT=mask)[:, P - 1:-1]
+
+
+@pytest.fixture(scope="module")
+def main_rollout():
+  return sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42), **MAIN)
+
+
+def _check_against_training_forward(out, temperature):
+  logits = teacher_forced_logits(params(), out)
+  logp, entropy = stats.token_logprobs_and_entropy(logits, out.tokens_NxL, temperature)
+  valid = np.asarray(out.mask_NxL, bool)
+  np.testing.assert_allclose(np.asarray(out.logprobs_NxL)[valid], np.asarray(logp)[valid],
+                             atol=1e-5)
+  if out.entropy_NxL is not None:
+    np.testing.assert_allclose(np.asarray(out.entropy_NxL)[valid], np.asarray(entropy)[valid],
+                               atol=1e-5)
+  return logits
+
+
+def test_logprobs_match_training_forward_t07(main_rollout):
+  out = main_rollout
+  assert out.tokens_NxL.shape == (8, L) and out.entropy_NxL.shape == (8, L)
+  np.testing.assert_array_equal(out.prompt_NxP, np.repeat(PROMPT, G, axis=0))
+  np.testing.assert_array_equal(out.prompt_mask_NxP, np.repeat(PROMPT_MASK, G, axis=0))
+  _check_against_training_forward(out, 0.7)
+
+
+def test_logprobs_match_training_forward_t1():
+  out = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(1), num_samples=G,
+                        max_new_tokens=L)
+  assert out.entropy_NxL is None
+  assert np.asarray(out.mask_NxL).all()  # no stop ids: every row runs to max_new_tokens
+  _check_against_training_forward(out, 1.0)
+
+
+def test_stop_ids_and_padding(main_rollout):
+  tokens, mask = np.asarray(main_rollout.tokens_NxL), np.asarray(main_rollout.mask_NxL)
+  logp, entropy = np.asarray(main_rollout.logprobs_NxL), np.asarray(main_rollout.entropy_NxL)
+  lengths = []
+  for row_tokens, row_mask in zip(tokens, mask):
+    stops = np.flatnonzero(np.isin(row_tokens, STOP_IDS))
+    length = stops[0] + 1 if len(stops) else L
+    lengths.append(length)
+    np.testing.assert_array_equal(row_mask, np.arange(L) < length)
+    np.testing.assert_array_equal(row_tokens[length:], PAD)
+  assert min(lengths) < L and max(lengths) == L  # this key makes some rows stop, others not
+  assert (logp[mask == 0] == 0).all() and (entropy[mask == 0] == 0).all()
+  assert (logp[mask == 1] < 0).all() and (entropy[mask == 1] > 0).all()
+
+
+def test_same_key_same_samples_and_one_compile(main_rollout):
+  compiled = sampling._decode._cache_size(), sampling._prefill._cache_size()
+  again = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42), **MAIN)
+  jax.tree.map(np.testing.assert_array_equal, again, main_rollout)
+  other = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(7), **MAIN)
+  assert (np.asarray(other.tokens_NxL) != np.asarray(main_rollout.tokens_NxL)).any()
+  assert (sampling._decode._cache_size(), sampling._prefill._cache_size()) == compiled
+  # The G samples of a prompt differ from each other.
+  tokens = np.asarray(main_rollout.tokens_NxL)
+  assert all((tokens[2 * b] != tokens[2 * b + 1]).any() for b in range(4))
+
+
+def test_greedy_follows_argmax():
+  out = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(3), num_samples=G,
+                        max_new_tokens=L, greedy=True, temperature=0.7)
+  logits = _check_against_training_forward(out, 0.7)
+  np.testing.assert_array_equal(out.tokens_NxL, np.argmax(logits, axis=-1))
+  np.testing.assert_array_equal(out.tokens_NxL[0], out.tokens_NxL[1])
+
+
+def _truncated_reference(z, top_k, top_p):
+  """float64 NumPy reference: keep the top_k tokens, then the smallest nucleus with mass >= p."""
+  order = np.argsort(-z)
+  keep = np.zeros(z.shape, bool)
+  keep[order[:top_k] if top_k else order] = True
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  mass_before = np.cumsum(p[order]) - p[order]
+  nucleus = order[(mass_before < top_p) & keep[order]]
+  return np.isin(np.arange(z.size), nucleus)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (7, 0.6), (1, 1.0)])
+def test_truncate_matches_reference(top_k, top_p):
+  z = np.random.default_rng(top_k).normal(0, 2, (3, 61)).astype(np.float32)
+  out = np.asarray(sampling._truncate(jnp.asarray(z), top_k, top_p))
+  for row, row_out in zip(z, out):
+    kept = _truncated_reference(row.astype(np.float64), top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(row_out), kept)
+    np.testing.assert_array_equal(row_out[kept], row[kept])
+
+
+def test_sampled_frequencies_follow_truncated_distribution():
+  """One prompt, 4000 samples of one token at T=1.3, top-k 8 then top-p 0.8."""
+  n, temperature, top_k, top_p = 4000, 1.3, 8, 0.8
+  out = sampling.sample(MODEL, params(), PROMPT[1:2], PROMPT_MASK[1:2], jax.random.key(5),
+                        num_samples=n, max_new_tokens=1, temperature=temperature, top_k=top_k,
+                        top_p=top_p)
+  logits = np.asarray(jax.jit(MODEL.apply)({"params": params()}, PROMPT[1:2]), np.float64)[0, -1]
+  z = logits / temperature
+  kept = _truncated_reference(z, top_k, top_p)
+  expected = np.where(kept, np.exp(z - z.max()), 0.0)
+  expected /= expected.sum()
+  counts = np.bincount(np.asarray(out.tokens_NxL)[:, 0], minlength=61) / n
+  assert kept.sum() >= 3 and counts[~kept].sum() == 0
+  np.testing.assert_allclose(counts, expected, atol=4 * np.sqrt(0.25 / n))
+  # Log-probs are those of the full (untruncated) temperature-scaled distribution.
+  full_logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+  np.testing.assert_allclose(out.logprobs_NxL[:, 0], full_logp[out.tokens_NxL[:, 0]], atol=1e-5)
+
+
+def test_sharded_equals_unsharded(main_rollout):
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  rules = (("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"))
+  shardings = nn.logical_to_mesh_sharding(
+      jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), param_logical_axes(CFG),
+                   is_leaf=lambda x: isinstance(x, tuple)), mesh, rules)
+  sharded_params = jax.device_put(params(), shardings)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  prompt, mask = jax.device_put(PROMPT, rows), jax.device_put(PROMPT_MASK, rows)
+  out = sampling.sample(MODEL, sharded_params, prompt, mask, jax.random.key(42), **MAIN)
+  assert len(out.tokens_NxL.sharding.device_set) == 8
+  np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
+  np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
+  np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
+  np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(num_samples=0), "num_samples"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(top_k=100), "top_k")])
+def test_bad_arguments(kwargs, field):
+  args = dict(num_samples=1, max_new_tokens=4)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=field):
+    sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(0), **args)
+
+
+def test_mismatched_prompt_mask():
+  with pytest.raises(ValueError, match="prompt_mask_BxP"):
+    sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK[:, 1:], jax.random.key(0), num_samples=1,
+                    max_new_tokens=4)
