@@ -60,8 +60,8 @@ def response_logprobs(model, model_cfg, params, tokens_NxS, attn_mask_NxS, respo
   s = tokens_NxS.shape[1]
   hidden_NxLxD = hidden_NxSxD[:, s - response_len - 1:s - 1]
   targets_NxL = tokens_NxS[:, s - response_len:]
-  return stats.fused_logprobs_and_entropy(hidden_NxLxD, models.unembedding(params, model_cfg),
-                                          targets_NxL, temperature=temperature,
+  unembed_DxV = models.unembedding(params, model_cfg).astype(hidden_NxLxD.dtype)
+  return stats.fused_logprobs_and_entropy(hidden_NxLxD, unembed_DxV, targets_NxL, temperature=temperature,
                                           chunk_size=chunk_size)
 
 
@@ -172,7 +172,8 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new = TrainState(state.step, optax.apply_updates(state.params, updates), opt_state)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    count = optax.tree_utils.tree_get(state.opt_state, "count")
+    # The schedule's own counter: optimizer updates done before this one.
+    count = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[-1][1]
     metrics.update(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32),
                    lr=schedule(count))
     return new, metrics

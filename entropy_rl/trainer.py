@@ -52,11 +52,11 @@ def build_policy(config, workdir: str, task) -> tuple[Policy, Any]:
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
     model_cfg = model.config
   else:
-    from entropy_rl import warmstart
     tokenizer = data_lib.build_tokenizer(os.path.join(workdir, "tokenizer"))
     model_cfg = tiny_model_config(config.model, len(tokenizer))
     model = models.Decoder(model_cfg)
     if config.warm_start.enabled:
+      from entropy_rl import warmstart
       params, info = warmstart.warm_start(
           model_cfg, task, tokenizer, workdir=os.path.join(workdir, "warm_start"),
           steps=config.warm_start.steps, batch_size=config.warm_start.batch_size,
@@ -132,10 +132,9 @@ class Rollouts:
         top_p=c.rollout.top_p, top_k=c.rollout.top_k, greedy=greedy, stop_ids=pol.stop_ids,
         pad_id=pol.pad_id, return_entropy=True)
     tokens, mask = to_local(out.tokens_NxL), to_local(out.mask_NxL)
-    texts = [pol.tokenizer.decode(t[m > 0], skip_special_tokens=True)
-             for t, m in zip(tokens, mask)]
+    texts = data_lib.decode_responses(pol.tokenizer, tokens, mask)
     repeated = [ex for ex in examples for _ in range(num_samples)]
-    rewards, info = self.reward_fn(repeated, texts)
+    rewards, info = self.reward_fn(repeated, texts, lengths=mask.sum(1))
     return out, dict(tokens=tokens, mask=mask, texts=texts, rewards=np.asarray(rewards, np.float32),
                      correct=np.asarray(info.get("correct", rewards), np.float32), info=info)
 
@@ -200,12 +199,10 @@ def evaluate(rollouts: Rollouts, params, eval_examples, key, c) -> dict:
   correct = gather(np.concatenate(correct))
   ent = gather(np.array([ent_sum, tok]))
   ent = ent.reshape(-1, 2).sum(0)
-  c_per_prompt = correct.sum(1)
   return {
       "eval/pass@1": float(np.mean(greedy)),
       f"eval/avg@{k}": float(np.mean(correct)),
-      f"eval/pass@{k}": float(np.mean([rewards_lib.pass_at_k(k, int(ci), k)
-                                       for ci in c_per_prompt])),
+      f"eval/pass@{k}": rewards_lib.mean_pass_at_k(correct, k),
       "eval/entropy": float(ent[0] / max(ent[1], 1.0)),
   }
 
@@ -238,18 +235,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   distributed.maybe_initialize(config.distributed)
   config_lib.validate(config, jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  if "://" not in workdir:
+    os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   rules = sharding.default_rules()
   c = config
 
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
-  source = data_lib.make_source(c.task, seed=c.seed, shard_index=jax.process_index(),
-                                num_shards=jax.process_count(), task=task)
-  eval_examples = data_lib.make_eval_examples(c, task=task, shard_index=jax.process_index(),
-                                              num_shards=jax.process_count())
-  reward_fn = rewards_lib.get_reward_fn(c.reward.name, **_reward_kwargs(c))
   policy, params = build_policy(c, workdir, task)
+  shards = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
+  source = data_lib.make_source(c.task, seed=c.seed, task=task, tokenizer=policy.tokenizer,
+                                **shards)
+  eval_examples = data_lib.make_eval_examples(c, task=task, tokenizer=policy.tokenizer, **shards)
+  reward_fn = rewards_lib.get_reward_fn(
+      c.reward.name, task=task, num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
+      format_coef=c.reward.format_coef, max_response_len=c.rollout.max_new_tokens,
+      overlong_buffer=c.reward.overlong_buffer, overlong_penalty=c.reward.overlong_penalty)
 
   updates_per_step = c.rl.num_minibatches * c.rl.ppo_epochs
   schedule = step_lib.lr_schedule(c.optim, c.num_steps * updates_per_step)
@@ -281,7 +282,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     carry.update(meta["carry"])
     log.info("resumed from step %d", int(state.step))
   start = int(state.step)
-  writer = metrics.MetricsWriter(workdir, start_step=start)
+  writer = metrics.MetricsWriter(workdir, resume_step=start if start else None)
   bar = metrics.ProgressBar(total=c.num_steps, initial=start)
   base_key = jax.random.key(c.seed)
   stop = {"signal": None}
@@ -317,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       m = {k: float(v) for k, v in jax.device_get(rollout_stats).items()}
       m.update(_update_metrics(upd))
-      m.update(_reward_metrics(every, host, g, c, draws))
+      m.update(_reward_metrics(every, host, g, c, draws, policy.stop_ids))
       m["entropy/predicted_delta"] = -float(upd["lr"]) * m["cov/mean"]
       if carry["prev_entropy"] is not None:
         m["entropy/actual_delta"] = m["entropy/token_mean"] - carry["prev_entropy"]
@@ -335,7 +336,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if c.eval_every > 0 and (done % c.eval_every == 0 or done == c.num_steps):
         m.update(evaluate(rollouts, state.params, eval_examples, eval_key, c))
       writer.write(done, m)
-      bar.update(m)
+      bar.update(done, m)
       last = m
       if carry["nonfinite_streak"] >= c.max_nonfinite_steps:
         save(done)
@@ -350,12 +351,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     ckpt.close()
     writer.close()
+    reward_fn.close()
     bar.close()
     for s, h in previous_handlers.items():
       signal.signal(s, h)
   if jax.process_index() == 0 and int(state.step) == c.num_steps:
-    metrics.finish_run(workdir)
+    write_summary(workdir)
   return last
+
+
+SUMMARY_KEYS = ("reward/mean", "acc", "entropy/token_mean", "entropy/seq_mean", "cov/mean",
+                "pg/clipfrac_high", "response/len_mean", "eval/pass@1")
+
+
+def write_summary(workdir: str) -> None:
+  """End of run: PNG plots of reward, accuracy and entropy vs step, and a markdown summary."""
+  path = os.path.join(workdir, metrics.METRICS_FILE)
+  metrics.plot_metrics(path, ["reward/mean", "acc", "entropy/token_mean"],
+                       os.path.join(workdir, "curves.png"))
+  records = metrics.read_metrics(path)
+  eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+  table = metrics.summary_table(records, list(dict.fromkeys(SUMMARY_KEYS + tuple(eval_keys))))
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
 
 
 def gather_states(state: dict) -> dict:
@@ -365,15 +384,6 @@ def gather_states(state: dict) -> dict:
   blob = np.frombuffer(json.dumps(state).encode().ljust(4096), np.uint8)
   rows = multihost_utils.process_allgather(blob[None], tiled=True)
   return {str(i): json.loads(bytes(r).decode().strip()) for i, r in enumerate(np.asarray(rows))}
-
-
-def _reward_kwargs(c) -> dict:
-  if c.reward.name == "task":
-    return {}
-  return dict(timeout_s=c.reward.timeout_s, num_workers=c.reward.num_workers,
-              format_coef=c.reward.format_coef, overlong_buffer=c.reward.overlong_buffer,
-              overlong_penalty=c.reward.overlong_penalty,
-              max_response_len=c.rollout.max_new_tokens)
 
 
 def _update_metrics(upd: dict) -> dict:
@@ -387,7 +397,9 @@ def _update_metrics(upd: dict) -> dict:
   return out
 
 
-def _reward_metrics(every: dict, host: dict, g: int, c, draws: int) -> dict:
+def _reward_metrics(every: dict, host: dict, g: int, c, draws: int, stop_ids) -> dict:
+  """Reward, accuracy, group and length statistics over all hosts."""
+  clipped = (host["mask"][:, -1] > 0) & ~np.isin(host["tokens"][:, -1], stop_ids)
   rewards = gather(host["rewards"])
   all_correct = gather(every["correct"])
   lengths = gather(host["mask"].sum(1))
@@ -400,5 +412,5 @@ def _reward_metrics(every: dict, host: dict, g: int, c, draws: int) -> dict:
       "groups/kept_frac_zero_std": float(np.mean(np.ptp(groups, axis=1) == 0)),
       "groups/draws": float(draws),
       "response/len_mean": float(lengths.mean()), "response/len_max": float(lengths.max()),
-      "response/clip_frac": float(np.mean(lengths >= c.rollout.max_new_tokens)),
+      "response/clip_frac": float(np.mean(gather(clipped))),
   }
