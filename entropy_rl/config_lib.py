@@ -236,6 +236,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"config.mesh={sizes} does not fit {num_devices} devices")
   batch_shards = (sizes["data"] if sizes["data"] != -1 else num_devices // fixed) * (
       sizes["fsdp"] if sizes["fsdp"] != -1 else num_devices // fixed)
+  if c.rollout.prompts_per_step % batch_shards:
+    raise ValueError(f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} must be a "
+                     f"multiple of the {batch_shards} data-parallel devices (config.mesh.data x "
+                     "config.mesh.fsdp): prompts are sharded over them")
   if (n // mb // micro) % batch_shards:
     raise ValueError(f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
                      f"sequences does not split over {batch_shards} data-parallel devices "
