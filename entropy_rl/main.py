@@ -19,6 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  import logging
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # jax/orbax chatter
+  logging.getLogger("entropy_rl").setLevel(logging.INFO)
   import jax  # after absl parsed flags, so XLA_FLAGS from the environment apply
   jax.config.update("jax_threefry_partitionable", True)
   from entropy_rl import trainer
