@@ -1,0 +1,170 @@
+"""analysis.py on synthetic data with known answers."""
+import numpy as np
+import pytest
+
+from entropy_rl import analysis
+
+
+def test_fit_law_recovers_parameters():
+  h = np.linspace(0.1, 1.0, 50)
+  r = analysis.law(h, 0.3, 0.9)
+  fit = analysis.fit_law(h, r)
+  assert fit["a"] == pytest.approx(0.3, abs=1e-6)
+  assert fit["b"] == pytest.approx(0.9, abs=1e-6)
+  assert fit["ceiling"] == pytest.approx(0.6, abs=1e-6)
+  assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+  assert fit["n"] == 50
+
+
+def test_fit_law_noise_lowers_r2_and_skips_nan():
+  rng = np.random.default_rng(0)
+  h = np.linspace(0.1, 1.0, 200)
+  r = analysis.law(h, 0.3, 0.9) + rng.normal(0, 0.05, h.shape)
+  r[3] = np.nan
+  fit = analysis.fit_law(h, r)
+  assert fit["n"] == 199
+  assert 0.5 < fit["r2"] < 0.99
+  assert fit["a"] == pytest.approx(0.3, abs=0.05)
+
+
+def test_fit_law_bad_input():
+  with pytest.raises(ValueError, match="entropy"):
+    analysis.fit_law([0.1, 0.2], [0.1, 0.2])
+  with pytest.raises(ValueError, match="same length"):
+    analysis.fit_law([0.1, 0.2, 0.3], [0.1, 0.2])
+
+
+def test_r_squared_matches_definition():
+  y = np.array([1.0, 2.0, 3.0, 4.0])
+  y_hat = np.array([1.1, 1.9, 3.2, 3.8])
+  expected = 1 - np.sum((y - y_hat) ** 2) / np.sum((y - y.mean()) ** 2)
+  assert analysis.r_squared(y, y_hat) == pytest.approx(expected)
+  assert np.isnan(analysis.r_squared([2.0, 2.0], [2.0, 2.0]))
+
+
+def test_window_means():
+  np.testing.assert_allclose(analysis.window_means(np.arange(25.0), 10), [4.5, 14.5, 22.0])
+
+
+def test_early_fit_prediction_exact_law_predicts_exactly():
+  h = np.linspace(1.0, 0.2, 100)
+  r = analysis.law(h, 0.2, 0.8)
+  out = analysis.early_fit_prediction(h, r, 0.15)
+  assert out["n_fit"] == 15 and out["n_pred"] == 85
+  assert out["rmse"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_early_fit_prediction_reports_the_extrapolation_error():
+  h = np.linspace(1.0, 0.2, 100)
+  r = analysis.law(h, 0.2, 0.8)
+  r[15:] += 0.05  # the later points sit 0.05 above the early law
+  out = analysis.early_fit_prediction(h, r, 0.15)
+  assert out["rmse"] == pytest.approx(0.05, abs=1e-6)
+  assert out["mae"] == pytest.approx(0.05, abs=1e-6)
+
+
+def test_moving_average():
+  np.testing.assert_allclose(analysis.moving_average([1.0, 3.0, 5.0, 7.0], 2), [1, 2, 4, 6])
+
+
+def test_detect_plateau_finds_the_knee():
+  steps = np.arange(300)
+  y = np.minimum(steps / 100.0, 1.0)  # rises until step 100, then flat
+  out = analysis.detect_plateau(steps, y, window=20, rel_tol=0.1)
+  assert out["plateaued"]
+  # the smoothed curve lags by ~window / 2 and stops 10% short of the top
+  assert 90 <= out["step"] <= 110
+
+
+def test_detect_plateau_still_rising_is_none():
+  steps = np.arange(200)
+  y = steps / 200.0
+  out = analysis.detect_plateau(steps, y, window=20, rel_tol=0.1)
+  assert not out["plateaued"] and out["step"] is None
+
+
+def test_detect_plateau_noisy_plateau():
+  rng = np.random.default_rng(1)
+  steps = np.arange(400)
+  y = 0.3 + 0.4 * (1 - np.exp(-steps / 40.0)) + rng.normal(0, 0.03, 400)
+  out = analysis.detect_plateau(steps, y, window=40, rel_tol=0.1)
+  assert out["plateaued"]
+  assert 50 <= out["step"] <= 200
+
+
+def test_detect_plateau_bad_input():
+  with pytest.raises(ValueError, match="values"):
+    analysis.detect_plateau(np.arange(10), np.arange(10.0), window=20)
+
+
+def test_frontier_residual():
+  h_ref = np.linspace(0.2, 1.0, 40)
+  r_ref = analysis.law(h_ref, 0.3, 0.9)
+  h = np.array([0.4, 0.5, 1.5])
+  r = analysis.law(h, 0.3, 0.9) + 0.02
+  out = analysis.frontier_residual(h_ref, r_ref, h, r)
+  np.testing.assert_allclose(out["residuals"], 0.02, atol=1e-6)
+  assert out["mean"] == pytest.approx(0.02, abs=1e-6)
+  assert out["frac_inside"] == pytest.approx(2 / 3)
+
+
+def test_covariance_by_top_fraction_known_values():
+  cov = np.arange(1.0, 1001.0)  # 1000 tokens: 1..1000
+  mask = np.ones_like(cov)
+  out = analysis.covariance_by_top_fraction(cov, mask, (0.0002, 0.002, 0.02, 1.0))
+  assert out[0.0002] == (1000.0, 1)  # at least one token
+  assert out[0.002] == (999.5, 2)
+  assert out[0.02] == (pytest.approx(np.mean(np.arange(981, 1001))), 20)
+  assert out[1.0] == (500.5, 1000)
+
+
+def test_covariance_by_top_fraction_ignores_invalid():
+  cov = np.array([[100.0, 1.0], [2.0, 3.0]])
+  mask = np.array([[0, 1], [1, 1]])
+  out = analysis.covariance_by_top_fraction(cov, mask, (0.5, 1.0))
+  assert out[0.5] == (3.0, 1)
+  assert out[1.0] == (2.0, 3)
+  with pytest.raises(ValueError, match="shape"):
+    analysis.covariance_by_top_fraction(cov, mask[:1], (1.0,))
+
+
+def test_token_covariance_matches_formula():
+  rng = np.random.default_rng(0)
+  logp = rng.normal(size=(3, 5))
+  adv = rng.normal(size=(3, 5))
+  mask = rng.random((3, 5)) > 0.3
+  cov = analysis.token_covariance(logp, adv, mask)
+  a, l = adv[mask], logp[mask]
+  np.testing.assert_allclose(cov[mask], (a - a.mean()) * (l - l.mean()))
+  assert np.all(cov[~mask] == 0)
+
+
+def test_top_fraction_mask_and_overlap():
+  scores = np.array([[0.9, 0.1, 0.5, 0.3, 5.0]])
+  mask = np.array([[1, 1, 1, 1, 0]])
+  top = analysis.top_fraction_mask(scores, mask, 0.5)  # ceil(0.5 * 4) = 2 of the valid ones
+  np.testing.assert_array_equal(top, [[True, False, True, False, False]])
+  other = np.array([[True, True, False, False, False]])
+  assert analysis.overlap(top, other) == 0.5
+  assert analysis.overlap(top, top) == 1.0
+
+
+def test_pearson():
+  x = np.arange(10.0)
+  assert analysis.pearson(x, 2 * x + 1) == pytest.approx(1.0)
+  assert analysis.pearson(x, -x) == pytest.approx(-1.0)
+  assert np.isnan(analysis.pearson([1.0, 2.0], [1.0, 2.0]))
+
+
+def test_first_order_entropy_change_matches_finite_difference():
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(6, 11))
+  dz = rng.normal(size=(6, 11))
+  for eps in (1e-3, 1e-4):
+    exact = analysis.entropy_of_logits(z + eps * dz) - analysis.entropy_of_logits(z)
+    pred = analysis.first_order_entropy_change(z, z + eps * dz)
+    np.testing.assert_allclose(pred, exact, rtol=20 * eps, atol=1e-12)
+
+
+def test_entropy_of_logits_uniform():
+  np.testing.assert_allclose(analysis.entropy_of_logits(np.zeros((2, 8))), np.log(8))
