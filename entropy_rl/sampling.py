@@ -11,7 +11,7 @@ done or after `max_new_tokens`.
 
 Both jitted functions are module-level with the model and the sampling settings static, so each
 static shape compiles once and is reused. Sharded inputs (params over the mesh, prompts with rows
-over the data axes) propagate through jit unchanged.
+over the data axes) propagate through jit; every [N, ...] output keeps the prompts' row sharding.
 """
 import dataclasses
 import functools
@@ -35,6 +35,7 @@ class SampleOutput(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
+  num_samples: int
   max_new_tokens: int
   temperature: float
   top_p: float
@@ -43,6 +44,21 @@ class _Settings:
   stop_ids: tuple[int, ...]
   pad_id: int
   return_entropy: bool
+  rows: jax.sharding.NamedSharding | None  # the prompts' row sharding, kept by every output
+
+
+def _row_sharding(x):
+  """NamedSharding of x's leading (row) axis, or None if x is not a NamedSharding-ed array."""
+  sharding = getattr(x, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  spec = sharding.spec
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+      spec[0] if len(spec) else None))
+
+
+def _keep_rows(x, s: _Settings):
+  return x if s.rows is None else jax.lax.with_sharding_constraint(x, s.rows)
 
 
 def _truncate(z_NxV, top_k, top_p):
@@ -80,8 +96,11 @@ def _is_stop(token_N, stop_ids):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "s"))
-def _prefill(params, prompt_NxP, prompt_mask_NxP, rng, *, model: Decoder, s: _Settings):
-  """Runs the prompts into a fresh cache and draws response token 0."""
+def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Settings):
+  """Repeats the prompts, runs them into a fresh cache and draws response token 0."""
+  prompt_NxP = _keep_rows(jnp.repeat(prompt_BxP.astype(jnp.int32), s.num_samples, axis=0), s)
+  prompt_mask_NxP = _keep_rows(
+      jnp.repeat(prompt_mask_BxP.astype(jnp.int32), s.num_samples, axis=0), s)
   N, P = prompt_NxP.shape
   L = s.max_new_tokens
   cache = init_cache(model.config, N, P + L)
@@ -100,7 +119,8 @@ def _prefill(params, prompt_NxP, prompt_mask_NxP, rng, *, model: Decoder, s: _Se
   )
   if s.return_entropy:
     state["entropy"] = jnp.zeros((N, L), jnp.float32).at[:, 0].set(entropy_N)
-  return state
+  state = {k: v if k in ("cache", "t", "rng") else _keep_rows(v, s) for k, v in state.items()}
+  return state, prompt_NxP, prompt_mask_NxP
 
 
 @functools.partial(jax.jit, static_argnames=("model", "s"), donate_argnames="state")
@@ -149,12 +169,12 @@ def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, *, num_samp
     raise ValueError(f"temperature must be > 0; got {temperature!r}")
   if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
-  s = _Settings(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+  s = _Settings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                 top_k=top_k, greedy=bool(greedy), stop_ids=tuple(int(i) for i in stop_ids),
-                pad_id=int(pad_id), return_entropy=bool(return_entropy))
-  prompt_NxP = jnp.repeat(prompt_BxP.astype(jnp.int32), num_samples, axis=0)
-  prompt_mask_NxP = jnp.repeat(prompt_mask_BxP.astype(jnp.int32), num_samples, axis=0)
-  state = _prefill(params, prompt_NxP, prompt_mask_NxP, rng, model=model, s=s)
+                pad_id=int(pad_id), return_entropy=bool(return_entropy),
+                rows=_row_sharding(prompt_BxP))
+  state, prompt_NxP, prompt_mask_NxP = _prefill(params, prompt_BxP, prompt_mask_BxP, rng,
+                                                model=model, s=s)
   out = _decode(params, state, model=model, s=s)
   return SampleOutput(tokens_NxL=out["tokens"], mask_NxL=out["mask"],
                       logprobs_NxL=out["logprobs"], entropy_NxL=out.get("entropy"),

@@ -159,7 +159,8 @@ def test_sharded_equals_unsharded(main_rollout):
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   prompt, mask = jax.device_put(PROMPT, rows), jax.device_put(PROMPT_MASK, rows)
   out = sampling.sample(MODEL, sharded_params, prompt, mask, jax.random.key(42), **MAIN)
-  assert len(out.tokens_NxL.sharding.device_set) == 8
+  for x in (out.tokens_NxL, out.mask_NxL, out.logprobs_NxL, out.entropy_NxL, out.prompt_NxP):
+    assert x.sharding.is_equivalent_to(rows, x.ndim)
   np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
   np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
   np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
