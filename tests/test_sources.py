@@ -119,12 +119,12 @@ def test_epochs_reshuffle_seeded_and_resume(tmp_path):
     src_lib.JsonlSource(path, seed=1).set_state(state)
 
 
-def test_sharding_interleaves_one_global_stream(tmp_path):
+def test_sharding_splits_each_global_batch_in_blocks(tmp_path):
   path = _write_jsonl(tmp_path / "d.jsonl", ROWS)
   whole = _prompts(src_lib.JsonlSource(path, seed=3).next_batch(24))
   shards = [src_lib.JsonlSource(path, seed=3, shard_index=i, num_shards=2) for i in range(2)]
-  got = [_prompts(s.next_batch(6)) + _prompts(s.next_batch(6)) for s in shards]
-  assert got[0] == whole[0::2] and got[1] == whole[1::2]
+  got = [[_prompts(s.next_batch(6)) for s in shards] for _ in range(2)]
+  assert [p for call in got for host in call for p in host] == whole
   # Resume the two-host position on one host: same global stream.
   single = src_lib.JsonlSource(path, seed=3)
   single.set_state(shards[0].get_state())
@@ -132,7 +132,7 @@ def test_sharding_interleaves_one_global_stream(tmp_path):
   assert _prompts(single.next_batch(4)) == _prompts(src_lib.JsonlSource(path, seed=3).next_batch(28))[24:]
   task = tasks_lib.get_task("arithmetic")
   syn = [src_lib.SyntheticSource(task, shard_index=i, num_shards=3).next_batch(2) for i in range(3)]
-  assert [e for b in zip(*syn) for e in b] == src_lib.SyntheticSource(task).next_batch(6)
+  assert [e for b in syn for e in b] == src_lib.SyntheticSource(task).next_batch(6)
   with pytest.raises(ValueError, match="shard_index"):
     src_lib.SyntheticSource(task, shard_index=3, num_shards=3)
   three = src_lib.JsonlSource(path, num_shards=3)

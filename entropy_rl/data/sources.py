@@ -2,10 +2,13 @@
 
 Every source yields `next_batch(n) -> list[Example]` for this host and has a JSON-able position,
 `get_state()` / `set_state(state)`, so a resumed run sees the same prompts in the same order.
-Hosts read disjoint interleaved slices of one global stream (`shard_index`, `num_shards`): global
-example g goes to host g % num_shards, and the state records the global count consumed, so a run may
-resume on a different number of hosts when the count divides evenly. Finite datasets are reshuffled
-every epoch by a permutation seeded with (seed, epoch).
+Hosts read disjoint contiguous blocks of one global stream (`shard_index`, `num_shards`): when every
+host calls `next_batch(n)` together, the call's global batch is the next num_shards * n examples and
+host i reads the i-th block of n, so the hosts' batches stacked in shard order are what one process
+reads with `next_batch(num_shards * n)` (the row order of a global batch sharded over the hosts). The
+state records the global count consumed, so a run may resume on a different number of hosts when the
+count divides evenly. Finite datasets are reshuffled every epoch by a permutation seeded with
+(seed, epoch).
 """
 from __future__ import annotations
 
@@ -46,9 +49,9 @@ class _Sharded:
   def _global_indices(self, n: int) -> list[int]:
     if n < 0:
       raise ValueError(f"batch size must be >= 0, got {n}")
-    start = self.position
+    start = self.position * self.num_shards + self.shard_index * n
     self.position += n
-    return [(start + j) * self.num_shards + self.shard_index for j in range(n)]
+    return list(range(start, start + n))
 
   def _identity(self) -> dict[str, Any]:
     raise NotImplementedError
