@@ -106,6 +106,15 @@ def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding,
   return slice(start, stop)
 
 
+def process_shard(global_batch_size: int, sharding: jax.sharding.Sharding,
+                  devices=None) -> tuple[int, int]:
+  """(shard_index, num_shards): `devices` (default: this process's) feed block shard_index of the
+  global batch cut into num_shards equal blocks of rows, the blocks a sharded data source reads."""
+  rows = process_rows(global_batch_size, sharding, devices)
+  n = rows.stop - rows.start
+  return rows.start // n, global_batch_size // n
+
+
 def make_global_batch(local_tree, sharding: jax.sharding.Sharding, global_batch_size: int):
   """Global `jax.Array`s from this process's rows (`process_rows`) of every leaf of a pytree."""
   rows = process_rows(global_batch_size, sharding)

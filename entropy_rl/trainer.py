@@ -52,22 +52,33 @@ def build_policy(config, workdir: str, task) -> tuple[Policy, Any]:
     tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
     model_cfg = model.config
   else:
-    tokenizer = data_lib.build_tokenizer(os.path.join(workdir, "tokenizer"))
+    tokenizer = process_zero_first(
+        "tokenizer", lambda: data_lib.build_tokenizer(os.path.join(workdir, "tokenizer")))
     model_cfg = tiny_model_config(config.model, len(tokenizer))
     model = models.Decoder(model_cfg)
     if config.warm_start.enabled:
       from entropy_rl import warmstart
-      params, info = warmstart.warm_start(
+      params, info = process_zero_first("warm_start", lambda: warmstart.warm_start(
           model_cfg, task, tokenizer, workdir=os.path.join(workdir, "warm_start"),
           steps=config.warm_start.steps, batch_size=config.warm_start.batch_size,
           lr=config.warm_start.lr, corrupt_prob=config.warm_start.corrupt_prob, seed=config.seed,
-          max_new_tokens=config.rollout.max_new_tokens)
+          max_new_tokens=config.rollout.max_new_tokens))
       log.info("warm start: %s", info)
     else:
       params = models.init_params(model_cfg, jax.random.key(config.seed))
   stop_ids = tuple(i for i in {tokenizer.eos_token_id} if i is not None)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
   return Policy(model, model_cfg, tokenizer, stop_ids, pad_id), params
+
+
+def process_zero_first(name: str, fn):
+  """fn() on process 0, then, after a barrier, on the others: what it caches in a shared workdir
+  (tokenizer, warm start) is written once and read complete (a host-local workdir is rebuilt)."""
+  if jax.process_count() == 1:
+    return fn()
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"entropy_rl:{name}")
+  return out if jax.process_index() == 0 else fn()
 
 
 def tiny_model_config(c, vocab_size: int) -> models.ModelConfig:
@@ -118,8 +129,10 @@ def token_stats(entropy_NxL, logp_NxL, adv_NxL, mask_NxL, band):
 class Rollouts:
   """Sampling and scoring G responses per prompt with the current parameters."""
 
-  def __init__(self, config, policy: Policy, reward_fn, mesh):
+  def __init__(self, config, policy: Policy, reward_fn, mesh, shard: tuple[int, int] = (0, 1)):
     self.config, self.policy, self.reward_fn, self.mesh = config, policy, reward_fn, mesh
+    # This host feeds block shard[0] of shard[1] equal row blocks of every global prompt batch.
+    self.shard_index, self.num_shards = shard
 
   def generate(self, params, examples, key, *, num_samples, temperature, max_new_tokens,
                greedy=False):
@@ -141,7 +154,7 @@ class Rollouts:
   def collect(self, params, source, key):
     """One step's rollout; with dynamic sampling, groups whose rewards all agree are replaced."""
     c = self.config
-    b = c.rollout.prompts_per_step // jax.process_count()
+    b = c.rollout.prompts_per_step // self.num_shards
     g = c.rollout.num_samples
     draws, kept, spare, drawn = 0, [], [], []
     while True:
@@ -174,29 +187,36 @@ class Rollouts:
 
 
 def evaluate(rollouts: Rollouts, params, eval_examples, key, c) -> dict:
-  """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy."""
+  """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy.
+
+  `eval_examples` is the whole list on every host, evaluated in global chunks of
+  `prompts_per_step` prompts (the last one padded) of which each host feeds its block of rows.
+  """
   k = c.eval.num_samples
   max_new = c.eval.max_new_tokens if c.eval.max_new_tokens > 0 else c.rollout.max_new_tokens
-  b = c.rollout.prompts_per_step // jax.process_count()
-  greedy, correct, ent_sum, tok = [], [], 0.0, 0.0
-  for start in range(0, len(eval_examples), b):
-    chunk = list(eval_examples[start:start + b])
-    pad = b - len(chunk)
-    chunk += [eval_examples[0]] * pad  # static shapes; padded prompts are dropped below
+  chunk_size = c.rollout.prompts_per_step
+  b = chunk_size // rollouts.num_shards
+  greedy, correct, valid, ent_sum, tok = [], [], [], 0.0, 0.0
+  for start in range(0, len(eval_examples), chunk_size):
+    first = start + rollouts.shard_index * b
+    chunk = list(eval_examples[first:first + b])
+    n = len(chunk)
+    chunk += [eval_examples[0]] * (b - n)  # static shapes; padded prompts are dropped below
     key, k1, k2 = jax.random.split(key, 3)
     _, g = rollouts.generate(params, chunk, k1, num_samples=1, temperature=1.0,
                              max_new_tokens=max_new, greedy=True)
     out, s = rollouts.generate(params, chunk, k2, num_samples=k, temperature=c.eval.temperature,
                                max_new_tokens=max_new)
-    n = len(chunk) - pad
-    greedy.append(g["correct"][:n])
-    correct.append(s["correct"][:n * k].reshape(n, k))
+    greedy.append(g["correct"])
+    correct.append(s["correct"].reshape(b, k))
+    valid.append(np.arange(b) < n)
     ent = to_local(out.entropy_NxL)[:n * k]
     m = s["mask"][:n * k]
     ent_sum += float(np.sum(ent * m))
     tok += float(np.sum(m))
-  greedy = gather(np.concatenate(greedy))
-  correct = gather(np.concatenate(correct))
+  valid = gather(np.concatenate(valid))  # every host gathers arrays of one shape
+  greedy = gather(np.concatenate(greedy))[valid]
+  correct = gather(np.concatenate(correct))[valid]
   ent = gather(np.array([ent_sum, tok]))
   ent = ent.reshape(-1, 2).sum(0)
   return {
@@ -243,10 +263,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
   policy, params = build_policy(c, workdir, task)
-  shards = dict(shard_index=jax.process_index(), num_shards=jax.process_count())
+  shard = distributed.process_shard(c.rollout.prompts_per_step, sharding.batch_sharding(mesh))
   source = data_lib.make_source(c.task, seed=c.seed, task=task, tokenizer=policy.tokenizer,
-                                **shards)
-  eval_examples = data_lib.make_eval_examples(c, task=task, tokenizer=policy.tokenizer, **shards)
+                                shard_index=shard[0], num_shards=shard[1])
+  eval_examples = data_lib.make_eval_examples(c, task=task, tokenizer=policy.tokenizer)
   reward_fn = rewards_lib.get_reward_fn(
       c.reward.name, task=task, num_workers=c.reward.num_workers, timeout_s=c.reward.timeout_s,
       format_coef=c.reward.format_coef, max_response_len=c.rollout.max_new_tokens,
@@ -278,7 +298,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract_state=jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
-    source.set_state(meta["data"][str(jax.process_index())] if "data" in meta else {})
+    data_states = meta.get("data", {})  # equal on every host (see data/sources.py)
+    source.set_state(data_states.get(str(jax.process_index()), data_states.get("0", {})))
     carry.update(meta["carry"])
     log.info("resumed from step %d", int(state.step))
   start = int(state.step)
@@ -287,7 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   base_key = jax.random.key(c.seed)
   stop = {"signal": None}
   previous_handlers = _install_signal_handlers(stop)
-  rollouts = Rollouts(c, policy, reward_fn, mesh)
+  rollouts = Rollouts(c, policy, reward_fn, mesh, shard)
   band = jnp.array([c.loss.clip_cov_lb, c.loss.clip_cov_ub], jnp.float32)
   last: dict = {}
 
