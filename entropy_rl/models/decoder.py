@@ -15,6 +15,7 @@ Two entry points:
   `Decoder.unembed(hidden_BxTxD)`: logits from hidden states (e.g. only the last prefill position).
 """
 import functools
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -118,15 +119,35 @@ class Attention(nn.Module):
                  for c, new in zip(kv, (k_BxTxKxH, v_BxTxKxH)))
       k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in kv)
 
-    B, T = x.shape[:2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(dtype),
-                        preferred_element_type=jnp.float32) * H**-0.5
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(dtype))
-    out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, N, H)
+    if kv is None:
+      # Training forward: causal self-attention over the sequence, padded keys masked. On GPUs
+      # (bf16/fp16) this is cuDNN's fused flash attention, which never materialises [T, S] scores.
+      out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxSxKxH.astype(dtype),
+                                      v_BxSxKxH.astype(dtype), mask_BxTxS[:, None], cfg)
+    else:
+      B, T = x.shape[:2]
+      q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+      scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(dtype),
+                          preferred_element_type=jnp.float32) * H**-0.5
+      scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+      out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(dtype))
+      out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, N, H)
     return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_proj.astype(dtype)), kv
+
+
+def _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_Bx1x1xT, cfg: ModelConfig):
+  """Causal GQA with padded keys masked: cuDNN flash attention on GPUs in half precision (it
+  never materialises [T, T] scores), XLA elsewhere or when cuDNN rejects the shapes."""
+  attend = functools.partial(jax.nn.dot_product_attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
+                             is_causal=True)
+  if jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16"):
+    B, T = q_BxTxNxH.shape[:2]
+    try:  # cuDNN takes the mask as a bias with the full [T, T] extent
+      return attend(mask=jnp.broadcast_to(keys_Bx1x1xT, (B, 1, T, T)), implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+      logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
+  return attend(mask=keys_Bx1x1xT, implementation="xla")
 
 
 class MLP(nn.Module):
@@ -197,10 +218,8 @@ class Decoder(nn.Module):
       attn_mask_BxT = jnp.ones((B, T), jnp.int32)
     if positions_BxT is None:
       positions_BxT = default_positions(attn_mask_BxT)
-    valid_BxT = attn_mask_BxT.astype(bool)
-    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-    mask_BxTxT = causal_TxT[None] & valid_BxT[:, None, :]
-    h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, mask_BxTxT, None, None)
+    keys_Bx1xT = attn_mask_BxT.astype(bool)[:, None, :]  # causality is added by the attention
+    h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, keys_Bx1xT, None, None)
     return h_BxTxD if return_hidden else self.unembed(h_BxTxD)
 
   def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None,
