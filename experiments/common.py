@@ -1,0 +1,345 @@
+"""Shared runner for the studies: launch RL runs, read their metrics, probe checkpoints.
+
+Runs are launched one at a time as subprocesses (`python -m experiments.common run ...`) into
+`<root>/<name>`; a run whose metrics.jsonl already holds all its steps is reused, so studies share
+runs (study 1 reads study 2's GRPO runs, study 5 reuses the defaults of studies 2 and 1).
+
+Every run shares one warm start: `<root>/_warm_start` (trained once by the first run, seed 0) is
+symlinked into each run dir as `warm_start`, and the child process pins the warm start's seed to
+`WARM_SEED` so that RL seeds differ while the starting policy is the same (the trainer otherwise
+keys the warm-start cache on `config.seed`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+DEFAULT_ROOT = os.environ.get("ENTROPY_RL_RUNS", "/work/runs")
+WARM_SEED = 0
+QUICK = {"eval_every": 5, "eval.num_prompts": 32, "eval.num_samples": 8}
+FULL = {"eval_every": 50, "eval.num_prompts": 64, "eval.num_samples": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One RL run: configs/<family>.py:<arg> with dotted overrides."""
+  name: str
+  family: str
+  arg: str = "tiny"
+  overrides: tuple = ()  # ((dotted key, value), ...)
+
+  def config_overrides(self) -> dict:
+    return dict(self.overrides)
+
+
+def spec(name, family, arg="tiny", **overrides) -> RunSpec:
+  """RunSpec with keyword overrides, `__` standing for `.` (loss__clip_cov_ratio=0.1)."""
+  return RunSpec(name, family, arg, tuple(sorted((k.replace("__", "."), v)
+                                                 for k, v in overrides.items())))
+
+
+def load_config(family: str, arg: str, overrides: dict):
+  module = importlib.import_module(f"configs.{family}")
+  c = module.get_config(arg)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"override config.{dotted}: no such field")
+    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
+        node[leaf], bool) else value
+  return c
+
+
+def run_dir(root: str, s: RunSpec) -> str:
+  return os.path.join(root, s.name)
+
+
+def _complete(path: str, num_steps: int) -> bool:
+  records = read_records(path)
+  return bool(records) and records[-1]["step"] >= num_steps and os.path.exists(
+      os.path.join(path, "summary.md"))
+
+
+def ensure_run(root: str, s: RunSpec, log=print) -> str:
+  """Runs `s` in `<root>/<name>` unless already complete there; returns the run dir."""
+  path = run_dir(root, s)
+  # ENTROPY_RL_EXTRA_OVERRIDES (JSON) applies to every run: for smoke tests in a scratch --root.
+  overrides = {**s.config_overrides(), **json.loads(os.environ.get("ENTROPY_RL_EXTRA_OVERRIDES", "{}"))}
+  num_steps = int(overrides.get("num_steps", load_config(s.family, s.arg, {}).num_steps))
+  if _complete(path, num_steps):
+    log(f"[reuse] {s.name}")
+    return path
+  os.makedirs(path, exist_ok=True)
+  warm = os.path.join(root, "_warm_start")
+  if not os.path.lexists(warm):
+    os.makedirs(warm)
+  link = os.path.join(path, "warm_start")
+  if not os.path.lexists(link):
+    os.symlink(os.path.abspath(warm), link)
+  with open(os.path.join(path, "spec.json"), "w") as f:
+    json.dump(dataclasses.asdict(s), f, indent=1)
+  cmd = [sys.executable, "-m", "experiments.common", "run", "--family", s.family, "--arg", s.arg,
+         "--workdir", path, "--overrides", json.dumps(overrides)]
+  start = time.time()
+  log(f"[run] {s.name}: {s.family}:{s.arg} {s.config_overrides()}")
+  with open(os.path.join(path, "log.txt"), "a") as out:
+    rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+  if rc:
+    raise RuntimeError(f"run {s.name} failed (rc {rc}); see {path}/log.txt")
+  log(f"[done] {s.name} in {time.time() - start:.0f} s")
+  return path
+
+
+def read_records(path: str) -> list[dict]:
+  f = os.path.join(path, "metrics.jsonl")
+  if not os.path.exists(f):
+    return []
+  from entropy_rl import metrics
+  return metrics.read_metrics(f)
+
+
+def series(records, key):
+  """(steps, values) of the records that have `key`."""
+  pts = [(r["step"], r[key]) for r in records if key in r]
+  if not pts:
+    return np.zeros(0), np.zeros(0)
+  s, v = zip(*pts)
+  return np.asarray(s, np.float64), np.asarray(v, np.float64)
+
+
+def final_mean(records, key, last: int = 10) -> float:
+  _, v = series(records, key)
+  return float(np.mean(v[-last:])) if len(v) else float("nan")
+
+
+def last_value(records, key) -> float:
+  _, v = series(records, key)
+  return float(v[-1]) if len(v) else float("nan")
+
+
+def mean_std(values) -> str:
+  v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+  if not len(v):
+    return "n/a"
+  if len(v) == 1:
+    return f"{v[0]:.3f}"
+  return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
+
+
+def md_table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in rows:
+    lines.append("| " + " | ".join(x if isinstance(x, str) else f"{x:.4g}" for x in r) + " |")
+  return "\n".join(lines)
+
+
+def run_settings(quick: bool, steps: int, quick_steps: int = 10) -> dict:
+  """Overrides shared by the studies' runs (same settings -> same run dir -> reused)."""
+  out = dict(QUICK if quick else FULL)
+  out["num_steps"] = n = quick_steps if quick else steps
+  out["checkpoint_every"] = max(n // 4, 1)
+  out["keep_checkpoints"] = 5
+  return out
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = "") -> str:
+  """One panel per metric key; one line per label (mean over its runs, band = min..max)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from entropy_rl import analysis
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for i, (label, runs) in enumerate(groups.items()):
+      curves = [series(r, key) for r in runs]
+      curves = [c for c in curves if len(c[0])]
+      if not curves:
+        continue
+      n = min(len(c[0]) for c in curves)
+      x = curves[0][0][:n]
+      ys = np.stack([analysis.moving_average(c[1][:n], smooth if n > 2 * smooth else 1)
+                     for c in curves])
+      color = f"C{i}"
+      ax.plot(x, ys.mean(0), color=color, label=label, lw=1.2, marker="o" if n < 12 else None,
+              ms=3)
+      if len(ys) > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
+    ax.set_title(key, fontsize=8)
+    ax.set_xlabel("step", fontsize=7)
+    ax.tick_params(labelsize=7)
+  axes[0][0].legend(fontsize=6)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=80)
+  plt.close(fig)
+  return out_png
+
+
+def write_report(out_dir: str, name: str, text: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  with open(path, "w") as f:
+    f.write(text.rstrip() + "\n")
+  print(text)
+  return path
+
+
+def base_args(description: str, default_out: str):
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--quick", action="store_true", help="minutes: few steps, one seed")
+  p.add_argument("--root", default=DEFAULT_ROOT, help="where run dirs live (shared across studies)")
+  p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", default_out))
+  return p
+
+
+SCALING_RULE = (
+    "Scaling rule for Clip-Cov / KL-Cov at tiny batch sizes: the papers' ratios (Clip-Cov r = 2e-4, "
+    "KL-Cov k = 2e-3) assume selection sets of ~1e5-1e6 tokens per mini-batch (256 prompts x 8 "
+    "responses x thousands of tokens / 8 mini-batches), where they touch ~1e2-1e3 tokens. A tiny "
+    "mini-batch holds ~5e2 tokens, where the papers' ratios touch max(floor(r n), 1) = 1 token. "
+    "Matching the token *count* is impossible (it would be most of the batch), so the tiny presets "
+    "match the *effect*: the ratio is raised until the method visibly slows the entropy decline "
+    "(configs/clip_cov.py tiny: r = 0.1, band (0.5, 10); configs/kl_cov.py tiny: k = 0.02, beta = 1). "
+    "The number of tokens each rule actually touched per mini-batch and per step is measured below.")
+
+# ----------------------------------------------------------------------------- probes
+
+
+@dataclasses.dataclass
+class Probe:
+  """A policy loaded outside the trainer: model, tokenizer, task, config."""
+  model: object
+  model_cfg: object
+  tokenizer: object
+  task: object
+  config: object
+
+
+def load_probe(path: str) -> Probe:
+  """The model of run dir `path` (its spec.json names the config)."""
+  with open(os.path.join(path, "spec.json")) as f:
+    s = json.load(f)
+  c = load_config(s["family"], s["arg"], dict(map(tuple, s["overrides"])))
+  from entropy_rl import data as data_lib, models, trainer
+  tok = data_lib.build_tokenizer(os.path.join(path, "tokenizer"))
+  model_cfg = trainer.tiny_model_config(c.model, len(tok))
+  return Probe(models.Decoder(model_cfg), model_cfg, tok, data_lib.make_task(c.task), c)
+
+
+def warm_params(path: str):
+  from entropy_rl.models import hf
+  _, params = hf.load_hf(os.path.join(path, "warm_start", "model"))
+  return params
+
+
+def checkpoint_steps(path: str) -> list[int]:
+  from entropy_rl import checkpoint
+  with checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False) as ck:
+    return ck.all_steps()
+
+
+def checkpoint_params(path: str, step: int):
+  """Params of checkpoint `step` of run `path` (step 0: the warm start)."""
+  if step == 0:
+    return warm_params(path)
+  from entropy_rl import checkpoint
+  with checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False) as ck:
+    state, _ = ck.restore(step)
+  return state["params"] if isinstance(state, dict) else state.params
+
+
+def sample_probe(probe: Probe, params, num_prompts: int, num_samples: int, seed: int = 1234):
+  """Responses of `params` to the first eval problems: dict of NumPy arrays plus texts."""
+  import jax
+  from entropy_rl import advantages, sampling
+  from entropy_rl import data as data_lib
+  c = probe.config
+  examples = probe.task.eval_examples(num_prompts, seed=data_lib.EVAL_SEED)
+  prompt, pmask = data_lib.encode_prompts(probe.tokenizer, [e.prompt for e in examples],
+                                          c.task.max_prompt_len)
+  stop = (probe.tokenizer.eos_token_id,)
+  out = sampling.sample(probe.model, params, prompt, pmask, jax.random.key(seed),
+                        num_samples=num_samples, max_new_tokens=c.rollout.max_new_tokens,
+                        temperature=c.rollout.temperature, stop_ids=stop,
+                        pad_id=probe.tokenizer.pad_token_id, return_entropy=True)
+  tokens, mask = np.asarray(out.tokens_NxL), np.asarray(out.mask_NxL).astype(np.float32)
+  texts = data_lib.decode_responses(probe.tokenizer, tokens, mask)
+  rewards = np.array([probe.task.score(examples[n // num_samples], t) for n, t in enumerate(texts)],
+                     np.float32)
+  adv = np.asarray(advantages.grpo_advantages(rewards.reshape(-1, num_samples))).reshape(-1)
+  return {"prompt": np.asarray(out.prompt_NxP), "prompt_mask": np.asarray(out.prompt_mask_NxP),
+          "tokens": tokens, "mask": mask, "logp": np.asarray(out.logprobs_NxL),
+          "entropy": np.asarray(out.entropy_NxL), "rewards": rewards,
+          "adv": adv[:, None] * mask, "texts": texts, "examples": examples,
+          "num_samples": num_samples}
+
+
+@functools.lru_cache(maxsize=4)
+def _forward_fn(model):
+  import jax
+
+  @jax.jit
+  def fwd(params, tokens, attn):
+    return model.apply({"params": params}, tokens, attn_mask_BxT=attn)
+  return fwd
+
+
+def response_logits(probe: Probe, params, batch) -> np.ndarray:
+  """Teacher-forced logits [N, L, V] at the response positions of `batch` (temperature-scaled)."""
+  tokens = np.concatenate([batch["prompt"], batch["tokens"]], 1).astype(np.int32)
+  attn = np.concatenate([batch["prompt_mask"], batch["mask"]], 1).astype(np.int32)
+  p, l = batch["prompt"].shape[1], batch["tokens"].shape[1]
+  logits = np.asarray(_forward_fn(probe.model)(params, tokens, attn), np.float64)
+  return logits[:, p - 1:p - 1 + l] / probe.config.rollout.temperature
+
+
+def token_strings(probe: Probe, tokens) -> list[list[str]]:
+  return [[probe.tokenizer.convert_ids_to_tokens(int(t)) for t in row] for row in tokens]
+
+
+# ----------------------------------------------------------------------------- child process
+
+
+def _child(argv):
+  p = argparse.ArgumentParser()
+  p.add_argument("--family", required=True)
+  p.add_argument("--arg", default="tiny")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--overrides", default="{}")
+  a = p.parse_args(argv)
+  import jax
+  jax.config.update("jax_threefry_partitionable", True)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  from entropy_rl import trainer, warmstart
+  original = warmstart.warm_start
+  warmstart.warm_start = lambda *args, **kw: original(*args, **{**kw, "seed": WARM_SEED})
+  c = load_config(a.family, a.arg, json.loads(a.overrides))
+  trainer.train(c, a.workdir)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) > 1 and sys.argv[1] == "run":
+    _child(sys.argv[2:])
+  else:
+    raise SystemExit("usage: python -m experiments.common run --family F --workdir D [...]")
