@@ -3,9 +3,9 @@
 Pre-norm blocks: h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h)). Attention is grouped-query with
 rotate-half RoPE, causal, and ignores padded keys. The layers are one `nn.scan` over a stacked
 Block, so every per-layer parameter has a leading `layers` axis and compile time does not grow
-with depth. The KV cache (all layers) travels in the scan carry and each layer updates its slot
-in place: passing it as scanned input/output instead rewrites the whole cache every decode step
-(2x slower decoding on CPU).
+with depth. When decoding, each layer reads its slice of the KV cache as a scanned input and
+returns only the new tokens' keys and values; `decode` then writes those T slots into the donated
+cache once, so a decode step reads the cache and writes nothing else of it.
 
 Two entry points:
   `Decoder.__call__(tokens_BxT, positions_BxT, attn_mask_BxT, return_hidden)`: training forward.
@@ -79,12 +79,17 @@ def apply_rope(x_BxTxNxH, sin_BxTxH, cos_BxTxH):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention; with `kv` (the all-layer cache) it attends over layer `layer`
-  of the cache after writing the new keys/values at slot `index`."""
+  """Grouped-query self-attention.
+
+  Training (`cache_kv` None): causal over the sequence, padded keys masked (`mask` [B, 1, T]).
+  Decoding: the T new tokens attend to this layer's cached slots (`cache_kv`, read only; `mask` =
+  (valid cached slots [B, S], valid new tokens [B, T])) and causally to each other. Returns the
+  output and the new tokens' (keys, values), which the caller writes into the cache.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, kv, index, layer):
+  def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask, cache_kv):
     cfg = self.config
     dtype = cfg.jnp_dtype
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -110,30 +115,38 @@ class Attention(nn.Module):
     q_BxTxNxH = apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH)
     k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
 
-    if kv is None:
-      k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+    if cache_kv is None:
+      out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask[:, None], cfg)
     else:
-      # Write this layer's new keys/values in place into the all-layer cache, then read them back.
-      start = (layer, 0, index, 0, 0)
-      kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
-                 for c, new in zip(kv, (k_BxTxKxH, v_BxTxKxH)))
-      k_BxSxKxH, v_BxSxKxH = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False) for c in kv)
+      out_BxTxNxH = _cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *cache_kv, *mask)
+    out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_proj.astype(dtype))
+    return out_BxTxD, (k_BxTxKxH, v_BxTxKxH)
 
-    if kv is None:
-      # Training forward: causal self-attention over the sequence, padded keys masked. On GPUs
-      # (bf16/fp16) this is cuDNN's fused flash attention, which never materialises [T, S] scores.
-      out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxSxKxH.astype(dtype),
-                                      v_BxSxKxH.astype(dtype), mask_BxTxS[:, None], cfg)
-    else:
-      B, T = x.shape[:2]
-      q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-      scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(dtype),
-                          preferred_element_type=jnp.float32) * H**-0.5
-      scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-      out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(dtype))
-      out_BxTxNxH = out_BxTxKxGxH.reshape(B, T, N, H)
-    return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_proj.astype(dtype)), kv
+
+def _cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, kc_BxKxSxH, vc_BxKxSxH, cached_BxS,
+                      new_BxT):
+  """Softmax attention over [cached slots, new tokens]: the cache is only read, never copied.
+
+  The cache is laid out [B, K, S, H] so both products are batched over (B, K) with S contiguous:
+  no transpose of the cache per step.
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  dtype = q_BxTxNxH.dtype
+  q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+  old = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, kc_BxKxSxH.astype(dtype),
+                   preferred_element_type=jnp.float32) * H**-0.5
+  new = jnp.einsum("btkgh,bukh->bkgtu", q_BxTxKxGxH, k_BxTxKxH,
+                   preferred_element_type=jnp.float32) * H**-0.5
+  causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+  lowest = jnp.finfo(jnp.float32).min
+  old = jnp.where(cached_BxS.astype(bool)[:, None, None, None, :], old, lowest)
+  new = jnp.where((causal_TxT[None] & new_BxT.astype(bool)[:, None, :])[:, None, None], new, lowest)
+  probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(dtype)
+  S = kc_BxKxSxH.shape[2]
+  out = (jnp.einsum("bkgts,bksh->btkgh", probs[..., :S], vc_BxKxSxH.astype(dtype))
+         + jnp.einsum("bkgtu,bukh->btkgh", probs[..., S:], v_BxTxKxH))
+  return out.reshape(B, T, N, H)
 
 
 def _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_Bx1x1xT, cfg: ModelConfig):
@@ -169,25 +182,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm decoder layer, shaped for nn.scan over the carry (h, kv cache, layer index)."""
+  """One pre-norm decoder layer, shaped for nn.scan: carry h, scanned input this layer's cache."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, sin_BxTxH, cos_BxTxH, mask_BxTxS, index):
-    h_BxTxD, kv, layer = carry
+  def __call__(self, h_BxTxD, cache_kv, sin_BxTxH, cos_BxTxH, mask):
     cfg = self.config
     ones = nn.initializers.ones_init()
     D = cfg.hidden_size
     attn_norm = _param(self, "attn_norm", (D,), ("norm",), ones)
     mlp_norm = _param(self, "mlp_norm", (D,), ("norm",), ones)
     x = rms_norm(h_BxTxD, attn_norm, cfg.rms_norm_eps, cfg.jnp_dtype)
-    attn_BxTxD, kv = Attention(cfg, name="attn")(x, sin_BxTxH, cos_BxTxH, mask_BxTxS, kv, index,
-                                                 layer)
+    attn_BxTxD, new_kv = Attention(cfg, name="attn")(x, sin_BxTxH, cos_BxTxH, mask, cache_kv)
     h_BxTxD = h_BxTxD + attn_BxTxD
     x = rms_norm(h_BxTxD, mlp_norm, cfg.rms_norm_eps, cfg.jnp_dtype)
     h_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(x)
     h_BxTxD = nn.with_logical_constraint(h_BxTxD, ("batch", "length", "embed"))
-    return (h_BxTxD, kv, layer + 1), None
+    return h_BxTxD, (None if cache_kv is None else new_kv)
 
 
 class Decoder(nn.Module):
@@ -206,7 +217,7 @@ class Decoder(nn.Module):
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=nn.broadcast,
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
@@ -219,7 +230,7 @@ class Decoder(nn.Module):
     if positions_BxT is None:
       positions_BxT = default_positions(attn_mask_BxT)
     keys_Bx1xT = attn_mask_BxT.astype(bool)[:, None, :]  # causality is added by the attention
-    h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, keys_Bx1xT, None, None)
+    h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, keys_Bx1xT, None)
     return h_BxTxD if return_hidden else self.unembed(h_BxTxD)
 
   def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None,
@@ -230,29 +241,32 @@ class Decoder(nn.Module):
     the number of valid slots before each token (so left-padded prompts get positions 0, 1, ...).
     """
     B, T = tokens_BxT.shape
-    S = cache["mask"].shape[1]
     if attn_mask_BxT is None:
       attn_mask_BxT = jnp.ones((B, T), jnp.int32)
     index = cache["index"]
     if positions_BxT is None:
       positions_BxT = jnp.sum(cache["mask"], axis=1, keepdims=True) + default_positions(attn_mask_BxT)
-    slot_mask_BxS = jax.lax.dynamic_update_slice_in_dim(
-        cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1)
-    query_slot_T = index + jnp.arange(T)
-    causal_TxS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-    mask_BxTxS = causal_TxS[None] & slot_mask_BxS[:, None, :].astype(bool)
-    h_BxTxD, (k, v) = self._layers(tokens_BxT, positions_BxT, mask_BxTxS, index,
-                                   (cache["k"], cache["v"]))
-    new_cache = dict(k=k, v=v, mask=slot_mask_BxS, index=index + T)
+    h_BxTxD, (k_LxBxTxKxH, v_LxBxTxKxH) = self._layers(
+        tokens_BxT, positions_BxT, (cache["mask"], attn_mask_BxT), (cache["k"], cache["v"]))
+    # Only the T new slots of the (donated) cache are written.
+    def write(c_LxBxKxSxH, new_LxBxTxKxH):
+      new_LxBxKxTxH = jnp.swapaxes(new_LxBxTxKxH, 2, 3).astype(c_LxBxKxSxH.dtype)
+      return jax.lax.dynamic_update_slice(c_LxBxKxSxH, new_LxBxKxTxH, (0, 0, 0, index, 0))
+    new_cache = dict(
+        k=write(cache["k"], k_LxBxTxKxH),
+        v=write(cache["v"], v_LxBxTxKxH),
+        mask=jax.lax.dynamic_update_slice_in_dim(
+            cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1),
+        index=index + T)
     return (h_BxTxD if return_hidden else self.unembed(h_BxTxD)), new_cache
 
-  def _layers(self, tokens_BxT, positions_BxT, mask_BxTxS, index, kv):
+  def _layers(self, tokens_BxT, positions_BxT, mask, cache_kv):
     cfg = self.config
     h_BxTxD = jnp.take(self.embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
     h_BxTxD = nn.with_logical_constraint(h_BxTxD, ("batch", "length", "embed"))
     sin_BxTxH, cos_BxTxH = rope_sin_cos(positions_BxT, cfg)
-    (h_BxTxD, kv, _), _ = self.layers((h_BxTxD, kv, 0), sin_BxTxH, cos_BxTxH, mask_BxTxS, index)
-    return rms_norm(h_BxTxD, self.final_norm, cfg.rms_norm_eps, cfg.jnp_dtype), kv
+    h_BxTxD, new_kv = self.layers(h_BxTxD, cache_kv, sin_BxTxH, cos_BxTxH, mask)
+    return rms_norm(h_BxTxD, self.final_norm, cfg.rms_norm_eps, cfg.jnp_dtype), new_kv
 
   def unembed(self, h_BxTxD):
     """Float32 logits_BxTxV from final-normed hidden states."""
@@ -268,8 +282,8 @@ def default_positions(attn_mask_BxT):
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> Cache:
-  """An empty KV cache: k, v [layers, B, S, kv_heads, head_dim] in config.dtype, mask [B, S]."""
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  """An empty KV cache: k, v [layers, B, kv_heads, S, head_dim] in config.dtype, mask [B, S]."""
+  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
   return dict(
       k=jnp.zeros(shape, config.jnp_dtype),
       v=jnp.zeros(shape, config.jnp_dtype),
