@@ -45,11 +45,10 @@ class Policy:
 def build_policy(config, workdir: str, task) -> tuple[Policy, Any]:
   """The tiny policy (warm-started on the synthetic task, cached in the workdir) or an HF model."""
   if config.model.source == "hf":
-    from transformers import AutoTokenizer
     from entropy_rl.models import hf
     model, params = hf.load_hf(config.model.hf_path, dtype=config.model.dtype,
                                param_dtype=config.model.param_dtype, remat=config.model.remat)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.hf_path)
+    tokenizer = hf.load_tokenizer(config.model.hf_path)
     model_cfg = model.config
   else:
     tokenizer = process_zero_first(
@@ -62,7 +61,7 @@ def build_policy(config, workdir: str, task) -> tuple[Policy, Any]:
           model_cfg, task, tokenizer, workdir=os.path.join(workdir, "warm_start"),
           steps=config.warm_start.steps, batch_size=config.warm_start.batch_size,
           lr=config.warm_start.lr, corrupt_prob=config.warm_start.corrupt_prob, seed=config.seed,
-          max_new_tokens=config.rollout.max_new_tokens))
+          max_new_tokens=config.rollout.max_new_tokens, max_prompt_len=config.task.max_prompt_len))
       log.info("warm start: %s", info)
     else:
       params = models.init_params(model_cfg, jax.random.key(config.seed))
