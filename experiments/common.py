@@ -114,6 +114,12 @@ def read_records(path: str) -> list[dict]:
   return metrics.read_metrics(f)
 
 
+def truncate(records, num_steps: int) -> list[dict]:
+  """The first `num_steps` steps of a run. With the constant LR schedule a longer run's first steps
+  equal a shorter run's (evaluation draws its own keys), so studies compare against study 2's runs."""
+  return [r for r in records if r["step"] <= num_steps]
+
+
 def series(records, key):
   """(steps, values) of the records that have `key`."""
   pts = [(r["step"], r[key]) for r in records if key in r]

@@ -1,8 +1,8 @@
 """Study 5: entropy control (EM Fig. 9, 10, 12): strength sweeps of Clip-Cov and KL-Cov, with an
 entropy bonus and a KL-to-reference penalty as baselines.
 
-One seed per setting; the strength-1 points of Clip-Cov / KL-Cov and GRPO are study 2's seed-0 runs
-(same settings, reused). For each: final entropy, accuracy, eval, tokens touched, and the residual
+One seed per setting, 100 steps; the preset-strength points of Clip-Cov / KL-Cov and GRPO are study 2's seed-0 runs
+(same settings, reused and truncated to the same number of steps). For each: final entropy, accuracy, eval, tokens touched, and the residual
 against GRPO's entropy-reward curve.
 
   python experiments/study_entropy_control.py --quick
@@ -22,28 +22,29 @@ from experiments import common  # noqa: E402
 
 H, R = "entropy/token_mean", "acc"
 
-SWEEPS = {
-    "Clip-Cov ratio r": ("clip_cov", "loss.clip_cov_ratio", (0.02, 0.1, 0.3)),
-    "KL-Cov coefficient beta": ("kl_cov", "loss.kl_cov_coef", (1.0, 5.0)),
-    "entropy bonus alpha": ("grpo", "loss.entropy_coef", (0.01,)),
-    "KL to reference": ("grpo", "loss.kl_ref_coef", (0.1,)),
+SWEEPS = {  # --sweeps id: (label, config family, swept field, values)
+    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.1, 0.3)),
+    "kl_cov": ("KL-Cov coefficient beta", "kl_cov", "loss.kl_cov_coef", (1.0, 5.0)),
+    "entropy": ("entropy bonus alpha", "grpo", "loss.entropy_coef", (0.01,)),
+    "ref_kl": ("KL to reference", "grpo", "loss.kl_ref_coef", (0.1,)),
 }
 PRESET = {"loss.clip_cov_ratio": 0.1, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
 
 
-def control_specs(quick: bool, steps: int):
+def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS)):
   settings = common.run_settings(quick, steps)
   tag = "q" if quick else "f"
   base = {**settings, "seed": 0}
-  out = {"GRPO": common.RunSpec(f"{tag}_grpo_s0", "grpo", "tiny", tuple(sorted(base.items())))}
-  for sweep, (family, key, values) in SWEEPS.items():
+  study2 = tuple(sorted({**common.run_settings(quick, study2_steps), "seed": 0}.items()))
+  out = {"GRPO": common.RunSpec(f"{tag}_grpo_s0", "grpo", "tiny", study2)}
+  for sweep_id in sweeps:
+    sweep, family, key, values = SWEEPS[sweep_id]
     if quick:
       values = values[-1:]
     for v in values:
       label = f"{sweep} = {v:g}"
       if PRESET.get(key) == v:  # the study-2 run with the preset value
-        out[label] = common.RunSpec(f"{tag}_{family}_s0", family, "tiny",
-                                    tuple(sorted(base.items())))
+        out[label] = common.RunSpec(f"{tag}_{family}_s0", family, "tiny", study2)
       else:
         out[label] = common.RunSpec(f"{tag}_{family}_{key.split('.')[-1]}{v:g}_s0", family, "tiny",
                                     tuple(sorted({**base, key: v}.items())))
@@ -52,10 +53,15 @@ def control_specs(quick: bool, steps: int):
 
 def main():
   p = common.base_args(__doc__, "entropy_control")
-  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--study2-steps", type=int, default=150,
+                 help="length of study 2's runs (reused here, truncated to --steps)")
+  p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}")
   a = p.parse_args()
-  specs = control_specs(a.quick, a.steps)
-  runs = {label: common.read_records(common.ensure_run(a.root, s)) for label, s in specs.items()}
+  specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","))
+  n = common.run_settings(a.quick, a.steps)["num_steps"]
+  runs = {label: common.truncate(common.read_records(common.ensure_run(a.root, s)), n)
+          for label, s in specs.items()}
   os.makedirs(a.out, exist_ok=True)
   ref_h = analysis.window_means(common.series(runs["GRPO"], H)[1], 10)
   ref_r = analysis.window_means(common.series(runs["GRPO"], R)[1], 10)
@@ -74,11 +80,11 @@ def main():
                 [f"{common.last_value(rec, k):.3f}" for k in ekeys] +
                 [f"{common.final_mean(rec, 'select/n_cov_selected', 10**6):.2f}",
                  f"{common.final_mean(rec, 'pg/abs_dlogp', 10**6):.4f}", res])
-  for sweep in SWEEPS:
+  for sweep_id in a.sweeps.split(","):
+    sweep = SWEEPS[sweep_id][0]
     group = {"GRPO": [runs["GRPO"]]}
     group.update({lab.split(" = ")[1]: [rec] for lab, rec in runs.items() if lab.startswith(sweep)})
-    fname = sweep.split()[0].lower().replace("-", "_") + ("_kl" if "reference" in sweep else "")
-    common.plot_groups(group, [H, R], os.path.join(a.out, f"{fname}.png"), title=sweep)
+    common.plot_groups(group, [H, R], os.path.join(a.out, f"{sweep_id}.png"), title=sweep)
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -94,7 +100,6 @@ def main():
   fig.tight_layout()
   fig.savefig(os.path.join(a.out, "frontier.png"), dpi=80)
   plt.close(fig)
-  n = specs["GRPO"].config_overrides()["num_steps"]
   text = f"""# Study 5: entropy control (EM Fig. 9, 10, 12)
 
 Mode: {'quick' if a.quick else 'full'}; one seed, {n} steps per setting, configs/<family>.py:tiny with the swept
@@ -107,8 +112,7 @@ entropy (0 = on GRPO's curve).
 
 ![frontier](frontier.png)
 
-![clip-cov](clip_cov.png) ![kl-cov](kl_cov.png) ![entropy bonus](entropy.png) ![ref kl](kl_kl.png)
-"""
+""" + "\n".join(f"![{i}]({i}.png)" for i in a.sweeps.split(",")) + "\n"
   common.write_report(a.out, "report.md", text)
 
 

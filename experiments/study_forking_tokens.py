@@ -1,7 +1,7 @@
 """Study 3: forking tokens (HE, arXiv 2506.01939: Fig. 2-3, Table 1-2).
 
 Policy-gradient updates on all tokens vs the top-20% highest-entropy tokens vs the bottom 80% vs a
-random 20%, and rho in {0.1, 0.2, 0.5, 1.0} (configs/top_entropy.py, the DAPO recipe: clip-higher
+random 20%, and rho in {0.1, 0.2, 0.5, 1.0} (`--no-rho-sweep` skips 0.1 and 0.5; configs/top_entropy.py, the DAPO recipe: clip-higher
 0.28; rho = 1.0 is the all-tokens run, i.e. configs/clip_higher.py, shared with study 2).
 Also: token-entropy percentiles of the starting policy (HE: p80 = 0.672 on Qwen3-8B), the most
 frequent high-entropy tokens, and the overlap of the top-20% entropy positions of the starting
@@ -26,15 +26,16 @@ from experiments import common  # noqa: E402
 H, R = "entropy/token_mean", "acc"
 
 
-def forking_specs(quick: bool, seeds: int, steps: int):
+def forking_specs(quick: bool, seeds: int, steps: int, study2_steps: int, rho_sweep: bool):
   settings = common.run_settings(quick, steps)
   tag = "q" if quick else "f"
   out = {}
   for s in range(seeds):
     base = {**settings, "seed": s}
+    study2 = {**common.run_settings(quick, study2_steps), "seed": s}
     runs = {
         "all tokens (rho 1.0)": common.RunSpec(f"{tag}_clip_higher_s{s}", "clip_higher", "tiny",
-                                               tuple(sorted(base.items()))),
+                                               tuple(sorted(study2.items()))),
         "top 20%": common.RunSpec(f"{tag}_top20_s{s}", "top_entropy", "tiny,top",
                                   tuple(sorted(base.items()))),
         "bottom 80%": common.RunSpec(f"{tag}_bottom80_s{s}", "top_entropy", "tiny,bottom",
@@ -42,7 +43,7 @@ def forking_specs(quick: bool, seeds: int, steps: int):
         "random 20%": common.RunSpec(f"{tag}_random20_s{s}", "top_entropy", "tiny,random",
                                      tuple(sorted(base.items()))),
     }
-    if s == 0:
+    if s == 0 and rho_sweep:
       for rho in (0.1, 0.5):
         runs[f"top {rho:g}"] = common.RunSpec(
             f"{tag}_top{int(rho * 100)}_s{s}", "top_entropy", "tiny,top",
@@ -79,19 +80,24 @@ def token_analysis(run_path: str, num_prompts: int, num_samples: int = 8):
 def main():
   p = common.base_args(__doc__, "forking_tokens")
   p.add_argument("--seeds", type=int, default=1)
-  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--study2-steps", type=int, default=150,
+                 help="length of study 2's runs; the all-tokens run is study 2's clip-higher run, "
+                      "truncated to --steps")
+  p.add_argument("--no-rho-sweep", dest="rho_sweep", action="store_false")
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
-  specs = forking_specs(a.quick, seeds, a.steps)
+  steps = common.run_settings(a.quick, a.steps)["num_steps"]
+  specs = forking_specs(a.quick, seeds, a.steps, a.study2_steps, a.rho_sweep)
   runs = collections.defaultdict(list)
   for s in range(seeds):
     for label, sp in specs[s].items():
-      runs[label].append(common.read_records(common.ensure_run(a.root, sp)))
+      runs[label].append(common.truncate(common.read_records(common.ensure_run(a.root, sp)), steps))
   os.makedirs(a.out, exist_ok=True)
   main_labels = ["all tokens (rho 1.0)", "top 20%", "bottom 80%", "random 20%"]
   common.plot_groups({k: runs[k] for k in main_labels}, [H, R, "entropy/p80", "response/len_mean"],
                      os.path.join(a.out, "masks.png"))
-  rho_labels = ["top 0.1", "top 20%", "top 0.5", "all tokens (rho 1.0)"]
+  rho_labels = [k for k in ["top 0.1", "top 20%", "top 0.5", "all tokens (rho 1.0)"] if k in runs]
   common.plot_groups({k: runs[k] for k in rho_labels}, [H, R], os.path.join(a.out, "rho.png"))
 
   ekeys = sorted({k for r in runs["top 20%"][0] for k in r if k.startswith("eval/")})
@@ -99,7 +105,7 @@ def main():
   ref_h = np.concatenate([analysis.window_means(common.series(x, H)[1], 10) for x in grpo_like])
   ref_r = np.concatenate([analysis.window_means(common.series(x, R)[1], 10) for x in grpo_like])
   rows = []
-  for label in main_labels + ["top 0.1", "top 0.5"]:
+  for label in main_labels + [k for k in ("top 0.1", "top 0.5") if k in runs]:
     recs = runs[label]
     try:
       res = common.mean_std([analysis.frontier_residual(
@@ -117,8 +123,8 @@ def main():
   ta = token_analysis(common.run_dir(a.root, specs[0]["top 20%"]), n_prompts)
   tb = token_analysis(common.run_dir(a.root, specs[0]["all tokens (rho 1.0)"]), n_prompts)
   freq_rows = [[f"`{t}`", str(c), str(n), f"{f:.2f}"] for t, c, n, f in ta["frequent"]]
-  ov_rows = [[str(s), f"{o:.3f}", f"{ob:.3f}"] for (s, o), (_, ob) in zip(ta["overlaps"],
-                                                                          tb["overlaps"])]
+  ov_rows = [[name, str(s), f"{o:.3f}"] for name, t in (("top 20%", ta), ("all tokens", tb))
+             for s, o in t["overlaps"]]
   pct_rows = []
   for label in main_labels:
     x = runs[label][0]
@@ -139,10 +145,11 @@ def main():
   fig.savefig(os.path.join(a.out, "entropy_hist.png"), dpi=80)
   plt.close(fig)
 
-  num_steps = specs[0]["top 20%"].config_overrides()["num_steps"]
+  num_steps = steps
   text = f"""# Study 3: forking tokens (HE)
 
-Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) for the four masks, one seed for the rho sweep; {num_steps} steps;
+Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) for the four masks, one seed for the rho sweep; {num_steps} steps
+(the all-tokens run is study 2's clip-higher run truncated to {num_steps} steps; its checkpoints are study 2's);
 configs/top_entropy.py:tiny,MASK (DAPO clip-higher eps_high = 0.28, selection per micro-batch). The
 all-tokens run is configs/clip_higher.py (the same loss with rho = 1.0), shared with study 2.
 
@@ -171,7 +178,7 @@ p80 = {ta['pct'][80]:.3f}, p95 = {ta['pct'][95]:.3f}; {100 * ta['frac_low']:.1f}
 
 Same probe responses (sampled from the starting policy), entropy recomputed with each checkpoint.
 
-{common.md_table(["step", "top-20% run", "all-tokens run"], ov_rows)}
+{common.md_table(["run", "checkpoint step", "overlap with step 0"], ov_rows)}
 
 ![masks](masks.png)
 
