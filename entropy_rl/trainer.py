@@ -133,6 +133,8 @@ class Rollouts:
     # This host feeds block shard[0] of shard[1] equal row blocks of every global prompt batch.
     self.shard_index, self.num_shards = shard
 
+  reward_seconds = 0.0  # time spent in the reward function, read and reset by the loop
+
   def generate(self, params, examples, key, *, num_samples, temperature, max_new_tokens,
                greedy=False):
     c, pol = self.config, self.policy
@@ -146,7 +148,9 @@ class Rollouts:
     tokens, mask = to_local(out.tokens_NxL), to_local(out.mask_NxL)
     texts = data_lib.decode_responses(pol.tokenizer, tokens, mask)
     repeated = [ex for ex in examples for _ in range(num_samples)]
+    t0 = time.perf_counter()
     rewards, info = self.reward_fn(repeated, texts, lengths=mask.sum(1))
+    self.reward_seconds += time.perf_counter() - t0
     return out, dict(tokens=tokens, mask=mask, texts=texts, rewards=np.asarray(rewards, np.float32),
                      correct=np.asarray(info.get("correct", rewards), np.float32), info=info)
 
@@ -320,7 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start, c.num_steps):
       key = jax.random.fold_in(base_key, step)
       roll_key, update_key, eval_key = jax.random.split(key, 3)
-      t0 = time.perf_counter()
+      t0, rollouts.reward_seconds = time.perf_counter(), 0.0
       host, every, draws = rollouts.collect(state.params, source, roll_key)
       t1 = time.perf_counter()
       g = c.rollout.num_samples
@@ -344,7 +348,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         m["entropy/actual_delta"] = m["entropy/token_mean"] - carry["prev_entropy"]
       carry["prev_entropy"] = m["entropy/token_mean"]
       n_tokens = float(np.sum(gather(np.array([every["mask"].sum()]))))
-      m.update({"time/rollout": t1 - t0, "time/reward_advantage": t2 - t1, "time/update": t3 - t2,
+      reward_s = rollouts.reward_seconds
+      m.update({"time/rollout": t1 - t0 - reward_s, "time/reward": reward_s,
+                "time/advantage_batch": t2 - t1, "time/update": t3 - t2,
                 "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9)})
       if upd["nonfinite"] > 0:
         carry["nonfinite_streak"] += 1
