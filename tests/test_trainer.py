@@ -81,6 +81,22 @@ def test_resume_with_other_model_shape_fails_clearly(tmp_path):
     trainer.train(c2, str(tmp_path))
 
 
+def test_nonfinite_updates_stop_the_run_with_a_checkpoint(tmp_path):
+  """A huge learning rate blows the params up; the following non-finite updates are skipped and
+  after config.max_nonfinite_steps in a row the run stops with the last good state saved."""
+  c = tiny_config(num_steps=8)
+  c.eval_every = 0
+  c.optim.lr, c.optim.grad_clip = 1e30, 1e30
+  c.reward.overlong_buffer, c.reward.overlong_penalty = 12, 1.0  # a reward that varies at init
+  c.max_nonfinite_steps = 2
+  with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
+    trainer.train(c, str(tmp_path))
+  recs = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["nonfinite"] for r in recs][-2:] == [1.0, 1.0]
+  steps = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
+  assert steps == [recs[-1]["step"]]
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("rl.num_minibatches", 3, "config.rl.num_minibatches"),
     ("rl.num_microbatches", 3, "config.rl.num_microbatches"),
