@@ -2,12 +2,5 @@
 from entropy_rl import config_lib
 
 
-def method(c, model):
-  del model
-  c.loss.name = "ppo"
-  c.loss.clip_ratio_low = 0.2
-  c.loss.clip_ratio_high = 0.28
-
-
 def get_config(arg=None):
-  return config_lib.get_config_for(arg, method)
+  return config_lib.get_config_for(arg, config_lib.ppo_method(clip_ratio_high=0.28))

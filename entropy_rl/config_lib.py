@@ -170,6 +170,16 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.loss.loss_agg_mode = "token-mean"
 
 
+def ppo_method(clip_ratio_high: float):
+  """GRPO's loss (eps_low = 0.2, dual-clip) with the given eps_high: 0.2 GRPO, 0.28 clip-higher."""
+  def method(c, model):
+    del model
+    c.loss.name = "ppo"
+    c.loss.clip_ratio_low = 0.2
+    c.loss.clip_ratio_high = clip_ratio_high
+  return method
+
+
 def get_config_for(arg: str | None, method) -> ml_collections.ConfigDict:
   """`arg` is '' / 'tiny' (the embedded default) or a paper model (`qwen2_5_7b`, ...)."""
   c = base_config()
