@@ -23,7 +23,7 @@ from experiments import common  # noqa: E402
 H, R = "entropy/token_mean", "acc"
 
 SWEEPS = {  # --sweeps id: (label, config family, swept field, values)
-    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.1, 0.3)),
+    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.02, 0.1)),
     "kl_cov": ("KL-Cov coefficient beta", "kl_cov", "loss.kl_cov_coef", (1.0, 5.0)),
     "entropy": ("entropy bonus alpha", "grpo", "loss.entropy_coef", (0.01,)),
     "ref_kl": ("KL to reference", "grpo", "loss.kl_ref_coef", (0.1,)),
