@@ -5,9 +5,9 @@ Runs are launched one at a time as subprocesses (`python -m experiments.common r
 runs (study 1 reads study 2's GRPO runs, study 5 reuses the defaults of studies 2 and 1).
 
 Every run shares one warm start: `<root>/_warm_start` (trained once by the first run, seed 0) is
-symlinked into each run dir as `warm_start`, and the child process pins the warm start's seed to
-`WARM_SEED` so that RL seeds differ while the starting policy is the same (the trainer otherwise
-keys the warm-start cache on `config.seed`).
+symlinked into each run dir as `warm_start`, and the child process loads it whatever the run's seed
+and warm-start settings (checking only the task and the model), so RL seeds differ while the
+starting policy is the same (the trainer otherwise keys the warm-start cache on `config.seed`).
 """
 from __future__ import annotations
 
@@ -347,7 +347,25 @@ def _child(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   from entropy_rl import trainer, warmstart
   original = warmstart.warm_start
-  warmstart.warm_start = lambda *args, **kw: original(*args, **{**kw, "seed": WARM_SEED})
+
+  def shared_warm_start(model_cfg, task, tokenizer, *, workdir, **kw):
+    """The shared cached warm start whatever the run's seed (and whatever warm-start settings the
+    trainer passes: studies must all start from the same policy); trained once if absent."""
+    info_path = os.path.join(workdir, warmstart.INFO_FILE)
+    if not os.path.exists(info_path):
+      return original(model_cfg, task, tokenizer, workdir=workdir, **{**kw, "seed": WARM_SEED})
+    from entropy_rl.models import hf
+    with open(info_path) as f:
+      info = json.load(f)
+    if info["settings"]["task"] != repr(task) or info["settings"]["model"] != json.loads(
+        json.dumps(dataclasses.asdict(model_cfg))):
+      raise ValueError(f"{workdir}: the shared warm start was trained for another task or model")
+    _, params = hf.load_hf(os.path.join(workdir, warmstart.MODEL_DIR), dtype=model_cfg.dtype,
+                           param_dtype=model_cfg.param_dtype, remat=model_cfg.remat)
+    print(f"shared warm start: pass@1 {info['pass@1']:.3f} greedy {info['greedy']:.3f}", flush=True)
+    return params, {**info, "cached": True}
+
+  warmstart.warm_start = shared_warm_start
   c = load_config(a.family, a.arg, json.loads(a.overrides))
   trainer.train(c, a.workdir)
 
