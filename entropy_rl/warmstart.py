@@ -186,8 +186,9 @@ def warm_start(model_cfg: ModelConfig, task: Task, tokenizer, *, workdir: str, s
             "eval_seconds": round(time.monotonic() - start, 1)}
     os.makedirs(workdir, exist_ok=True)
     hf_lib.save_hf(params, model_cfg, os.path.join(workdir, MODEL_DIR))
-    with open(os.path.join(workdir, INFO_FILE), "w") as f:
+    with open(os.path.join(workdir, INFO_FILE + ".tmp"), "w") as f:
       json.dump(info, f, indent=1)
+    os.replace(os.path.join(workdir, INFO_FILE + ".tmp"), os.path.join(workdir, INFO_FILE))
     info = {**info, "cached": False}
   k = num_eval_samples
   message = (f"warm start ({'cached' if info['cached'] else 'trained'}): pass@1 {info['pass@1']:.3f} "
