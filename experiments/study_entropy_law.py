@@ -86,9 +86,10 @@ def plot_law(runs: dict, fits: dict, out_png: str):
     f = pooled["mean10"]
     axes[0].plot(grid, analysis.law(grid, f["a"], f["b"]), "k-", lw=1,
                  label=f"all: R^2 {f['r2']:.2f}")
-  if "early" in pooled:
-    f = pooled["early"]
-    axes[0].plot(grid, analysis.law(grid, f["a"], f["b"]), "k--", lw=1, label="first 15%")
+  first = next(iter(fits.values())).get("early")
+  if first:
+    axes[0].plot(grid, analysis.law(grid, first["a"], first["b"]), "k--", lw=1,
+                 label=f"first 15% ({next(iter(fits))})")
   axes[0].set_xlabel("token entropy")
   axes[0].set_ylabel("rollout accuracy")
   axes[0].legend(fontsize=6)
@@ -126,7 +127,6 @@ def main():
   for s in specs:
     runs[s.name] = common.read_records(common.ensure_run(a.root, s))
   fits = {name: law_rows(rec) for name, rec in runs.items()}
-  pooled = [r for rec in runs.values() for r in rec]
   # pooled fits: concatenate per-run 10-step means and the per-run early fits' errors
   hs = np.concatenate([analysis.window_means(common.series(r, ENTROPY_KEY)[1], 10)
                        for r in runs.values()])
@@ -138,10 +138,8 @@ def main():
     fits["pooled"]["raw"] = analysis.fit_law(*[np.concatenate([common.series(r, k)[1]
                                                                 for r in runs.values()])
                                                 for k in (ENTROPY_KEY, REWARD_KEY)])
-    fits["pooled"]["early"] = fits[specs[0].name].get("early", {})
   except (ValueError, RuntimeError) as e:
     fits["pooled"]["error"] = str(e)
-  del pooled
   os.makedirs(a.out, exist_ok=True)
   plot_law(runs, fits, os.path.join(a.out, "law.png"))
   common.plot_groups({"GRPO": list(runs.values())},
