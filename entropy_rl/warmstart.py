@@ -152,8 +152,8 @@ def _load_cached(workdir, settings, model_cfg):
   return params, info
 
 
-def warm_start(model_cfg: ModelConfig, task: Task, tokenizer, *, workdir: str, steps: int = 600,
-               batch_size: int = 128, lr: float = 3e-3, corrupt_prob: float = 0.15, seed: int = 0,
+def warm_start(model_cfg: ModelConfig, task: Task, tokenizer, *, workdir: str, steps: int = 700,
+               batch_size: int = 128, lr: float = 3e-3, corrupt_prob: float = 0.35, seed: int = 0,
                max_new_tokens: int = 32, max_prompt_len: int = 32, num_eval_prompts: int = 256,
                num_eval_samples: int = 16) -> tuple[dict, dict]:
   """Trains (or reloads from `workdir`) the warm-started policy; returns (params, info).

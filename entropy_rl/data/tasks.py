@@ -157,7 +157,7 @@ class Countdown(Task):
   num_numbers: int = 3
   max_number: int = 12
   max_target: int = 99
-  ops: str = "+-*/"
+  ops: str = "+-*"
 
   name = "countdown"
   alphabet = "0123456789+-*/(),:="
