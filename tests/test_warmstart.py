@@ -59,9 +59,9 @@ def test_supervised_training_lowers_the_loss(tokenizer):
                                         corrupt_prob=0.5, max_new_tokens=32)
   before = float(warmstart._loss(params, model, *batch))
   assert before == pytest.approx(np.log(len(tokenizer)), rel=0.1)
-  params, _ = warmstart.train_supervised(model, params, task, tokenizer, steps=40, batch_size=32,
+  params, _ = warmstart.train_supervised(model, params, task, tokenizer, steps=20, batch_size=32,
                                          lr=1e-2, corrupt_prob=0.5, seed=0, max_new_tokens=32)
-  assert float(warmstart._loss(params, model, *batch)) < 0.6 * before
+  assert float(warmstart._loss(params, model, *batch)) < 0.75 * before
 
 
 def test_evaluate_task_scores_what_the_sampler_returns(tokenizer, monkeypatch):
