@@ -64,10 +64,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.warm_start = ml_collections.ConfigDict()
   c.warm_start.enabled = True
-  c.warm_start.steps = 600
+  c.warm_start.steps = 700
   c.warm_start.batch_size = 128
   c.warm_start.lr = 3e-3
-  c.warm_start.corrupt_prob = 0.15
+  c.warm_start.corrupt_prob = 0.35
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 32
