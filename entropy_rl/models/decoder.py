@@ -34,6 +34,17 @@ def _param(module, name, shape, axes, init=_init):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
 
 
+def dense(x_BxTxI, w_IxO):
+  """x @ w over the last axis, computed as one [B*T, I] @ [I, O] matmul.
+
+  With 3-D activations XLA:CPU turns the weight gradient (a contraction over B and T) into
+  transposing copies of the [B*T, O] activation gradients that cost several times the matmuls;
+  the 2-D form's gradient is a plain transposed-operand matmul.
+  """
+  x_NxI = x_BxTxI.reshape(-1, x_BxTxI.shape[-1])
+  return (x_NxI @ w_IxO).reshape(*x_BxTxI.shape[:-1], w_IxO.shape[-1])
+
+
 def rms_norm(x, scale, eps, dtype):
   """x / sqrt(mean(x^2) + eps) * scale, statistics in float32 (as Hugging Face)."""
   x32 = x.astype(jnp.float32)
@@ -98,9 +109,10 @@ class Attention(nn.Module):
     v_proj = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"))
     o_proj = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"))
     x = x_BxTxD.astype(dtype)
-    q_BxTxNxH = jnp.einsum("btd,dnh->btnh", x, q_proj.astype(dtype))
-    k_BxTxKxH = jnp.einsum("btd,dkh->btkh", x, k_proj.astype(dtype))
-    v_BxTxKxH = jnp.einsum("btd,dkh->btkh", x, v_proj.astype(dtype))
+    B, T = x.shape[:2]
+    q_BxTxNxH = dense(x, q_proj.reshape(D, N * H).astype(dtype)).reshape(B, T, N, H)
+    k_BxTxKxH = dense(x, k_proj.reshape(D, K * H).astype(dtype)).reshape(B, T, K, H)
+    v_BxTxKxH = dense(x, v_proj.reshape(D, K * H).astype(dtype)).reshape(B, T, K, H)
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros_init()
       q_BxTxNxH += _param(self, "q_bias", (N, H), ("heads", "head_dim"), zeros).astype(dtype)
@@ -119,7 +131,7 @@ class Attention(nn.Module):
       out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask[:, None], cfg)
     else:
       out_BxTxNxH = _cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *cache_kv, *mask)
-    out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, o_proj.astype(dtype))
+    out_BxTxD = dense(out_BxTxNxH.reshape(B, T, N * H), o_proj.reshape(N * H, D).astype(dtype))
     return out_BxTxD, (k_BxTxKxH, v_BxTxKxH)
 
 
@@ -176,9 +188,9 @@ class MLP(nn.Module):
     up = _param(self, "up_proj", (D, F), ("embed", "mlp"))
     down = _param(self, "down_proj", (F, D), ("mlp", "embed"))
     x = x_BxTxD.astype(dtype)
-    h_BxTxF = jax.nn.silu(x @ gate.astype(dtype)) * (x @ up.astype(dtype))
+    h_BxTxF = jax.nn.silu(dense(x, gate.astype(dtype))) * dense(x, up.astype(dtype))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
-    return h_BxTxF @ down.astype(dtype)
+    return dense(h_BxTxF, down.astype(dtype))
 
 
 class Block(nn.Module):
