@@ -321,6 +321,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             "config": json.loads(c.to_json_best_effort())})
 
   try:
+    if start == 0 and c.eval_every > 0:  # the starting policy, as step 0
+      writer.write(0, evaluate(rollouts, state.params, eval_examples,
+                               jax.random.fold_in(base_key, 2**32 - 1), c))  # no step uses it
     for step in range(start, c.num_steps):
       key = jax.random.fold_in(base_key, step)
       roll_key, update_key, eval_key = jax.random.split(key, 3)

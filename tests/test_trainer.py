@@ -58,12 +58,12 @@ def test_sigterm_resume_equals_uninterrupted(tmp_path, monkeypatch):
   monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_preempt)
   trainer.train(c, cut)
   assert checkpoint.Checkpointer(os.path.join(cut, "checkpoints")).all_steps() == [3]
-  assert len(_records(cut)) == 3
+  assert [r["step"] for r in _records(cut)] == [0, 1, 2, 3]  # step 0: the starting policy's eval
   monkeypatch.setattr(metrics.MetricsWriter, "write", write)
   trainer.train(c, cut)  # the same command again: resumes at step 3
 
   a, b = _records(full), _records(cut)
-  assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5, 6]
   assert a == b
   for x, y in zip(jax.tree.leaves(_params(full, 6)), jax.tree.leaves(_params(cut, 6))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
