@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warm_start.batch_size = 128
   c.warm_start.lr = 3e-3
   c.warm_start.corrupt_prob = 0.35
+  c.warm_start.seed = 0  # separate from `seed`: RL seeds of an ablation share one starting policy
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 32

@@ -60,7 +60,8 @@ def build_policy(config, workdir: str, task) -> tuple[Policy, Any]:
       params, info = process_zero_first("warm_start", lambda: warmstart.warm_start(
           model_cfg, task, tokenizer, workdir=os.path.join(workdir, "warm_start"),
           steps=config.warm_start.steps, batch_size=config.warm_start.batch_size,
-          lr=config.warm_start.lr, corrupt_prob=config.warm_start.corrupt_prob, seed=config.seed,
+          lr=config.warm_start.lr, corrupt_prob=config.warm_start.corrupt_prob,
+          seed=config.warm_start.seed,
           max_new_tokens=config.rollout.max_new_tokens, max_prompt_len=config.task.max_prompt_len))
       log.info("warm start: %s", info)
     else:
