@@ -298,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=c.keep_checkpoints)
-  carry = {"prev_entropy": None, "nonfinite_streak": 0}
+  carry = {"prev_entropy": None, "nonfinite_streak": 0, "law_points": []}
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(abstract_state=jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
@@ -363,8 +363,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         carry["nonfinite_streak"] = 0
       done = step + 1
+      carry["law_points"].append([m["entropy/token_mean"], m["acc"]])
       if c.eval_every > 0 and (done % c.eval_every == 0 or done == c.num_steps):
         m.update(evaluate(rollouts, state.params, eval_examples, eval_key, c))
+        m.update(law_hint(carry["law_points"], done))
       writer.write(done, m)
       bar.update(done, m)
       last = m
@@ -405,6 +407,23 @@ def write_summary(workdir: str) -> None:
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(table + "\n")
   print(table)
+
+
+def law_hint(points, step: int, window: int = 10, min_windows: int = 3) -> dict:
+  """The early-stopping hint: EM's law R = -a exp(H) + b fitted on 10-step means of (token
+  entropy, rollout accuracy) so far; its ceiling -a + b is the accuracy predicted at H = 0."""
+  from entropy_rl import analysis
+  h, r = np.asarray(points, np.float64).T if points else (np.zeros(0), np.zeros(0))
+  if len(h) < window * min_windows:
+    return {}
+  try:
+    fit = analysis.fit_law(analysis.window_means(h, window), analysis.window_means(r, window))
+  except (RuntimeError, ValueError):  # no convergence yet
+    return {}
+  log.info("step %d: entropy-performance law R = -%.3f exp(H) + %.3f (R^2 %.2f) predicts an "
+           "accuracy ceiling of %.3f at H = 0; recent accuracy %.3f", step, fit["a"], fit["b"],
+           fit["r2"], fit["ceiling"], float(np.mean(r[-window:])))
+  return {"law/a": fit["a"], "law/b": fit["b"], "law/r2": fit["r2"], "law/ceiling": fit["ceiling"]}
 
 
 def gather_states(state: dict) -> dict:
