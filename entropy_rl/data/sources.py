@@ -161,6 +161,18 @@ def answer_text(value: Any, answer_format: str = "raw") -> str | None:
   return text
 
 
+def question_and_answer(where: str, record: dict, question_field: str, answer_field: str,
+                        answer_format: str) -> tuple[str, str]:
+  """(question, answer) of one record; a missing field or unparsable answer names `where`."""
+  for field in (question_field, answer_field):
+    if field not in record:
+      raise ValueError(f"{where}: missing field '{field}'; fields present: {sorted(record)}")
+  answer = answer_text(record[answer_field], answer_format)
+  if answer is None:
+    raise ValueError(f"{where}: field '{answer_field}' has no {answer_format} answer")
+  return str(record[question_field]), answer
+
+
 def examples_from_records(records, *, name: str, question_field: str = "problem",
                           answer_field: str = "answer", answer_format: str = "raw",
                           template: str = "he", tokenizer=None, chat_template: bool = False,
@@ -169,13 +181,8 @@ def examples_from_records(records, *, name: str, question_field: str = "problem"
   and counted. A missing field or unparsable answer names the location; nothing left is an error."""
   examples = []
   for index, (where, record) in enumerate(records):
-    for field in (question_field, answer_field):
-      if field not in record:
-        raise ValueError(f"{where}: missing field '{field}'; fields present: {sorted(record)}")
-    answer = answer_text(record[answer_field], answer_format)
-    if answer is None:
-      raise ValueError(f"{where}: field '{answer_field}' has no {answer_format} answer")
-    question = str(record[question_field])
+    question, answer = question_and_answer(where, record, question_field, answer_field,
+                                           answer_format)
     prompt = format_prompt(question, template, tokenizer=tokenizer, chat_template=chat_template)
     examples.append(Example(prompt, answer, {"question": question, "index": index, "source": name}))
   if not examples:

@@ -19,18 +19,14 @@ from typing import Mapping
 
 import numpy as np
 
-from entropy_rl.data.sources import answer_text, read_jsonl
+from entropy_rl.data.sources import question_and_answer, read_jsonl
 
 
 def _records(path, question_field, answer_field, answer_format):
   for index, (where, record) in enumerate(read_jsonl(path)):
-    for field in (question_field, answer_field):
-      if field not in record:
-        raise ValueError(f"{where}: missing field '{field}'; fields present: {sorted(record)}")
-    answer = answer_text(record[answer_field], answer_format)
-    if answer is None:
-      raise ValueError(f"{where}: field '{answer_field}' has no {answer_format} answer")
-    yield index, {"question": str(record[question_field]), "answer": answer, "index": index}
+    question, answer = question_and_answer(where, record, question_field, answer_field,
+                                           answer_format)
+    yield index, {"question": question, "answer": answer, "index": index}
 
 
 def build_jsonl_dataset(name: str, splits: Mapping[str, str | os.PathLike],
