@@ -102,7 +102,7 @@ def model_flops(cfg: models.ModelConfig, batch: int, seq: int, response_len: int
 
 
 def bench_config(cfg: models.ModelConfig):
-  """configs/clip_cov.py (tiny preset: r = 0.1, band (0.5, 10)), one mini- and micro-batch."""
+  """configs/clip_cov.py (tiny preset), one mini- and micro-batch."""
   c = clip_cov.get_config()
   c.rl.num_minibatches = c.rl.num_microbatches = c.rl.ppo_epochs = 1
   c.rl.recompute_old_logp = False

@@ -233,7 +233,7 @@ SCALING_RULE = (
     "mini-batch holds ~5e2 tokens, where the papers' ratios touch max(floor(r n), 1) = 1 token. "
     "Matching the token *count* is impossible (it would be most of the batch), so the tiny presets "
     "match the *effect*: the ratio is raised until the method visibly slows the entropy decline "
-    "(configs/clip_cov.py tiny: r = 0.1, band (0.5, 10); configs/kl_cov.py tiny: k = 0.02, beta = 1). "
+    "(configs/clip_cov.py tiny: r = 0.02, band (0.5, 10); configs/kl_cov.py tiny: k = 0.02, beta = 1). "
     "The number of tokens each rule actually touched per mini-batch and per step is measured below.")
 
 # ----------------------------------------------------------------------------- probes

@@ -131,7 +131,7 @@ def main():
   text = f"""# Study 2: covariance methods (EM Table 2 / Fig. 11, Table 1)
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {num_steps} steps per method, one shared warm start.
-Methods: configs/grpo.py, clip_higher.py (eps_high 0.28), clip_cov.py (tiny: r = 0.1, band (0.5, 10)),
+Methods: configs/grpo.py, clip_higher.py (eps_high 0.28), clip_cov.py (tiny: r = 0.02, band (0.5, 10)),
 kl_cov.py (tiny: k = 0.02, beta = 1), all `:tiny`. Mean ± sd over seeds; "last 10" = mean of the
 last 10 steps; eval = the final evaluation ({specs['grpo'][0].config_overrides()['eval.num_prompts']} held-out problems).
 
