@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from entropy_rl import (advantages, checkpoint, config_lib, distributed, losses, metrics, models,
+from entropy_rl import (advantages, checkpoint, config_lib, distributed, metrics, models,
                         sampling, sharding, stats, step as step_lib)
 from entropy_rl import data as data_lib
 from entropy_rl import rewards as rewards_lib

@@ -9,3 +9,6 @@ from entropy_rl.models.decoder import (
     param_logical_axes,
     unembedding,
 )
+
+__all__ = ["Cache", "Decoder", "ModelConfig", "RopeScaling", "default_positions", "init_cache",
+           "init_params", "param_logical_axes", "unembedding"]
