@@ -135,7 +135,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
       loss = loss + loss_cfg.kl_ref_coef * kl / tok_den
       metrics["kl_ref"] = kl / tok_den
     if loss_cfg.entropy_coef > 0:
-      loss = loss - loss_cfg.entropy_coef * jnp.sum(entropy * mask) / tok_den
+      loss = loss + jnp.sum(losses.entropy_bonus(entropy, loss_cfg.entropy_coef) * mask) / tok_den
     return loss, metrics
 
   def minibatch_step(state, xs):
