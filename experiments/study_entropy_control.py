@@ -22,12 +22,12 @@ from experiments import common  # noqa: E402
 H, R = "entropy/token_mean", "acc"
 
 SWEEPS = {  # --sweeps id: (label, config family, swept field, values)
-    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.02, 0.1)),
+    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.005, 0.02, 0.1)),
     "kl_cov": ("KL-Cov coefficient beta", "kl_cov", "loss.kl_cov_coef", (1.0, 5.0)),
     "entropy": ("entropy bonus alpha", "grpo", "loss.entropy_coef", (0.01,)),
     "ref_kl": ("KL to reference", "grpo", "loss.kl_ref_coef", (0.1,)),
 }
-PRESET = {"loss.clip_cov_ratio": 0.1, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
+PRESET = {"loss.clip_cov_ratio": 0.02, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
 
 
 def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS)):
@@ -53,7 +53,7 @@ def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEP
 def main():
   p = common.base_args(__doc__, "entropy_control")
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=150,
+  p.add_argument("--study2-steps", type=int, default=300,
                  help="length of study 2's runs (reused here, truncated to --steps)")
   p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}")
   a = p.parse_args()
