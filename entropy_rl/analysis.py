@@ -46,7 +46,7 @@ def r_squared(y, y_hat) -> float:
 
 
 def fit_law(entropy, reward) -> dict:
-  """Least-squares fit of R = -a exp(H) + b: a, b, R^2, ceiling (-a + b), n points.
+  """Least-squares fit of R = -a exp(H) + b: a, b, R^2, residual RMSE, ceiling (-a + b), n points.
 
   The model is linear in (a, b), so the linear least-squares solution seeds `curve_fit`.
   """
@@ -56,8 +56,9 @@ def fit_law(entropy, reward) -> dict:
   design = np.stack([-np.exp(h), np.ones_like(h)], axis=1)
   p0, *_ = np.linalg.lstsq(design, r, rcond=None)
   (a, b), _ = optimize.curve_fit(law, h, r, p0=p0)
+  residual = r - law(h, a, b)
   return {"a": float(a), "b": float(b), "r2": r_squared(r, law(h, a, b)),
-          "ceiling": float(b - a), "n": int(len(h))}
+          "rmse": float(np.sqrt(np.mean(residual ** 2))), "ceiling": float(b - a), "n": int(len(h))}
 
 
 def window_means(x, window: int) -> np.ndarray:
@@ -66,6 +67,23 @@ def window_means(x, window: int) -> np.ndarray:
     raise ValueError(f"window must be >= 1, got {window}")
   x = np.asarray(x, np.float64)
   return np.array([x[i:i + window].mean() for i in range(0, len(x), window)])
+
+
+def noise_r2_ceiling(reward, window: int) -> dict:
+  """The R^2 a perfect law could reach on `window`-step means of a noisy per-step reward.
+
+  Per-step sampling noise is estimated from consecutive differences, sigma^2 = var(diff) / 2
+  (a slow trend barely enters them); window means carry sigma^2 / window of it, so no curve fits
+  them better than 1 - (sigma^2 / window) / var(window means) in expectation.
+  """
+  r = np.asarray(reward, np.float64)
+  r = r[np.isfinite(r)]
+  if len(r) < 2 * window:
+    raise ValueError(f"need at least {2 * window} finite rewards for {window}-step means; got {len(r)}")
+  sigma2 = float(np.var(np.diff(r)) / 2)
+  means = window_means(r, window)
+  return {"sigma": math.sqrt(sigma2), "sigma_mean": math.sqrt(sigma2 / window),
+          "ceiling": 1.0 - sigma2 / window / float(np.var(means))}
 
 
 def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:

@@ -170,6 +170,23 @@ def main():
                 f"{f['early']['rmse']:.4f}", f"{f['early']['rmse_mean10']:.4f}"]
                for name, f in fits.items() if name != "pooled" and "early" in f]
   pooled_fit = fits["pooled"].get("mean10")
+  noise_rows, sigma2s = [], []
+  for name, rec in runs.items():
+    _, r = common.series(rec, REWARD_KEY)
+    f = fits[name].get("mean10")
+    try:
+      c = analysis.noise_r2_ceiling(r, 10)
+    except ValueError:
+      continue
+    sigma2s.append(c["sigma"] ** 2)
+    noise_rows.append([name, f"{c['sigma']:.3f}", f"{c['sigma_mean']:.4f}",
+                       f"{f['rmse']:.4f}" if f else "n/a", f"{f['r2']:.3f}" if f else "n/a",
+                       f"{c['ceiling']:.3f}"])
+  if sigma2s and pooled_fit:
+    pooled_ceiling = 1 - np.mean(sigma2s) / 10 / np.var(rs)
+    noise_rows.append(["pooled", f"{np.sqrt(np.mean(sigma2s)):.3f}",
+                       f"{np.sqrt(np.mean(sigma2s) / 10):.4f}", f"{pooled_fit['rmse']:.4f}",
+                       f"{pooled_fit['r2']:.3f}", f"{pooled_ceiling:.3f}"])
   halved = [float(rw[3]) <= 0.5 for rw in rows]
   text = f"""# Study 1: entropy collapse and the entropy-performance law (EM section 2)
 
@@ -188,6 +205,15 @@ Target "GRPO entropy ends <= half its start": {sum(halved)}/{len(halved)} runs.
 {common.md_table(["data", "points", "a", "b", "ceiling -a+b", "R^2"], fit_rows)}
 
 Target "R^2 >= 0.9 on 10-step means" (pooled over seeds): {'R^2 = %.3f' % pooled_fit['r2'] if pooled_fit else 'n/a'}.
+
+## How much of R^2 the sampling noise allows
+
+Per-step accuracy (32 prompts x 8 samples) is noisy; its noise sigma is estimated from consecutive
+differences (`analysis.noise_r2_ceiling`), and a 10-step mean keeps sigma / sqrt(10) of it. A perfect
+law would leave exactly that as its residual, so its expected R^2 is the ceiling below. A fit whose
+residual RMSE is at this noise level explains all the variance the data can show.
+
+{common.md_table(["run", "per-step noise sigma", "noise of a 10-step mean", "fit residual RMSE (10-step means)", "R^2", "noise-limited R^2 ceiling"], noise_rows)}
 
 ## Early fit (first 15% of steps) predicting the rest
 

@@ -13,6 +13,7 @@ def test_fit_law_recovers_parameters():
   assert fit["b"] == pytest.approx(0.9, abs=1e-6)
   assert fit["ceiling"] == pytest.approx(0.6, abs=1e-6)
   assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+  assert fit["rmse"] == pytest.approx(0.0, abs=1e-7)
   assert fit["n"] == 50
 
 
@@ -24,6 +25,7 @@ def test_fit_law_noise_lowers_r2_and_skips_nan():
   fit = analysis.fit_law(h, r)
   assert fit["n"] == 199
   assert 0.5 < fit["r2"] < 0.99
+  assert fit["rmse"] == pytest.approx(0.05, abs=0.005)
   assert fit["a"] == pytest.approx(0.3, abs=0.05)
 
 
@@ -168,3 +170,23 @@ def test_first_order_entropy_change_matches_finite_difference():
 
 def test_entropy_of_logits_uniform():
   np.testing.assert_allclose(analysis.entropy_of_logits(np.zeros((2, 8))), np.log(8))
+
+
+def test_noise_r2_ceiling_matches_the_r2_of_the_true_curve():
+  rng = np.random.default_rng(0)
+  steps = np.arange(3000)
+  trend = 0.1 + 0.3 * (1 - np.exp(-steps / 800))
+  r2s, ceilings = [], []
+  for _ in range(20):
+    r = trend + rng.normal(0, 0.06, len(steps))
+    c = analysis.noise_r2_ceiling(r, 10)
+    assert abs(c["sigma"] - 0.06) < 0.003
+    r2s.append(analysis.r_squared(analysis.window_means(r, 10), analysis.window_means(trend, 10)))
+    ceilings.append(c["ceiling"])
+  assert abs(np.mean(r2s) - np.mean(ceilings)) < 0.01
+  assert 0.5 < np.mean(ceilings) < 0.95
+
+
+def test_noise_r2_ceiling_bad_input():
+  with pytest.raises(ValueError, match="at least 20"):
+    analysis.noise_r2_ceiling(np.ones(15), 10)
