@@ -53,7 +53,7 @@ def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEP
 def main():
   p = common.base_args(__doc__, "entropy_control")
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=300,
+  p.add_argument("--study2-steps", type=int, default=500,
                  help="length of study 2's runs (reused here, truncated to --steps)")
   p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}")
   a = p.parse_args()

@@ -119,7 +119,7 @@ def fmt_fit(f):
 def main():
   p = common.base_args(__doc__, "entropy_law")
   p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=500)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
   specs = grpo_specs(a.quick, seeds, a.steps)

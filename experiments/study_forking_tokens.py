@@ -81,7 +81,7 @@ def main():
   p = common.base_args(__doc__, "forking_tokens")
   p.add_argument("--seeds", type=int, default=1)
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=300,
+  p.add_argument("--study2-steps", type=int, default=500,
                  help="length of study 2's runs; the all-tokens run is study 2's clip-higher run, "
                       "truncated to --steps")
   p.add_argument("--no-rho-sweep", dest="rho_sweep", action="store_false")
