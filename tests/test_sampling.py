@@ -182,3 +182,21 @@ def test_mismatched_prompt_mask():
   with pytest.raises(ValueError, match="prompt_mask_BxP"):
     sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK[:, 1:], jax.random.key(0), num_samples=1,
                     max_new_tokens=4)
+
+
+def test_decode_loop_updates_the_cache_in_place():
+  """The compiled decode loop's temporaries stay below one layer's K (or V) cache buffer: the cache
+  is written and read in place (a scanned layer loop copies each layer's K and V slices per step)."""
+  B, S = 4, 2048
+  cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                    num_kv_heads=2, head_dim=64, model_type="qwen2")
+  model = Decoder(cfg)
+  p = init_params(cfg, jax.random.key(0))
+  prompt = np.ones((B, 8), np.int32)
+  s = sampling._Settings(num_samples=1, max_new_tokens=S - 8, temperature=1.0, top_p=1.0, top_k=0,
+                         greedy=False, stop_ids=(), pad_id=0, return_entropy=False, rows=None)
+  state = jax.eval_shape(lambda p: sampling._prefill(p, prompt, prompt, jax.random.key(0),
+                                                     model=model, s=s)[0], p)
+  layer_cache_bytes = B * cfg.num_kv_heads * S * cfg.head_dim * 4  # 4 MiB
+  memory = sampling._decode.lower(p, state, model=model, s=s).compile().memory_analysis()
+  assert memory.temp_size_in_bytes < layer_cache_bytes / 4, memory.temp_size_in_bytes

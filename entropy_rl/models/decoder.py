@@ -1,11 +1,13 @@
 """Flax Linen decoder for the Qwen2/Qwen2.5, Qwen3 and Llama 3 families, used functionally.
 
 Pre-norm blocks: h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h)). Attention is grouped-query with
-rotate-half RoPE, causal, and ignores padded keys. The layers are one `nn.scan` over a stacked
-Block, so every per-layer parameter has a leading `layers` axis and compile time does not grow
-with depth. When decoding, each layer reads its slice of the KV cache as a scanned input and
-returns only the new tokens' keys and values; `decode` then writes those T slots into the donated
-cache once, so a decode step reads the cache and writes nothing else of it.
+rotate-half RoPE, causal, and ignores padded keys. Training runs the layers as one `nn.scan` over a
+stacked Block, so every per-layer parameter has a leading `layers` axis and compile time does not
+grow with depth. Decoding is memory-bound instead, so it unrolls the layers: layer l reads static
+slices of the stacked parameters (loop-invariant, so a sampler's `while_loop` hoists them out of
+its body) and its own cache buffers `cache['k'][l]`, `cache['v'][l]`: it writes the T new slots
+first and then attends over the buffer, so the donated cache is updated in place. A scanned layer
+would instead copy its dynamic slice of the parameters and of the cache on every step.
 
 Two entry points:
   `Decoder.__call__(tokens_BxT, positions_BxT, attn_mask_BxT, return_hidden)`: training forward.
@@ -93,9 +95,11 @@ class Attention(nn.Module):
   """Grouped-query self-attention.
 
   Training (`cache_kv` None): causal over the sequence, padded keys masked (`mask` [B, 1, T]).
-  Decoding: the T new tokens attend to this layer's cached slots (`cache_kv`, read only; `mask` =
-  (valid cached slots [B, S], valid new tokens [B, T])) and causally to each other. Returns the
-  output and the new tokens' (keys, values), which the caller writes into the cache.
+  Decoding (`cache_kv` = this layer's (keys, values) [B, K, S, H] cache, `mask` = (valid slots
+  [B, S] including the new tokens', the new tokens' first slot `index`)): the new keys and values
+  are written into their T slots first, then the queries attend to the valid slots at or before
+  their own. Returns the output and the updated (keys, values) cache; the write-then-read order
+  lets XLA update the donated cache in place with no copy.
   """
   config: ModelConfig
 
@@ -130,34 +134,31 @@ class Attention(nn.Module):
     if cache_kv is None:
       out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask[:, None], cfg)
     else:
-      out_BxTxNxH = _cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *cache_kv, *mask)
+      valid_BxS, index = mask
+      cache_kv = tuple(_write_slots(c_BxKxSxH, new_BxTxKxH, index)
+                       for c_BxKxSxH, new_BxTxKxH in zip(cache_kv, (k_BxTxKxH, v_BxTxKxH)))
+      out_BxTxNxH = _cached_attention(q_BxTxNxH, *cache_kv, valid_BxS, index)
     out_BxTxD = dense(out_BxTxNxH.reshape(B, T, N * H), o_proj.reshape(N * H, D).astype(dtype))
-    return out_BxTxD, (k_BxTxKxH, v_BxTxKxH)
+    return out_BxTxD, cache_kv
 
 
-def _cached_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, kc_BxKxSxH, vc_BxKxSxH, cached_BxS,
-                      new_BxT):
-  """Softmax attention over [cached slots, new tokens]: the cache is only read, never copied.
+def _cached_attention(q_BxTxNxH, kc_BxKxSxH, vc_BxKxSxH, valid_BxS, index):
+  """Softmax attention of the T queries at slots index .. index + T - 1 over the valid cache slots
+  at or before their own (the new tokens' keys and values are already in the cache).
 
   The cache is laid out [B, K, S, H] so both products are batched over (B, K) with S contiguous:
   no transpose of the cache per step.
   """
   B, T, N, H = q_BxTxNxH.shape
-  K = k_BxTxKxH.shape[2]
-  dtype = q_BxTxNxH.dtype
+  K, S = kc_BxKxSxH.shape[1:3]
   q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  old = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, kc_BxKxSxH.astype(dtype),
-                   preferred_element_type=jnp.float32) * H**-0.5
-  new = jnp.einsum("btkgh,bukh->bkgtu", q_BxTxKxGxH, k_BxTxKxH,
-                   preferred_element_type=jnp.float32) * H**-0.5
-  causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-  lowest = jnp.finfo(jnp.float32).min
-  old = jnp.where(cached_BxS.astype(bool)[:, None, None, None, :], old, lowest)
-  new = jnp.where((causal_TxT[None] & new_BxT.astype(bool)[:, None, :])[:, None, None], new, lowest)
-  probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(dtype)
-  S = kc_BxKxSxH.shape[2]
-  out = (jnp.einsum("bkgts,bksh->btkgh", probs[..., :S], vc_BxKxSxH.astype(dtype))
-         + jnp.einsum("bkgtu,bukh->btkgh", probs[..., S:], v_BxTxKxH))
+  scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, kc_BxKxSxH.astype(q_BxTxNxH.dtype),
+                      preferred_element_type=jnp.float32) * H**-0.5
+  slot_TxS = index + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
+  allowed_BxTxS = valid_BxS.astype(bool)[:, None, :] & slot_TxS[None]
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxNxH.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, vc_BxKxSxH.astype(q_BxTxNxH.dtype))
   return out.reshape(B, T, N, H)
 
 
@@ -194,7 +195,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm decoder layer, shaped for nn.scan: carry h, scanned input this layer's cache."""
+  """One pre-norm decoder layer, shaped for nn.scan (carry h). `cache_kv`: None in training, this
+  layer's cached (keys, values) when decoding; returns h and the updated (keys, values)."""
   config: ModelConfig
 
   @nn.compact
@@ -242,7 +244,9 @@ class Decoder(nn.Module):
     if positions_BxT is None:
       positions_BxT = default_positions(attn_mask_BxT)
     keys_Bx1xT = attn_mask_BxT.astype(bool)[:, None, :]  # causality is added by the attention
-    h_BxTxD, _ = self._layers(tokens_BxT, positions_BxT, keys_Bx1xT, None)
+    h_BxTxD, sin_BxTxH, cos_BxTxH = self._embed(tokens_BxT, positions_BxT)
+    h_BxTxD, _ = self.layers(h_BxTxD, None, sin_BxTxH, cos_BxTxH, keys_Bx1xT)
+    h_BxTxD = rms_norm(h_BxTxD, self.final_norm, self.config.rms_norm_eps, self.config.jnp_dtype)
     return h_BxTxD if return_hidden else self.unembed(h_BxTxD)
 
   def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None,
@@ -258,27 +262,27 @@ class Decoder(nn.Module):
     index = cache["index"]
     if positions_BxT is None:
       positions_BxT = jnp.sum(cache["mask"], axis=1, keepdims=True) + default_positions(attn_mask_BxT)
-    h_BxTxD, (k_LxBxTxKxH, v_LxBxTxKxH) = self._layers(
-        tokens_BxT, positions_BxT, (cache["mask"], attn_mask_BxT), (cache["k"], cache["v"]))
-    # Only the T new slots of the (donated) cache are written.
-    def write(c_LxBxKxSxH, new_LxBxTxKxH):
-      new_LxBxKxTxH = jnp.swapaxes(new_LxBxTxKxH, 2, 3).astype(c_LxBxKxSxH.dtype)
-      return jax.lax.dynamic_update_slice(c_LxBxKxSxH, new_LxBxKxTxH, (0, 0, 0, index, 0))
-    new_cache = dict(
-        k=write(cache["k"], k_LxBxTxKxH),
-        v=write(cache["v"], v_LxBxTxKxH),
-        mask=jax.lax.dynamic_update_slice_in_dim(
-            cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1),
-        index=index + T)
+    h_BxTxD, sin_BxTxH, cos_BxTxH = self._embed(tokens_BxT, positions_BxT)
+    valid_BxS = jax.lax.dynamic_update_slice_in_dim(
+        cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1)
+    block = Block(self.config, parent=None)
+    stacked = self.variables["params"]["layers"]
+    new_k, new_v = [], []
+    for layer, (k_BxKxSxH, v_BxKxSxH) in enumerate(zip(cache["k"], cache["v"])):
+      params = jax.tree.map(lambda x: x[layer], stacked)
+      h_BxTxD, (k_BxKxSxH, v_BxKxSxH) = block.apply(
+          {"params": params}, h_BxTxD, (k_BxKxSxH, v_BxKxSxH), sin_BxTxH, cos_BxTxH,
+          (valid_BxS, index))
+      new_k.append(k_BxKxSxH)
+      new_v.append(v_BxKxSxH)
+    h_BxTxD = rms_norm(h_BxTxD, self.final_norm, self.config.rms_norm_eps, self.config.jnp_dtype)
+    new_cache = dict(k=tuple(new_k), v=tuple(new_v), mask=valid_BxS, index=index + T)
     return (h_BxTxD if return_hidden else self.unembed(h_BxTxD)), new_cache
 
-  def _layers(self, tokens_BxT, positions_BxT, mask, cache_kv):
-    cfg = self.config
-    h_BxTxD = jnp.take(self.embed, tokens_BxT, axis=0).astype(cfg.jnp_dtype)
+  def _embed(self, tokens_BxT, positions_BxT):
+    h_BxTxD = jnp.take(self.embed, tokens_BxT, axis=0).astype(self.config.jnp_dtype)
     h_BxTxD = nn.with_logical_constraint(h_BxTxD, ("batch", "length", "embed"))
-    sin_BxTxH, cos_BxTxH = rope_sin_cos(positions_BxT, cfg)
-    h_BxTxD, new_kv = self.layers(h_BxTxD, cache_kv, sin_BxTxH, cos_BxTxH, mask)
-    return rms_norm(h_BxTxD, self.final_norm, cfg.rms_norm_eps, cfg.jnp_dtype), new_kv
+    return (h_BxTxD, *rope_sin_cos(positions_BxT, self.config))
 
   def unembed(self, h_BxTxD):
     """Float32 logits_BxTxV from final-normed hidden states."""
@@ -293,12 +297,19 @@ def default_positions(attn_mask_BxT):
   return jnp.maximum(jnp.cumsum(attn_mask_BxT, axis=1) - 1, 0).astype(jnp.int32)
 
 
+def _write_slots(c_BxKxSxH, new_BxTxKxH, index):
+  """The cache with slots index .. index + T - 1 set to the new keys (or values)."""
+  new_BxKxTxH = jnp.swapaxes(new_BxTxKxH, 1, 2).astype(c_BxKxSxH.dtype)
+  return jax.lax.dynamic_update_slice(c_BxKxSxH, new_BxKxTxH, (0, 0, index, 0))
+
+
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> Cache:
-  """An empty KV cache: k, v [layers, B, kv_heads, S, head_dim] in config.dtype, mask [B, S]."""
-  shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+  """An empty KV cache: k, v tuples of one [B, kv_heads, S, head_dim] array per layer in
+  config.dtype, mask [B, S] (1 = a valid slot), index (the next slot)."""
+  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
   return dict(
-      k=jnp.zeros(shape, config.jnp_dtype),
-      v=jnp.zeros(shape, config.jnp_dtype),
+      k=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers)),
+      v=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers)),
       mask=jnp.zeros((batch_size, max_len), jnp.int32),
       index=jnp.zeros((), jnp.int32),
   )
