@@ -10,10 +10,12 @@ compile time (first call minus a timed call) is reported separately.
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script.
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from entropy_rl.models import (Decoder, ModelConfig, RopeScaling, init_cache, init_params,
-                               param_logical_axes, unembedding)
+                               param_logical_axes, unembedding, unstack_layers)
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
             num_kv_heads=2, head_dim=8)
@@ -114,6 +114,11 @@ def test_cached_decoding_equals_full_forward(cfg):
   np.testing.assert_array_equal(cache["mask"][:, 9:], 0)
   valid = mask.astype(bool)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1)[valid], full[valid], atol=1e-5)
+  # Per-layer (unstacked) parameters, as the sampler passes them, decode identically.
+  split = unstack_layers(params)
+  assert isinstance(split["layers"], tuple) and len(split["layers"]) == cfg.num_layers
+  again, _ = decode(cfg, split, tokens[:, :5], init_cache(cfg, 2, 12), mask[:, :5])
+  np.testing.assert_array_equal(again, steps[0])
 
 
 def test_bf16_and_remat():

@@ -148,6 +148,24 @@ def test_sampled_frequencies_follow_truncated_distribution():
   np.testing.assert_allclose(out.logprobs_NxL[:, 0], full_logp[out.tokens_NxL[:, 0]], atol=1e-5)
 
 
+@pytest.mark.parametrize("V", [5, 300, 1000])
+def test_categorical_draws_follow_softmax(V):
+  """Two-level inverse-CDF draws: frequencies within 4 sd of softmax(z), -inf tokens never drawn,
+  also with a block that ends in padding (V not a multiple of 128) and with near-zero masses."""
+  rng = np.random.default_rng(V)
+  z = rng.normal(0, 2, V).astype(np.float32)
+  z[rng.choice(V, V // 5, replace=False)] = -np.inf
+  z[np.argmax(np.isfinite(z))] = 30.0 if V == 1000 else z[np.argmax(np.isfinite(z))]
+  n = 200_000
+  draws = np.asarray(jax.jit(sampling._categorical)(jax.random.key(V), jnp.tile(z, (n, 1))))
+  expected = np.exp(np.float64(z) - np.max(z))
+  expected /= expected.sum()
+  counts = np.bincount(draws, minlength=V) / n
+  assert draws.min() >= 0 and draws.max() < V and counts[~np.isfinite(z)].sum() == 0
+  tolerance = 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-6
+  assert np.all(np.abs(counts - expected) <= tolerance), np.max(np.abs(counts - expected) / tolerance)
+
+
 def test_sharded_equals_unsharded(main_rollout):
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

@@ -8,7 +8,8 @@ from entropy_rl.models.decoder import (
     init_params,
     param_logical_axes,
     unembedding,
+    unstack_layers,
 )
 
 __all__ = ["Cache", "Decoder", "ModelConfig", "RopeScaling", "default_positions", "init_cache",
-           "init_params", "param_logical_axes", "unembedding"]
+           "init_params", "param_logical_axes", "unembedding", "unstack_layers"]

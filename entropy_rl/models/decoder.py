@@ -3,11 +3,11 @@
 Pre-norm blocks: h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h)). Attention is grouped-query with
 rotate-half RoPE, causal, and ignores padded keys. Training runs the layers as one `nn.scan` over a
 stacked Block, so every per-layer parameter has a leading `layers` axis and compile time does not
-grow with depth. Decoding is memory-bound instead, so it unrolls the layers: layer l reads static
-slices of the stacked parameters (loop-invariant, so a sampler's `while_loop` hoists them out of
-its body) and its own cache buffers `cache['k'][l]`, `cache['v'][l]`: it writes the T new slots
-first and then attends over the buffer, so the donated cache is updated in place. A scanned layer
-would instead copy its dynamic slice of the parameters and of the cache on every step.
+grow with depth. Decoding is memory-bound instead, so it unrolls the layers: layer l reads its
+own parameters (`unstack_layers` splits the stacked ones once, before a sampler's decode loop) and
+its own cache buffers `cache['k'][l]`, `cache['v'][l]`: it writes the T new slots first and then
+attends over the buffer, so the donated cache is updated in place. A scanned layer would instead
+copy its dynamic slice of the parameters and of the cache on every step.
 
 Two entry points:
   `Decoder.__call__(tokens_BxT, positions_BxT, attn_mask_BxT, return_hidden)`: training forward.
@@ -147,18 +147,31 @@ def _cached_attention(q_BxTxNxH, kc_BxKxSxH, vc_BxKxSxH, valid_BxS, index):
   at or before their own (the new tokens' keys and values are already in the cache).
 
   The cache is laid out [B, K, S, H] so both products are batched over (B, K) with S contiguous:
-  no transpose of the cache per step.
+  no transpose of the cache per step. One query per row (T = 1, a decode step) is a batched
+  matrix-vector product, written as multiply-and-reduce: XLA fuses it into one pass over the
+  cache, where a batched dot of [N/K, H] x [H, S] blocks runs 3x slower on CPU.
   """
   B, T, N, H = q_BxTxNxH.shape
   K, S = kc_BxKxSxH.shape[1:3]
+  dtype = q_BxTxNxH.dtype
+  kc_BxKxSxH, vc_BxKxSxH = kc_BxKxSxH.astype(dtype), vc_BxKxSxH.astype(dtype)
   q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, kc_BxKxSxH.astype(q_BxTxNxH.dtype),
-                      preferred_element_type=jnp.float32) * H**-0.5
+  if T == 1:
+    q_BxKxGx1xH = q_BxTxKxGxH[:, 0, :, :, None, :]
+    scores = jnp.sum(q_BxKxGx1xH.astype(jnp.float32) * kc_BxKxSxH[:, :, None].astype(jnp.float32),
+                     axis=-1)[:, :, :, None]
+  else:
+    scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, kc_BxKxSxH,
+                        preferred_element_type=jnp.float32)
   slot_TxS = index + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
   allowed_BxTxS = valid_BxS.astype(bool)[:, None, :] & slot_TxS[None]
-  scores = jnp.where(allowed_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxNxH.dtype)
-  out = jnp.einsum("bkgts,bksh->btkgh", probs, vc_BxKxSxH.astype(q_BxTxNxH.dtype))
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores * H**-0.5, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
+  if T == 1:
+    out = jnp.sum(probs[:, :, :, 0, :, None].astype(jnp.float32)
+                  * vc_BxKxSxH[:, :, None].astype(jnp.float32), axis=-2).astype(dtype)[:, None]
+  else:
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, vc_BxKxSxH)
   return out.reshape(B, T, N, H)
 
 
@@ -253,6 +266,8 @@ class Decoder(nn.Module):
              return_hidden=False):
     """Appends T tokens at slot cache['index'] and returns (logits_BxTxV or hidden_BxTxD, cache).
 
+    The parameters' `layers` may be stacked (as trained) or split by `unstack_layers`.
+
     A query attends to the cache slots marked valid at or before its own slot. Positions default to
     the number of valid slots before each token (so left-padded prompts get positions 0, 1, ...).
     """
@@ -266,10 +281,11 @@ class Decoder(nn.Module):
     valid_BxS = jax.lax.dynamic_update_slice_in_dim(
         cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1)
     block = Block(self.config, parent=None)
-    stacked = self.variables["params"]["layers"]
+    layers = self.variables["params"]["layers"]
+    if not isinstance(layers, tuple):
+      layers = unstack_layers({"layers": layers})["layers"]
     new_k, new_v = [], []
-    for layer, (k_BxKxSxH, v_BxKxSxH) in enumerate(zip(cache["k"], cache["v"])):
-      params = jax.tree.map(lambda x: x[layer], stacked)
+    for params, k_BxKxSxH, v_BxKxSxH in zip(layers, cache["k"], cache["v"]):
       h_BxTxD, (k_BxKxSxH, v_BxKxSxH) = block.apply(
           {"params": params}, h_BxTxD, (k_BxKxSxH, v_BxKxSxH), sin_BxTxH, cos_BxTxH,
           (valid_BxS, index))
@@ -295,6 +311,18 @@ class Decoder(nn.Module):
 def default_positions(attn_mask_BxT):
   """Position of each token among the real ones: cumsum(mask) - 1 (0 on left padding)."""
   return jnp.maximum(jnp.cumsum(attn_mask_BxT, axis=1) - 1, 0).astype(jnp.int32)
+
+
+def unstack_layers(params) -> dict:
+  """`params` with the stacked `layers` subtree split into a tuple of per-layer subtrees.
+
+  `Decoder.decode` accepts either form; a sampler passes the split one so that its decode loop
+  reads each layer's weights in place instead of slicing (copying) them on every step.
+  """
+  stacked = params["layers"]
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
+                                    for i in range(num_layers))}
 
 
 def _write_slots(c_BxKxSxH, new_BxTxKxH, index):
