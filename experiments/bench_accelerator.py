@@ -191,6 +191,7 @@ def decode_benchmark(cfg: models.ModelConfig, batch: int, cache_len: int, steps:
   def decode_steps(carry, p):
     c, tok = carry  # Each call decodes slots start .. start + steps - 1 again.
     carry = (dict(c, index=jnp.asarray(start, jnp.int32)), tok)
+    p = models.unstack_layers(p)  # as the sampler does, once before its loop
     return jax.lax.fori_loop(0, steps, functools.partial(one_token, p=p), carry)
 
   seconds, _ = _timed(lambda carry: decode_steps(carry, params), (cache, tokens_Bx1), 2)
