@@ -134,8 +134,8 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
 
   cache = dict(cache, k=tuple(map(repeat, cache["k"])), v=tuple(map(repeat, cache["v"])),
                mask=repeat(cache["mask"]))
-  prompt_NxP, prompt_mask_NxP = repeat(prompt_BxP.astype(jnp.int32)), repeat(
-      prompt_mask_BxP.astype(jnp.int32))
+  prompt_NxP = repeat(prompt_BxP.astype(jnp.int32))
+  prompt_mask_NxP = repeat(prompt_mask_BxP.astype(jnp.int32))
   logits_NxV = repeat(logits_BxV)
   N = prompt_NxP.shape[0]
   token_N, logp_N, entropy_N = _choose(logits_NxV, jax.random.fold_in(rng, 0), s)
