@@ -95,7 +95,7 @@ class Attention(nn.Module):
   """Grouped-query self-attention.
 
   Training (`cache_kv` None): causal over the sequence, padded keys masked (`mask` [B, 1, T]).
-  Decoding (`cache_kv` = this layer's (keys, values) [B, K, S, H] cache, `mask` = (valid slots
+  Decoding (`cache_kv` = this layer's keys [B, K, H, S] and values [B, K, S, H], `mask` = (valid slots
   [B, S] including the new tokens', the new tokens' first slot `index`)): the new keys and values
   are written into their T slots first, then the queries attend to the valid slots at or before
   their own. Returns the output and the updated (keys, values) cache; the write-then-read order
@@ -135,33 +135,34 @@ class Attention(nn.Module):
       out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask[:, None], cfg)
     else:
       valid_BxS, index = mask
-      cache_kv = tuple(_write_slots(c_BxKxSxH, new_BxTxKxH, index)
-                       for c_BxKxSxH, new_BxTxKxH in zip(cache_kv, (k_BxTxKxH, v_BxTxKxH)))
+      kc_BxKxHxS, vc_BxKxSxH = cache_kv
+      cache_kv = (_write_slots(kc_BxKxHxS, jnp.transpose(k_BxTxKxH, (0, 2, 3, 1)), index, axis=3),
+                  _write_slots(vc_BxKxSxH, jnp.transpose(v_BxTxKxH, (0, 2, 1, 3)), index, axis=2))
       out_BxTxNxH = _cached_attention(q_BxTxNxH, *cache_kv, valid_BxS, index)
     out_BxTxD = dense(out_BxTxNxH.reshape(B, T, N * H), o_proj.reshape(N * H, D).astype(dtype))
     return out_BxTxD, cache_kv
 
 
-def _cached_attention(q_BxTxNxH, kc_BxKxSxH, vc_BxKxSxH, valid_BxS, index):
+def _cached_attention(q_BxTxNxH, kc_BxKxHxS, vc_BxKxSxH, valid_BxS, index):
   """Softmax attention of the T queries at slots index .. index + T - 1 over the valid cache slots
   at or before their own (the new tokens' keys and values are already in the cache).
 
-  The cache is laid out [B, K, S, H] so both products are batched over (B, K) with S contiguous:
-  no transpose of the cache per step. One query per row (T = 1, a decode step) is a batched
-  matrix-vector product, written as multiply-and-reduce: XLA fuses it into one pass over the
-  cache, where a batched dot of [N/K, H] x [H, S] blocks runs 3x slower on CPU.
+  Keys are cached [B, K, H, S] and values [B, K, S, H]: both products are batched over (B, K) and
+  read the cache along S contiguously, with no transpose per step. One query per row (T = 1, a
+  decode step) is a batched matrix-vector product, written as multiply-and-reduce: XLA fuses it into
+  one pass over the cache, where a batched dot of [N/K, H] x [H, S] blocks runs 3x slower on CPU.
   """
   B, T, N, H = q_BxTxNxH.shape
-  K, S = kc_BxKxSxH.shape[1:3]
+  K, S = kc_BxKxHxS.shape[1], kc_BxKxHxS.shape[3]
   dtype = q_BxTxNxH.dtype
-  kc_BxKxSxH, vc_BxKxSxH = kc_BxKxSxH.astype(dtype), vc_BxKxSxH.astype(dtype)
+  kc_BxKxHxS, vc_BxKxSxH = kc_BxKxHxS.astype(dtype), vc_BxKxSxH.astype(dtype)
   q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
   if T == 1:
-    q_BxKxGx1xH = q_BxTxKxGxH[:, 0, :, :, None, :]
-    scores = jnp.sum(q_BxKxGx1xH.astype(jnp.float32) * kc_BxKxSxH[:, :, None].astype(jnp.float32),
-                     axis=-1)[:, :, :, None]
+    q_BxKxGxHx1 = q_BxTxKxGxH[:, 0, :, :, :, None].astype(jnp.float32)
+    scores = jnp.sum(q_BxKxGxHx1 * kc_BxKxHxS[:, :, None].astype(jnp.float32), axis=-2)
+    scores = scores[:, :, :, None]
   else:
-    scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, kc_BxKxSxH,
+    scores = jnp.einsum("btkgh,bkhs->bkgts", q_BxTxKxGxH, kc_BxKxHxS,
                         preferred_element_type=jnp.float32)
   slot_TxS = index + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
   allowed_BxTxS = valid_BxS.astype(bool)[:, None, :] & slot_TxS[None]
@@ -285,11 +286,11 @@ class Decoder(nn.Module):
     if not isinstance(layers, tuple):
       layers = unstack_layers({"layers": layers})["layers"]
     new_k, new_v = [], []
-    for params, k_BxKxSxH, v_BxKxSxH in zip(layers, cache["k"], cache["v"]):
-      h_BxTxD, (k_BxKxSxH, v_BxKxSxH) = block.apply(
-          {"params": params}, h_BxTxD, (k_BxKxSxH, v_BxKxSxH), sin_BxTxH, cos_BxTxH,
+    for params, k_BxKxHxS, v_BxKxSxH in zip(layers, cache["k"], cache["v"]):
+      h_BxTxD, (k_BxKxHxS, v_BxKxSxH) = block.apply(
+          {"params": params}, h_BxTxD, (k_BxKxHxS, v_BxKxSxH), sin_BxTxH, cos_BxTxH,
           (valid_BxS, index))
-      new_k.append(k_BxKxSxH)
+      new_k.append(k_BxKxHxS)
       new_v.append(v_BxKxSxH)
     h_BxTxD = rms_norm(h_BxTxD, self.final_norm, self.config.rms_norm_eps, self.config.jnp_dtype)
     new_cache = dict(k=tuple(new_k), v=tuple(new_v), mask=valid_BxS, index=index + T)
@@ -325,19 +326,20 @@ def unstack_layers(params) -> dict:
                                     for i in range(num_layers))}
 
 
-def _write_slots(c_BxKxSxH, new_BxTxKxH, index):
-  """The cache with slots index .. index + T - 1 set to the new keys (or values)."""
-  new_BxKxTxH = jnp.swapaxes(new_BxTxKxH, 1, 2).astype(c_BxKxSxH.dtype)
-  return jax.lax.dynamic_update_slice(c_BxKxSxH, new_BxKxTxH, (0, 0, index, 0))
+def _write_slots(cache, new, index, axis: int):
+  """The cache with slots index .. index + T - 1 along `axis` set to `new` (T long on that axis)."""
+  start = [0] * cache.ndim
+  start[axis] = index
+  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> Cache:
-  """An empty KV cache: k, v tuples of one [B, kv_heads, S, head_dim] array per layer in
-  config.dtype, mask [B, S] (1 = a valid slot), index (the next slot)."""
-  shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+  """An empty KV cache in config.dtype: per layer, keys [B, kv_heads, head_dim, S] (in `k`) and
+  values [B, kv_heads, S, head_dim] (in `v`); mask [B, S] (1 = a valid slot), index (next slot)."""
+  B, K, S, H = batch_size, config.num_kv_heads, max_len, config.head_dim
   return dict(
-      k=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers)),
-      v=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers)),
+      k=tuple(jnp.zeros((B, K, H, S), config.jnp_dtype) for _ in range(config.num_layers)),
+      v=tuple(jnp.zeros((B, K, S, H), config.jnp_dtype) for _ in range(config.num_layers)),
       mask=jnp.zeros((batch_size, max_len), jnp.int32),
       index=jnp.zeros((), jnp.int32),
   )
