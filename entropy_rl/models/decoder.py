@@ -318,7 +318,8 @@ def unstack_layers(params) -> dict:
   """`params` with the stacked `layers` subtree split into a tuple of per-layer subtrees.
 
   `Decoder.decode` accepts either form; a sampler passes the split one so that its decode loop
-  reads each layer's weights in place instead of slicing (copying) them on every step.
+  reads each layer's weights in place instead of slicing (copying) them on every step. Under jit
+  the split is one copy of the layer weights, held while the loop runs.
   """
   stacked = params["layers"]
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
