@@ -74,16 +74,23 @@ def noise_r2_ceiling(reward, window: int) -> dict:
 
   Per-step sampling noise is estimated from consecutive differences, sigma^2 = var(diff) / 2
   (a slow trend barely enters them); window means carry sigma^2 / window of it, so no curve fits
-  them better than 1 - (sigma^2 / window) / var(window means) in expectation.
+  them better than 1 - (sigma^2 / window) / var(window means) in expectation. `reward` is one
+  run's series, or a list of runs' series pooled as a pooled fit sees them (sigma^2 averaged over
+  the runs, the variance taken over all their window means).
   """
-  r = np.asarray(reward, np.float64)
-  r = r[np.isfinite(r)]
-  if len(r) < 2 * window:
-    raise ValueError(f"need at least {2 * window} finite rewards for {window}-step means; got {len(r)}")
-  sigma2 = float(np.var(np.diff(r)) / 2)
-  means = window_means(r, window)
+  runs = [reward] if np.ndim(reward[0]) == 0 else reward
+  sigma2s, means = [], []
+  for run in runs:
+    r = np.asarray(run, np.float64)
+    r = r[np.isfinite(r)]
+    if len(r) < 2 * window:
+      raise ValueError(f"need at least {2 * window} finite rewards for {window}-step means; "
+                       f"got {len(r)}")
+    sigma2s.append(np.var(np.diff(r)) / 2)
+    means.append(window_means(r, window))
+  sigma2 = float(np.mean(sigma2s))
   return {"sigma": math.sqrt(sigma2), "sigma_mean": math.sqrt(sigma2 / window),
-          "ceiling": 1.0 - sigma2 / window / float(np.var(means))}
+          "ceiling": 1.0 - sigma2 / window / float(np.var(np.concatenate(means)))}
 
 
 def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:

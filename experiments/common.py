@@ -29,6 +29,8 @@ if REPO not in sys.path:
 
 DEFAULT_ROOT = os.environ.get("ENTROPY_RL_RUNS", "/work/runs")
 WARM_SEED = 0
+# Study 2's run length: GRPO's plateau fell at steps 299-481. Studies 1, 3 and 5 reuse these runs.
+STUDY2_STEPS = 500
 QUICK = {"eval_every": 5, "eval.num_prompts": 32, "eval.num_samples": 8}
 FULL = {"eval_every": 50, "eval.num_prompts": 64, "eval.num_samples": 16}
 
@@ -203,10 +205,16 @@ def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = 
   axes[0][0].legend(fontsize=6)
   if title:
     fig.suptitle(title, fontsize=9)
+  return save_figure(fig, out_png)
+
+
+def save_figure(fig, path: str) -> str:
+  """Lays out, writes (small PNG, 80 dpi) and closes `fig`; returns `path`."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
-  fig.savefig(out_png, dpi=80)
+  fig.savefig(path, dpi=80)
   plt.close(fig)
-  return out_png
+  return path
 
 
 def write_report(out_dir: str, name: str, text: str) -> str:

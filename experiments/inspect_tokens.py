@@ -119,9 +119,7 @@ def render_png(res: dict, title: str, path: str, max_rows: int = 16):
     ax.set_ylim(0, rows)
     ax.axis("off")
     ax.set_title(f"{kind} ({title})", fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def main():

@@ -49,7 +49,7 @@ def eval_keys(records):
 def main():
   p = common.base_args(__doc__, "covariance_methods")
   p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--steps", type=int, default=500)
+  p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
   specs = method_specs(a.quick, seeds, a.steps)

@@ -53,7 +53,7 @@ def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEP
 def main():
   p = common.base_args(__doc__, "entropy_control")
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=500,
+  p.add_argument("--study2-steps", type=int, default=common.STUDY2_STEPS,
                  help="length of study 2's runs (reused here, truncated to --steps)")
   p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}")
   a = p.parse_args()
@@ -96,9 +96,7 @@ def main():
   ax.set_ylabel("accuracy", fontsize=8)
   ax.legend(fontsize=5)
   ax.tick_params(labelsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(a.out, "frontier.png"), dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(a.out, "frontier.png"))
   text = f"""# Study 5: entropy control (EM Fig. 9, 10, 12)
 
 Mode: {'quick' if a.quick else 'full'}; one seed, {n} steps per setting, configs/<family>.py:tiny with the swept

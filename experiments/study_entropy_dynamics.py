@@ -121,10 +121,8 @@ def main():
   axes[2].set_title(f"advantage-covariance proxy, r = {corr_proxy:.3f}", fontsize=8)
   for ax in axes:
     ax.tick_params(labelsize=7)
-  fig.tight_layout()
   os.makedirs(a.out, exist_ok=True)
-  fig.savefig(os.path.join(a.out, "dynamics.png"), dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(a.out, "dynamics.png"))
 
   last = common.checkpoint_steps(path)[-1]
   g0 = accuracy_groups(path, 0, 32 if a.quick else 128)

@@ -105,9 +105,7 @@ def plot_law(runs: dict, fits: dict, out_png: str):
   axes[2].set_xlabel("steps seen")
   for ax in axes:
     ax.tick_params(labelsize=7)
-  fig.tight_layout()
-  fig.savefig(out_png, dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, out_png)
 
 
 def fmt_fit(f):
@@ -119,7 +117,7 @@ def fmt_fit(f):
 def main():
   p = common.base_args(__doc__, "entropy_law")
   p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--steps", type=int, default=500)
+  p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
   specs = grpo_specs(a.quick, seeds, a.steps)
@@ -170,23 +168,18 @@ def main():
                 f"{f['early']['rmse']:.4f}", f"{f['early']['rmse_mean10']:.4f}"]
                for name, f in fits.items() if name != "pooled" and "early" in f]
   pooled_fit = fits["pooled"].get("mean10")
-  noise_rows, sigma2s = [], []
-  for name, rec in runs.items():
-    _, r = common.series(rec, REWARD_KEY)
+  noise_rows = []
+  rewards = {name: common.series(rec, REWARD_KEY)[1] for name, rec in runs.items()}
+  rewards["pooled"] = list(rewards.values())
+  for name, r in rewards.items():
     f = fits[name].get("mean10")
     try:
       c = analysis.noise_r2_ceiling(r, 10)
     except ValueError:
       continue
-    sigma2s.append(c["sigma"] ** 2)
     noise_rows.append([name, f"{c['sigma']:.3f}", f"{c['sigma_mean']:.4f}",
                        f"{f['rmse']:.4f}" if f else "n/a", f"{f['r2']:.3f}" if f else "n/a",
                        f"{c['ceiling']:.3f}"])
-  if sigma2s and pooled_fit:
-    pooled_ceiling = 1 - np.mean(sigma2s) / 10 / np.var(rs)
-    noise_rows.append(["pooled", f"{np.sqrt(np.mean(sigma2s)):.3f}",
-                       f"{np.sqrt(np.mean(sigma2s) / 10):.4f}", f"{pooled_fit['rmse']:.4f}",
-                       f"{pooled_fit['r2']:.3f}", f"{pooled_ceiling:.3f}"])
   halved = [float(rw[3]) <= 0.5 for rw in rows]
   text = f"""# Study 1: entropy collapse and the entropy-performance law (EM section 2)
 

@@ -81,7 +81,7 @@ def main():
   p = common.base_args(__doc__, "forking_tokens")
   p.add_argument("--seeds", type=int, default=1)
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=500,
+  p.add_argument("--study2-steps", type=int, default=common.STUDY2_STEPS,
                  help="length of study 2's runs; the all-tokens run is study 2's clip-higher run, "
                       "truncated to --steps")
   p.add_argument("--no-rho-sweep", dest="rho_sweep", action="store_false")
@@ -141,9 +141,7 @@ def main():
   ax.set_xlabel("token entropy (nats), starting policy", fontsize=8)
   ax.legend(fontsize=7)
   ax.tick_params(labelsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(a.out, "entropy_hist.png"), dpi=80)
-  plt.close(fig)
+  common.save_figure(fig, os.path.join(a.out, "entropy_hist.png"))
 
   num_steps = steps
   text = f"""# Study 3: forking tokens (HE)
