@@ -121,6 +121,26 @@ def test_cached_decoding_equals_full_forward(cfg):
   np.testing.assert_array_equal(again, steps[0])
 
 
+def test_decoding_with_one_index_per_row_equals_full_forward():
+  """Rows write at their own slots (row 1 leaves slots 5-6 empty, which it must not attend to)."""
+  cfg = QWEN2
+  params = random_params(cfg)
+  tokens = jax.random.randint(jax.random.key(6), (2, 8), 0, 61)
+  mask = jnp.array([[0, 1, 1, 1, 1, 1, 1, 1], [1] * 8])
+  full = forward(cfg, params, tokens, mask)
+  params = unstack_layers(params)
+  _, cache = decode(cfg, params, tokens[:, :5], init_cache(cfg, 2, 12), mask[:, :5])
+  cache = dict(cache, index=jnp.array([5, 7]))
+  steps = []
+  for t in range(5, 8):
+    logits, cache = decode(cfg, params, tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_array_equal(cache["index"], [8, 10])
+  np.testing.assert_array_equal(cache["mask"], [[0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
+                                                [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0]])
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, 5:], atol=1e-5)
+
+
 def test_bf16_and_remat():
   cfg = dataclasses.replace(QWEN3, dtype="bfloat16", param_dtype="bfloat16")
   params = random_params(cfg)

@@ -96,7 +96,8 @@ class Attention(nn.Module):
 
   Training (`cache_kv` None): causal over the sequence, padded keys masked (`mask` [B, 1, T]).
   Decoding (`cache_kv` = this layer's keys [B, K, H, S] and values [B, K, S, H], `mask` = (valid slots
-  [B, S] including the new tokens', the new tokens' first slot `index`)): the new keys and values
+  [B, S] including the new tokens', the new tokens' first slot `index`, a scalar or one per row
+  [B])): the new keys and values
   are written into their T slots first, then the queries attend to the valid slots at or before
   their own. Returns the output and the updated (keys, values) cache; the write-then-read order
   lets XLA update the donated cache in place with no copy.
@@ -144,8 +145,9 @@ class Attention(nn.Module):
 
 
 def _cached_attention(q_BxTxNxH, kc_BxKxHxS, vc_BxKxSxH, valid_BxS, index):
-  """Softmax attention of the T queries at slots index .. index + T - 1 over the valid cache slots
-  at or before their own (the new tokens' keys and values are already in the cache).
+  """Softmax attention of the T queries at slots index .. index + T - 1 (`index` a scalar or [B])
+  over the valid cache slots at or before their own (the new tokens' keys and values are already in
+  the cache).
 
   Keys are cached [B, K, H, S] and values [B, K, S, H]: both products are batched over (B, K) and
   read the cache along S contiguously, with no transpose per step. One query per row (T = 1, a
@@ -164,8 +166,9 @@ def _cached_attention(q_BxTxNxH, kc_BxKxHxS, vc_BxKxSxH, valid_BxS, index):
   else:
     scores = jnp.einsum("btkgh,bkhs->bkgts", q_BxTxKxGxH, kc_BxKxHxS,
                         preferred_element_type=jnp.float32)
-  slot_TxS = index + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
-  allowed_BxTxS = valid_BxS.astype(bool)[:, None, :] & slot_TxS[None]
+  query_slot_Bx1x1 = jnp.reshape(index, (-1, 1, 1))  # B or 1 rows
+  slot_BxTxS = query_slot_Bx1x1 + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
+  allowed_BxTxS = valid_BxS.astype(bool)[:, None, :] & slot_BxTxS
   scores = jnp.where(allowed_BxTxS[:, None, None], scores * H**-0.5, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
   if T == 1:
@@ -267,6 +270,9 @@ class Decoder(nn.Module):
              return_hidden=False):
     """Appends T tokens at slot cache['index'] and returns (logits_BxTxV or hidden_BxTxD, cache).
 
+    The index is a scalar (every row writes the same slots) or one per row, [B] (a continuous-
+    batching sampler, whose rows are at different steps of different responses).
+
     The parameters' `layers` may be stacked (as trained) or split by `unstack_layers`.
 
     A query attends to the cache slots marked valid at or before its own slot. Positions default to
@@ -279,8 +285,7 @@ class Decoder(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.sum(cache["mask"], axis=1, keepdims=True) + default_positions(attn_mask_BxT)
     h_BxTxD, sin_BxTxH, cos_BxTxH = self._embed(tokens_BxT, positions_BxT)
-    valid_BxS = jax.lax.dynamic_update_slice_in_dim(
-        cache["mask"], attn_mask_BxT.astype(cache["mask"].dtype), index, 1)
+    valid_BxS = _write_slots(cache["mask"], attn_mask_BxT, index, axis=1)
     block = Block(self.config, parent=None)
     layers = self.variables["params"]["layers"]
     if not isinstance(layers, tuple):
@@ -328,15 +333,26 @@ def unstack_layers(params) -> dict:
 
 
 def _write_slots(cache, new, index, axis: int):
-  """The cache with slots index .. index + T - 1 along `axis` set to `new` (T long on that axis)."""
-  start = [0] * cache.ndim
-  start[axis] = index
-  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start)
+  """The cache with slots index .. index + T - 1 along `axis` set to `new` (T long on that axis);
+  `index` is a scalar or one per row [B] (then an in-place scatter of each row's T slots)."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    start = [0] * cache.ndim
+    start[axis] = index
+    return jax.lax.dynamic_update_slice(cache, new, start)
+
+  def write_row(row, new_row, i):
+    start = [0] * row.ndim
+    start[axis - 1] = i
+    return jax.lax.dynamic_update_slice(row, new_row, start)
+
+  return jax.vmap(write_row)(cache, new, index)
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> Cache:
   """An empty KV cache in config.dtype: per layer, keys [B, kv_heads, head_dim, S] (in `k`) and
-  values [B, kv_heads, S, head_dim] (in `v`); mask [B, S] (1 = a valid slot), index (next slot)."""
+  values [B, kv_heads, S, head_dim] (in `v`); mask [B, S] (1 = a valid slot), index (next slot,
+  one for all rows; a sampler may replace it by one per row, [B])."""
   B, K, S, H = batch_size, config.num_kv_heads, max_len, config.head_dim
   return dict(
       k=tuple(jnp.zeros((B, K, H, S), config.jnp_dtype) for _ in range(config.num_layers)),
