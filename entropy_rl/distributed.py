@@ -86,7 +86,7 @@ def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding,
   """Rows of a global batch (leading dimension under `sharding`) that `devices` hold.
 
   `devices` defaults to this process's devices. The rows must be contiguous, which holds for
-  meshes from `sharding.make_mesh` (each host's devices are adjacent along the batch axes).
+  meshes from `sharding.make_mesh` (each host's devices form one block along the batch axes).
   """
   ndim = len(getattr(sharding, "spec", ())) or 1
   shape = (global_batch_size,) + (1,) * (ndim - 1)
@@ -101,9 +101,28 @@ def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding,
   for s, e in spans[1:]:
     if s != stop:
       raise ValueError(f"the rows these devices hold are not contiguous ({spans}); build the "
-                       "mesh with sharding.make_mesh so each host's devices are adjacent")
+                       "mesh with sharding.make_mesh, which gives each host one block of rows")
     stop = e
   return slice(start, stop)
+
+
+def rows_by_process(global_batch_size: int, sharding: jax.sharding.Sharding,
+                    devices=None) -> dict[int, slice]:
+  """`process_rows` for every process owning some of `devices` (default: all of the sharding's).
+
+  Checks what a multi-host start needs: each process feeds one contiguous block, all blocks have
+  one size, and together they cover the batch (processes may share a block, as over 'tensor').
+  """
+  devices = list(sharding.device_set) if devices is None else list(devices)
+  hosts = sorted({d.process_index for d in devices})
+  rows = {p: process_rows(global_batch_size, sharding,
+                          [d for d in devices if d.process_index == p]) for p in hosts}
+  sizes = {r.stop - r.start for r in rows.values()}
+  covered = set().union(*(range(r.start, r.stop) for r in rows.values()))
+  if len(sizes) != 1 or len(covered) != global_batch_size:
+    raise ValueError(f"the processes' rows of a global batch of {global_batch_size} are not equal "
+                     f"blocks that cover it: {rows}")
+  return rows
 
 
 def process_shard(global_batch_size: int, sharding: jax.sharding.Sharding,

@@ -5,6 +5,11 @@ propagates shardings; `jax.make_mesh` would otherwise default to Explicit). Para
 logical axis name per dimension (`embed`, `vocab`, `heads`, ...); rules map each name to mesh axes.
 A mesh axis that does not divide a dimension is skipped for that dimension, so tiny models on a
 large mesh fall back to replication instead of failing.
+
+On a multi-host slice every host must feed one contiguous block of batch rows, so `make_mesh`
+lays the devices out host by host (`host_blocked_devices`): each host's devices form a block of the
+mesh with 'tensor' innermost (inside a host where it fits), the hosts in a snake over their
+physical positions so consecutive blocks of an 'fsdp' or 'data' ring are ICI neighbours.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -50,8 +56,65 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         f"mesh sizes ({desc}) multiply to {fixed} but there are {n} devices; set "
         f"config.mesh.{bad} so the product is {n}, or -1 for the rest")
   shape = tuple(sizes[a] for a in MESH_AXES)
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  if len({d.process_index for d in devices}) == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  return Mesh(host_blocked_devices(shape, devices), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _host_shape(shape: tuple[int, int, int], per_host: int) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) block one host's `per_host` devices fill, so that its batch rows
+  (over data x fsdp, row-major) are contiguous: tensor first, then fsdp, then whole fsdp rows."""
+  data, fsdp, tensor = shape
+  t = math.gcd(tensor, per_host)
+  f = math.gcd(fsdp, per_host // t)
+  d = per_host // (t * f)
+  if d > 1 and (f != fsdp or data % d):
+    raise ValueError(
+        f"config.mesh.fsdp={fsdp}: a host's {per_host} devices cannot hold one contiguous block "
+        f"of batch rows of the (data, fsdp, tensor) = {shape} mesh; make config.mesh.fsdp a "
+        f"multiple or a divisor of {per_host // t} devices per host")
+  return d, f, t
+
+
+def _snake(grid: tuple[int, ...]) -> list[tuple[int, ...]]:
+  """Every index of an N-d grid once, consecutive indices one step apart (boustrophedon)."""
+  if len(grid) == 1:
+    return [(i,) for i in range(grid[0])]
+  inner = _snake(grid[:-1])
+  return [idx + (k,) for k in range(grid[-1]) for idx in (inner if k % 2 == 0 else inner[::-1])]
+
+
+def _hosts_in_snake_order(devices) -> list[list]:
+  """Devices grouped by process, the groups ordered along a snake over the hosts' positions (the
+  smallest chip coordinates of each host; process order where devices have no coordinates)."""
+  hosts: dict[int, list] = {}
+  for d in devices:
+    hosts.setdefault(d.process_index, []).append(d)
+  if not all(hasattr(d, "coords") for d in devices):
+    return [hosts[p] for p in sorted(hosts)]
+  corner = {p: tuple(min(d.coords[i] for d in ds) for i in range(len(ds[0].coords)))
+            for p, ds in hosts.items()}
+  axes = [sorted({c[i] for c in corner.values()}) for i in range(len(next(iter(corner.values()))))]
+  at = {tuple(a.index(c[i]) for i, a in enumerate(axes)): p for p, c in corner.items()}
+  order = [at[idx] for idx in _snake(tuple(len(a) for a in axes)) if idx in at]
+  return [hosts[p] for p in order] if len(order) == len(hosts) else [hosts[p] for p in sorted(hosts)]
+
+
+def host_blocked_devices(shape: tuple[int, int, int], devices) -> np.ndarray:
+  """A (data, fsdp, tensor) device array in which every process's devices form one block that
+  holds one contiguous range of batch rows; within a host, the topology-aware layout of
+  `mesh_utils.create_device_mesh`."""
+  hosts = _hosts_in_snake_order(devices)
+  per_host = {len(h) for h in hosts}
+  if len(per_host) != 1:
+    raise ValueError(f"every process must hold the same number of devices, got {sorted(per_host)}")
+  block = _host_shape(shape, per_host.pop())
+  grid = tuple(s // b for s, b in zip(shape, block))
+  return mesh_utils.create_hybrid_device_mesh(
+      block, grid, [d for h in hosts for d in h], process_is_granule=True,
+      should_sort_granules_by_key=False, allow_split_physical_axes=True)
 
 
 def default_rules() -> tuple[tuple[str, Any], ...]:

@@ -102,3 +102,29 @@ def test_make_global_batch():
     distributed.make_global_batch({"mask": np.ones(8)}, batch, 16)
   other = NamedSharding(mesh, P(("data", "fsdp"), None))
   assert distributed.make_global_batch({"t": local["tokens"]}, other, 16)["t"].sharding == other
+
+
+def test_rows_by_process():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  batch = sharding.batch_sharding(mesh)
+  assert distributed.rows_by_process(16, batch) == {0: slice(0, 16)}
+
+
+@pytest.mark.parametrize("name", ["v4-32", "v5e-64", "v5p-64", "v6e-16"])
+def test_every_host_of_a_pod_feeds_its_block(name):
+  pytest.importorskip("libtpu")
+  from entropy_rl import plan
+  devices = plan.topology_devices(plan.parse_topology(name))
+  hosts = len({d.process_index for d in devices})
+  mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)
+  rows = distributed.rows_by_process(256, sharding.batch_sharding(mesh))
+  assert len(rows) == hosts
+  assert sorted((r.start, r.stop) for r in rows.values()) == [
+      (i * 256 // hosts, (i + 1) * 256 // hosts) for i in range(hosts)]
+  for p, r in rows.items():
+    assert distributed.process_shard(256, sharding.batch_sharding(mesh), [
+        d for d in devices if d.process_index == p]) == (r.start // (256 // hosts), hosts)
+  by_x = sorted(devices, key=lambda d: tuple(d.coords))  # a column of chips spans hosts
+  interleaved = jax.sharding.Mesh(np.array(by_x).reshape(1, -1, 1), sharding.MESH_AXES)
+  with pytest.raises(ValueError, match="not contiguous"):
+    distributed.rows_by_process(256, sharding.batch_sharding(interleaved))

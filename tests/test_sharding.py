@@ -89,3 +89,75 @@ def test_bad_rules_and_unknown_logical_names():
   with pytest.raises(ValueError, match="do not match shape"):
     sharding.logical_to_mesh_sharding({"w": ("embed",)}, mesh, sharding.default_rules(),
                                       {"w": np.zeros((2, 2))})
+
+
+MULTI_HOST = ("v4-16", "v4-32", "v5litepod-16", "v5e-64", "v5p-16", "v5p-64", "v6e-16")
+
+
+def _topology_devices(name):
+  pytest.importorskip("libtpu")
+  from entropy_rl import plan
+  return plan.topology_devices(plan.parse_topology(name))
+
+
+def _host_of(mesh):
+  return np.vectorize(lambda d: d.process_index)(mesh.devices)
+
+
+@pytest.mark.parametrize("name", MULTI_HOST)
+@pytest.mark.parametrize("sizes", [(1, -1, 1), (2, -1, 1), (-1, 1, 1), (1, -1, 2), (1, 2, -1)])
+def test_multi_host_mesh_gives_each_host_one_block(name, sizes):
+  devices = _topology_devices(name)
+  per_host = len(devices) // len({d.process_index for d in devices})
+  assert per_host < len(devices)
+  mesh = sharding.make_mesh(*sizes, devices=devices)
+  hosts = _host_of(mesh)
+  tensor = mesh.shape["tensor"]
+  if tensor <= per_host:  # 'tensor' never leaves a host when it fits in one
+    assert (hosts == hosts[..., :1]).all()
+  # Each host holds one contiguous run of the flattened (data, fsdp) batch positions.
+  rows = hosts.reshape(-1, tensor)
+  for p in np.unique(hosts):
+    at = np.flatnonzero((rows == p).any(axis=1))
+    assert (np.diff(at) == 1).all(), (p, at)
+
+
+@pytest.mark.parametrize("name", ["v5p-64", "v5e-64"])
+def test_consecutive_hosts_along_fsdp_are_neighbours(name):
+  mesh = sharding.make_mesh(1, -1, 1, devices=_topology_devices(name))
+  ring = mesh.devices[0, :, 0]
+  corners = []
+  for d in ring:
+    if not corners or corners[-1][0] != d.process_index:
+      host = [e for e in ring if e.process_index == d.process_index]
+      corners.append((d.process_index, np.min([e.coords for e in host], axis=0)))
+  steps = [np.count_nonzero(a[1] != b[1]) for a, b in zip(corners, corners[1:])]
+  assert steps == [1] * (len(corners) - 1)
+
+
+class _FakeDevice:
+  def __init__(self, i, process_index):
+    self.id, self.process_index = i, process_index
+    self.platform = self.device_kind = "fake"
+
+  def __repr__(self):
+    return f"D{self.id}@{self.process_index}"
+
+
+@pytest.mark.parametrize("shape, block", [((1, 16, 1), (1, 4, 1)), ((4, 2, 2), (1, 2, 2)), ((8, 1, 2), (2, 1, 2)),
+                                          ((1, 2, 8), (1, 1, 4)), ((2, 8, 1), (1, 4, 1))])
+def test_host_blocked_devices_without_a_tpu(shape, block):
+  # Hosts interleaved by id, as a physical layout may number them.
+  devices = [_FakeDevice(i, i % 4) for i in range(16)]
+  grid = sharding.host_blocked_devices(shape, devices)
+  hosts = np.vectorize(lambda d: d.process_index)(grid)
+  assert grid.shape == shape
+  for p in range(4):
+    at = np.argwhere(hosts == p)
+    assert tuple(at.max(0) - at.min(0) + 1) == block
+
+
+def test_host_blocked_devices_names_fsdp_when_no_block_fits():
+  devices = [_FakeDevice(i, i // 8) for i in range(48)]
+  with pytest.raises(ValueError, match=r"config\.mesh\.fsdp=6"):
+    sharding.host_blocked_devices((8, 6, 1), devices)
