@@ -6,7 +6,22 @@
   `lb < cov < ub` get loss x 0 (they stay in the denominator); others the PPO surrogate without
   dual-clip and without the log-ratio clamp.
 - `kl_cov` (EM Eq. 13-14): `-A * ratio` for every token plus `beta * |logp - old_logp|` on the
-  `max(1, floor(kappa * n))` tokens with the largest covariance.
+  `max(1, floor(kappa * n))` tokens with the largest covariance; ratio = exp(logp - old_logp) without
+  a clamp, as in verl's `kl_cov`.
+- `gspo` (arXiv 2507.18071): sequence ratio `s_i = exp(mean_t (logp - old_logp))` over the response
+  mask, applied per token as `s_it = sg(s_i) * pi / sg(pi)` with log s_it clamped at 10 from above;
+  `l = max(-A s_it, -A clip(s_it, 1 - eps_low, 1 + eps_high))` (paper: eps 3e-4 / 4e-4).
+- `cispo` (arXiv 2506.13585): `l = -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp`, ratio
+  from the log-ratio clamped at +-20 (as verl's `cispo`).
+- `archer` (dual-token constraints, arXiv 2507.15778): tokens with entropy >= the
+  `archer_entropy_quantile` quantile (per response by default in the config family) get the wide
+  clip (`archer_high_clip_ratio_low/high`) and no KL; the others the PPO clip
+  (`clip_ratio_low/high`) plus `kl_ref_coef * KL(pi || ref)`; dual-clip as in `ppo`.
+- Advantage modifiers for every loss: entropy shaping (arXiv 2506.14758)
+  `A' = A + min(alpha * sg(H), |A| / kappa)`, then W-REINFORCE's (arXiv 2506.01347) weight
+  `lambda` on positive advantages: `A'' = lambda * A'` where `A' > 0`.
+- Adaptive entropy coefficient (Skywork-OR1, arXiv 2505.22312; TRL's `use_adaptive_entropy`):
+  `adaptive_entropy_coef` / `applied_entropy_coef`; the coefficient lives in `step.TrainState`.
 - Entropy token masks (HE Eq. 6), four aggregation modes returning (numerator, denominator),
   KL-to-reference estimators and an entropy bonus.
 
@@ -22,14 +37,19 @@ import ml_collections
 
 from entropy_rl import stats
 
-LOSS_NAMES = ("ppo", "clip_cov", "kl_cov")
+LOSS_NAMES = ("ppo", "clip_cov", "kl_cov", "gspo", "cispo", "archer")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # config.loss.token_mask -> stats.entropy_token_mask mode.
 TOKEN_MASKS = {"all": None, "top_entropy": "top", "bottom_entropy": "bottom", "random": "random",
                "top_quantile": "top_quantile"}
 SELECTION_SCOPES = ("microbatch", "global")
+# Where an entropy quantile (token_mask 'top_quantile', archer's split) is taken: over each response,
+# or over the selection set (the micro-batch, or the whole update batch for selection_scope='global').
+ENTROPY_QUANTILE_SCOPES = ("selection", "response")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOG_RATIO_CLAMP = 20.0
+GSPO_LOG_RATIO_CAP = 10.0
+SELECTION_KEYS = ("token_mask", "cov_selected", "high_entropy")
 
 
 def default_loss_config():
@@ -50,7 +70,19 @@ def default_loss_config():
   cfg.selection_scope = "microbatch"
   cfg.kl_ref_coef = 0.0
   cfg.kl_ref_estimator = "k3"
-  cfg.entropy_coef = 0.0
+  cfg.entropy_coef = 0.0  # with adaptive_entropy: the initial coefficient c_0
+  cfg.adaptive_entropy = False
+  cfg.entropy_target = 0.2  # TRL's defaults for target, delta, min, max
+  cfg.entropy_coef_delta = 0.005
+  cfg.entropy_coef_min = 0.0
+  cfg.entropy_coef_max = 1.0
+  cfg.entropy_adv_alpha = 0.0  # 0 disables entropy-shaped advantages
+  cfg.entropy_adv_kappa = 2.0
+  cfg.positive_adv_weight = 1.0  # W-REINFORCE lambda; 1 disables
+  cfg.archer_entropy_quantile = 0.8
+  cfg.archer_high_clip_ratio_low = 0.5
+  cfg.archer_high_clip_ratio_high = 0.5
+  cfg.entropy_quantile_scope = "selection"
   return cfg
 
 
@@ -81,6 +113,10 @@ def validate_loss_config(cfg, prefix="config.loss"):
     if not ok:
       fail(key, f"a real number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
+  def boolean(key):
+    if not isinstance(cfg[key], bool):
+      fail(key, "True or False")
+
   choice("name", LOSS_NAMES)
   real("clip_ratio_low", 0.0, 1.0)
   real("clip_ratio_high", 0.0)
@@ -99,6 +135,21 @@ def validate_loss_config(cfg, prefix="config.loss"):
   real("kl_ref_coef", 0.0)
   choice("kl_ref_estimator", KL_ESTIMATORS)
   real("entropy_coef")
+  boolean("adaptive_entropy")
+  real("entropy_target", 0.0)
+  real("entropy_coef_delta", 0.0)
+  real("entropy_coef_min", 0.0)
+  real("entropy_coef_max", cfg.entropy_coef_min if _is_real(cfg.entropy_coef_min) else 0.0)
+  if cfg.adaptive_entropy and not cfg.entropy_coef_min <= cfg.entropy_coef <= cfg.entropy_coef_max:
+    fail("entropy_coef", f"in [{prefix}.entropy_coef_min, {prefix}.entropy_coef_max] = "
+         f"[{cfg.entropy_coef_min}, {cfg.entropy_coef_max}] with adaptive_entropy")
+  real("entropy_adv_alpha", 0.0)
+  real("entropy_adv_kappa", 0.0, lo_open=True)
+  real("positive_adv_weight", 0.0)
+  real("archer_entropy_quantile", 0.0, 1.0)
+  real("archer_high_clip_ratio_low", 0.0, 1.0)
+  real("archer_high_clip_ratio_high", 0.0)
+  choice("entropy_quantile_scope", ENTROPY_QUANTILE_SCOPES)
 
 
 def _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT):
@@ -107,6 +158,8 @@ def _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT):
     raise ValueError(f"logp_BxT must be [batch, time]; got shape {tuple(logp_BxT.shape)}")
   stats.check_same_shape("logp_BxT", logp_BxT, old_logp_BxT=old_logp_BxT, adv_BxT=adv_BxT,
                           mask_BxT=mask_BxT, entropy_BxT=entropy_BxT)
+  if entropy_BxT is None and cfg.entropy_adv_alpha > 0:
+    raise ValueError("entropy_BxT is required when config.loss.entropy_adv_alpha > 0")
 
 
 def _check_selection_args(cfg, entropy_BxT, rng):
@@ -115,26 +168,103 @@ def _check_selection_args(cfg, entropy_BxT, rng):
                      "config.loss.token_mask is 'random'")
   if entropy_BxT is None and cfg.token_mask in ("top_entropy", "bottom_entropy", "top_quantile"):
     raise ValueError(f"entropy_BxT is required for config.loss.token_mask={cfg.token_mask!r}")
+  if entropy_BxT is None and cfg.name == "archer":
+    raise ValueError("entropy_BxT is required for config.loss.name='archer'")
 
 
-def _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, cfg, clamp_log_ratio):
-  log_ratio_BxT = logp_BxT - old_logp_BxT
+def effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg):
+  """The advantage every loss uses: entropy shaping, then positive-sample down-weighting.
+
+  Entropy-shaped advantage (arXiv 2506.14758): `A' = A + min(alpha * sg(H), |A| / kappa)`
+  (`entropy_adv_alpha`, `entropy_adv_kappa`; alpha = 0 leaves A unchanged). W-REINFORCE (arXiv
+  2506.01347): `A'' = lambda * A'` where `A' > 0` (`positive_adv_weight`; lambda = 1 leaves it).
+  Masked tokens keep their (never counted) value.
+  """
+  adv_BxT = adv_BxT.astype(jnp.float32)
+  valid_BxT = mask_BxT > 0
+  if cfg.entropy_adv_alpha > 0:
+    entropy_BxT = jax.lax.stop_gradient(entropy_BxT).astype(jnp.float32)
+    shaping_BxT = jnp.minimum(cfg.entropy_adv_alpha * entropy_BxT,
+                              jnp.abs(adv_BxT) / cfg.entropy_adv_kappa)
+    adv_BxT = jnp.where(valid_BxT, adv_BxT + shaping_BxT, adv_BxT)
+  if cfg.positive_adv_weight != 1.0:
+    adv_BxT = jnp.where(valid_BxT & (adv_BxT > 0), cfg.positive_adv_weight * adv_BxT, adv_BxT)
+  return adv_BxT
+
+
+def _log_ratio(logp_BxT, old_logp_BxT, mask_BxT):
+  """logp - old_logp on valid tokens, 0 on padding (padding never overflows an exp)."""
+  return jnp.where(mask_BxT > 0, logp_BxT - old_logp_BxT, 0.0)
+
+
+def _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, clip_low, clip_high, clamp_log_ratio):
+  log_ratio_BxT = _log_ratio(logp_BxT, old_logp_BxT, mask_BxT)
   if clamp_log_ratio:
     log_ratio_BxT = jnp.clip(log_ratio_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
   ratio_BxT = jnp.exp(log_ratio_BxT)
   l1_BxT = -adv_BxT * ratio_BxT
-  l2_BxT = -adv_BxT * jnp.clip(ratio_BxT, 1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+  l2_BxT = -adv_BxT * jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
   return ratio_BxT, l1_BxT, l2_BxT
+
+
+def _gspo_ratio(logp_BxT, old_logp_BxT, mask_BxT):
+  """GSPO's token ratio `s_it = sg(s_i) * pi / sg(pi)`, log s_it clamped at 10 from above.
+
+  `log s_i = sum_t m (logp - old_logp) / max(sum_t m, 1)`. The clamp passes the gradient up to and
+  at the cap and none beyond it (torch.clamp's), so values and gradients equal verl's `gspo`.
+  """
+  valid_BxT = mask_BxT > 0
+  log_ratio_BxT = _log_ratio(logp_BxT, old_logp_BxT, mask_BxT)
+  seq_log_ratio_B = jnp.sum(log_ratio_BxT, axis=-1) / jnp.maximum(
+      jnp.sum(valid_BxT, axis=-1), 1).astype(jnp.float32)
+  sg = jax.lax.stop_gradient
+  logp_BxT = jnp.where(valid_BxT, logp_BxT, 0.0)
+  log_s_BxT = logp_BxT - sg(logp_BxT) + sg(seq_log_ratio_B)[:, None]
+  log_s_BxT = jnp.where(log_s_BxT > GSPO_LOG_RATIO_CAP, GSPO_LOG_RATIO_CAP, log_s_BxT)
+  return jnp.exp(log_s_BxT)
+
+
+def entropy_quantile_mask(entropy_BxT, mask_BxT, q, scope):
+  """Valid tokens with entropy >= the linear-interpolation `q` quantile of valid entropies.
+
+  `scope='response'`: one quantile per row (Archer's per-response threshold); 'selection': one over
+  the whole given array. Entropy taken stop-gradient.
+  """
+  entropy_BxT = jax.lax.stop_gradient(entropy_BxT).astype(jnp.float32)
+  valid_BxT = mask_BxT > 0
+  if scope == "response":
+    threshold = jax.vmap(lambda e_T, v_T: stats.masked_quantile(e_T, v_T, q))(
+        entropy_BxT, valid_BxT)[:, None]
+  else:
+    threshold = stats.masked_quantile(entropy_BxT, valid_BxT, q)
+  return valid_BxT & (entropy_BxT >= threshold)
+
+
+def adaptive_entropy_coef(coef, entropy, cfg):
+  """Skywork-OR1 / TRL controller, once per optimizer step from the measured token-mean entropy H:
+  `c' = min(c + delta, c_max)` if `H <= target`, else `max(c - delta, c_min)`."""
+  return jnp.where(entropy <= cfg.entropy_target,
+                   jnp.minimum(coef + cfg.entropy_coef_delta, cfg.entropy_coef_max),
+                   jnp.maximum(coef - cfg.entropy_coef_delta, cfg.entropy_coef_min))
+
+
+def applied_entropy_coef(coef, last_entropy, cfg):
+  """The bonus coefficient of this optimizer step: `c * 1[H_last <= target]`, H_last the entropy
+  measured at the previous optimizer step (inf before the first: no bonus, as in TRL)."""
+  return jnp.where(last_entropy <= cfg.entropy_target, coef, 0.0)
 
 
 def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None):
   """Float32 [B, T] masks over the given arrays (one selection set), computed stop-gradient.
 
   `token_mask`: the entropy token mask (`mask` itself when token_mask='all').
-  `cov_selected`: Clip-Cov's zeroed tokens, KL-Cov's penalised tokens (zeros for ppo).
+  `cov_selected`: Clip-Cov's zeroed tokens, KL-Cov's penalised tokens (zeros for other losses).
+  `high_entropy`: Archer's high-entropy tokens (zeros for other losses).
+  Covariances use the effective advantages (`effective_advantages`).
   """
   _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
   _check_selection_args(cfg, entropy_BxT, rng)
+  adv_BxT = effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg)
   logp_BxT, old_logp_BxT, adv_BxT = jax.lax.stop_gradient(
       (logp_BxT.astype(jnp.float32), old_logp_BxT.astype(jnp.float32),
        adv_BxT.astype(jnp.float32)))
@@ -144,6 +274,9 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
   mode = TOKEN_MASKS[cfg.token_mask]
   if mode is None:
     token_mask_BxT = valid_BxT.astype(jnp.float32)
+  elif mode == "top_quantile" and cfg.entropy_quantile_scope == "response":
+    token_mask_BxT = entropy_quantile_mask(entropy_BxT, mask_BxT, 1.0 - cfg.token_mask_rho,
+                                           "response").astype(jnp.float32)
   else:
     scores_BxT = jnp.zeros_like(logp_BxT) if entropy_BxT is None else entropy_BxT
     token_mask_BxT = stats.entropy_token_mask(
@@ -152,7 +285,8 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
 
   cov_BxT = stats.token_covariance(logp_BxT, adv_BxT, mask_BxT)
   if cfg.name == "clip_cov":
-    _, l1_BxT, l2_BxT = _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, cfg, clamp_log_ratio=False)
+    _, l1_BxT, l2_BxT = _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg.clip_ratio_low,
+                                    cfg.clip_ratio_high, clamp_log_ratio=False)
     candidates_BxT = (valid_BxT & ~(l2_BxT > l1_BxT)
                       & (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub))
     k = jnp.maximum(stats.fraction_count(cfg.clip_cov_ratio, n, "floor"), 1)
@@ -163,7 +297,13 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
     selected_BxT = stats.top_k_mask(cov_BxT, valid_BxT, k)
   else:
     selected_BxT = jnp.zeros(valid_BxT.shape, bool)
-  return {"token_mask": token_mask_BxT, "cov_selected": selected_BxT.astype(jnp.float32)}
+  if cfg.name == "archer":
+    high_BxT = entropy_quantile_mask(entropy_BxT, mask_BxT, cfg.archer_entropy_quantile,
+                                     cfg.entropy_quantile_scope)
+  else:
+    high_BxT = jnp.zeros(valid_BxT.shape, bool)
+  return {"token_mask": token_mask_BxT, "cov_selected": selected_BxT.astype(jnp.float32),
+          "high_entropy": high_BxT.astype(jnp.float32)}
 
 
 def aggregate_loss(loss_BxT, mask_BxT, mode, max_len=None, *, response_mask_BxT=None):
@@ -220,52 +360,84 @@ def _safe_div(num, den):
 
 
 def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None,
-                selections=None, denominator=None):
+                selections=None, denominator=None, ref_logp_BxT=None):
   """Per-token loss of `cfg.name`, entropy-masked and aggregated by `cfg.loss_agg_mode`.
 
   Returns (numerator / denominator, metrics): the denominator is `denominator` when given (e.g.
   `global_denominator` for gradient accumulation), else the local one (`metrics['loss_den']`).
   `selections` (from `select_tokens`, e.g. over the whole update batch) replaces selecting here.
   token_mask 'top_quantile' keeps TRL's denominator (all valid tokens); the other entropy masks
-  average over the kept tokens. The KL-to-reference and entropy-bonus terms (`kl_ref_coef`,
-  `entropy_coef`) are not part of this loss: the caller adds `kl_penalty` / `entropy_bonus`.
+  average over the kept tokens. The advantages are `effective_advantages(adv_BxT, ...)`. The
+  KL-to-reference and entropy-bonus terms (`kl_ref_coef`, `entropy_coef`) are not part of this loss
+  (the caller adds `kl_penalty` / `entropy_bonus`), except archer's KL on its low-entropy tokens,
+  `kl_ref_coef * kl_penalty(logp, ref_logp_BxT)`, which is part of its per-token loss.
   """
   _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
+  archer_kl = cfg.name == "archer" and cfg.kl_ref_coef > 0
+  if archer_kl and ref_logp_BxT is None:
+    raise ValueError("ref_logp_BxT is required for config.loss.name='archer' with "
+                     "config.loss.kl_ref_coef > 0")
+  stats.check_same_shape("logp_BxT", logp_BxT, ref_logp_BxT=ref_logp_BxT)
   if selections is None:
     _check_selection_args(cfg, entropy_BxT, rng)
-  if selections is None:
     selections = select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg,
                                entropy_BxT=entropy_BxT, rng=rng)
-  elif set(selections) != {"token_mask", "cov_selected"}:
+  elif set(selections) != set(SELECTION_KEYS):
     raise ValueError(
-        f"selections must have keys token_mask, cov_selected; got {sorted(selections)}")
+        f"selections must have keys {', '.join(SELECTION_KEYS)}; got {sorted(selections)}")
   else:
     stats.check_same_shape("logp_BxT", logp_BxT, **{f"selections['{k}']": v
                                                      for k, v in selections.items()})
   logp_BxT = logp_BxT.astype(jnp.float32)
   old_logp_BxT = old_logp_BxT.astype(jnp.float32)
-  adv_BxT = adv_BxT.astype(jnp.float32)
+  adv_BxT = effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg)
   valid_BxT = mask_BxT > 0
   token_mask_BxT = jax.lax.stop_gradient(selections["token_mask"]).astype(jnp.float32)
   selected_BxT = jax.lax.stop_gradient(selections["cov_selected"]).astype(jnp.float32)
-  log_ratio_BxT = logp_BxT - old_logp_BxT
+  high_BxT = jax.lax.stop_gradient(selections["high_entropy"]).astype(jnp.float32)
+  log_ratio_BxT = _log_ratio(logp_BxT, old_logp_BxT, mask_BxT)
 
-  ratio_BxT, l1_BxT, l2_BxT = _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, cfg,
-                                          clamp_log_ratio=cfg.name != "clip_cov")
+  clip_low, clip_high = cfg.clip_ratio_low, cfg.clip_ratio_high
+  if cfg.name == "archer":
+    clip_low = jnp.where(high_BxT > 0, cfg.archer_high_clip_ratio_low, clip_low)
+    clip_high = jnp.where(high_BxT > 0, cfg.archer_high_clip_ratio_high, clip_high)
+  if cfg.name == "gspo":
+    ratio_BxT = _gspo_ratio(logp_BxT, old_logp_BxT, mask_BxT)
+    l1_BxT = -adv_BxT * ratio_BxT
+    l2_BxT = -adv_BxT * jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
+  else:
+    # Clip-Cov and KL-Cov use the unclamped ratio, as in the reference.
+    ratio_BxT, l1_BxT, l2_BxT = _clip_terms(
+        logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, clip_low, clip_high,
+        clamp_log_ratio=cfg.name not in ("clip_cov", "kl_cov"))
   zeros_BxT = jnp.zeros_like(logp_BxT)
-  clip_low_BxT = clip_high_BxT = dual_BxT = zeros_BxT
-  if cfg.name in ("ppo", "clip_cov"):
+  dual_BxT = zeros_BxT
+  if cfg.name == "cispo":  # the IS weight is clipped whatever the sign of A
+    clip_low_BxT = ratio_BxT < 1.0 - clip_low
+    clip_high_BxT = ratio_BxT > 1.0 + clip_high
+  elif cfg.name == "kl_cov":
+    clip_low_BxT = clip_high_BxT = zeros_BxT
+  else:
     clipped_BxT = jnp.maximum(l1_BxT, l2_BxT)
-    clip_low_BxT = (adv_BxT < 0) & (ratio_BxT < 1.0 - cfg.clip_ratio_low)
-    clip_high_BxT = (adv_BxT > 0) & (ratio_BxT > 1.0 + cfg.clip_ratio_high)
-  if cfg.name == "ppo":
+    clip_low_BxT = (adv_BxT < 0) & (ratio_BxT < 1.0 - clip_low)
+    clip_high_BxT = (adv_BxT > 0) & (ratio_BxT > 1.0 + clip_high)
+  if cfg.name in ("ppo", "archer"):
     dual_bound_BxT = -adv_BxT * cfg.clip_ratio_c
     dual_BxT = (adv_BxT < 0) & (clipped_BxT > dual_bound_BxT)
     loss_BxT = jnp.where(adv_BxT < 0, jnp.minimum(clipped_BxT, dual_bound_BxT), clipped_BxT)
   elif cfg.name == "clip_cov":
     loss_BxT = clipped_BxT * (1.0 - selected_BxT)
+  elif cfg.name == "gspo":
+    loss_BxT = clipped_BxT
+  elif cfg.name == "cispo":
+    weight_BxT = jax.lax.stop_gradient(jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high))
+    loss_BxT = -weight_BxT * adv_BxT * logp_BxT
   else:
     loss_BxT = l1_BxT + cfg.kl_cov_coef * selected_BxT * _abs_zero_grad_at_zero(log_ratio_BxT)
+  if archer_kl:
+    ref_logp_BxT = jnp.where(valid_BxT, ref_logp_BxT.astype(jnp.float32), logp_BxT)
+    kl_BxT = kl_penalty(logp_BxT, ref_logp_BxT, cfg.kl_ref_estimator)
+    loss_BxT = loss_BxT + cfg.kl_ref_coef * (1.0 - high_BxT) * kl_BxT
 
   if cfg.token_mask == "top_quantile":
     num, den = aggregate_loss(jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT,
@@ -296,7 +468,10 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
       "cov_topk_mean": stats.masked_mean(cov_BxT, top_cov_BxT),
       "cov_frac_in_band": stats.masked_mean(
           (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub), valid_BxT),
+      "n_high_entropy": jnp.sum(jnp.where(valid_BxT, high_BxT, 0.0)),
   }
+  if archer_kl:
+    metrics["kl_ref"] = stats.masked_mean(sg(kl_BxT), valid_BxT & (high_BxT == 0))
   if entropy_BxT is not None:
     entropy_BxT = sg(entropy_BxT).astype(jnp.float32)
     metrics["entropy_mean"] = stats.masked_mean(entropy_BxT, valid_BxT)
