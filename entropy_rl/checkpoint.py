@@ -4,24 +4,68 @@ Each step directory holds two items: `state` (arrays, sharded or not, written by
 to a shared path) and `metadata` (JSON: data position, config, PRNG key data, ...; written by
 process 0). Orbax writes into a temporary directory and renames it when complete, so a process
 killed mid-save leaves the previous checkpoint intact (leftover temporaries are removed on the
-next start). `restore()` falls back to the previous step, with a warning, when the latest is
-damaged, and refuses with one message when the saved shapes differ from the requested ones.
+next start). `restore()` falls back to the previous step, with one warning naming what was
+wrong, when the latest is damaged (a missing or unreadable file, `state/_METADATA` included),
+and refuses with one message when the saved shapes differ from the requested ones. A save that
+fails in the background is reported by `check()` as one `CheckpointSaveError` naming the step.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from entropy_rl import fileio
+
 log = logging.getLogger(__name__)
 
 
 class CheckpointShapeError(ValueError):
   """The checkpoint's arrays do not have the shapes of the state being restored."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint write failed (in the background or not); earlier checkpoints are untouched."""
+
+
+def _drop_closed_loop_errors(hook):
+  """Tensorstore reads that a failed restore abandoned finish later and report, as "unraisable",
+  that orbax's event loop is closed (dozens of tracebacks per damaged checkpoint, at random
+  times): drop exactly those; everything else goes to the previous hook."""
+
+  def unraisablehook(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+      hook(unraisable)
+
+  unraisablehook.entropy_rl = True
+  return unraisablehook
+
+
+if not getattr(sys.unraisablehook, "entropy_rl", False):
+  sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+  """Orbax's failed reads leave futures whose errors asyncio logs one by one at garbage collection
+  ("exception was never retrieved", ~1,400 lines for one damaged checkpoint); the error that
+  matters is raised and reported once by the caller."""
+  logger = logging.getLogger("asyncio")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    gc.collect()  # collect the abandoned futures while their warnings are still muted
+    logger.setLevel(level)
 
 
 def _key_name(k) -> str:
@@ -87,6 +131,19 @@ def _abstract(x, default_sharding):
                               sharding=sharding)
 
 
+class _OneLineOrbaxErrors(logging.Filter):
+  """Orbax logs a failed background save with full tracebacks (and asyncio's "Event loop is
+  closed" on top); the failure reaches the caller as one CheckpointSaveError, so keep one line."""
+
+  def filter(self, record):
+    if "/orbax/" in record.pathname and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.getLogger("absl").addFilter(_OneLineOrbaxErrors())
+
+
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of (state pytree, JSON metadata) under `directory`.
 
@@ -97,12 +154,13 @@ class Checkpointer:
   def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
     if not isinstance(max_to_keep, int) or max_to_keep < 1:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
-    self.directory = directory
+    self.directory = fileio.resolve(directory)  # orbax needs an absolute path
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save)
+    self._saving = None  # the step of the last save started
     self._mngr = ocp.CheckpointManager(
-        directory, options=options,
+        self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "metadata": ocp.JsonCheckpointHandler()})
 
@@ -126,13 +184,44 @@ class Checkpointer:
     metadata = _to_json(metadata)
     if step in self._mngr.all_steps():
       return False
-    return self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
+    self.check()
+    self._saving = step
+    try:
+      return self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(self._save_failure(step, e)) from e
+
+  def _save_failure(self, step, e) -> str:
+    intact = [s for s in self._mngr.all_steps() if s != step]
+    kept = f"the last complete checkpoint is step {max(intact)}" if intact else "none is complete"
+    return (f"saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: "
+            f"{str(e)[:300]}); {kept}")
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError if the last background save has ended in a failure.
+
+    Cheap (no waiting while a save is in progress): call it after every step so that a failed
+    write (a full disk, a lost bucket) stops the run when it happens, not at the next save.
+    """
+    if self._saving is not None and not self._mngr.is_saving_in_progress():
+      self._finish()
+
+  def _finish(self) -> None:
+    step, self._saving = self._saving, None
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointSaveError(self._save_failure(step, e)) from None
 
   def _restore_step(self, step: int, abstract_state):
     if abstract_state is not None:
       saved = self._mngr.item_metadata(step)["state"]
-      check_shapes(getattr(saved, "tree", saved), abstract_state)
+      saved = getattr(saved, "tree", saved)
+      if not jax.tree.leaves(saved) and jax.tree.leaves(abstract_state):
+        raise FileNotFoundError(f"checkpoint {step} has no readable state/_METADATA (the array "
+                                "metadata of an incomplete or damaged write)")
+      check_shapes(saved, abstract_state)
     restored = self._mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
     if restored["metadata"] is None:
@@ -163,23 +252,27 @@ class Checkpointer:
     errors = []
     for s in steps:
       try:
-        return self._restore_step(s, abstract_state)
+        with _quiet_asyncio():
+          return self._restore_step(s, abstract_state)
       except CheckpointShapeError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
         log.warning("checkpoint %d in %s is damaged (%s: %s); trying the previous one",
-                    s, self.directory, type(e).__name__, str(e)[:300])
+                    s, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
     raise FileNotFoundError(
         f"no intact checkpoint in {self.directory}:\n" + "\n".join(errors))
 
   def wait_until_finished(self) -> None:
-    self._mngr.wait_until_finished()
+    """Blocks until the pending save is on disk; CheckpointSaveError if it failed."""
+    self._finish()
 
   def close(self) -> None:
-    """Waits for pending saves, then releases the manager."""
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves, then releases the manager (CheckpointSaveError if one failed)."""
+    try:
+      self._finish()
+    finally:
+      self._mngr.close()
 
   def __enter__(self):
     return self

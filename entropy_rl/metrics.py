@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from entropy_rl import fileio
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,47 +39,10 @@ def _scalar(key: str, v):
                    f"with shape {getattr(v, 'shape', None)}")
 
 
-class _RemoteDir:
-  """Whole-file copies between a local staging directory and a URI (gs://..., file://...).
-
-  Object stores cannot append, so the writer works on local files and uploads them whole.
-  """
-
-  def __init__(self, uri: str):
-    import tensorstore as ts  # pylint: disable=g-import-not-at-top
-    self._kv = ts.KvStore.open(uri.rstrip("/") + "/").result()
-
-  def read(self, name: str) -> bytes | None:
-    r = self._kv.read(name).result()
-    return r.value if r.state == "value" else None
-
-  def write(self, name: str, data: bytes) -> None:
-    self._kv.write(name, data).result()
-
-  def upload(self, local_path: str, name: str) -> None:
-    with open(local_path, "rb") as f:
-      self.write(name, f.read())
-
-
-def _is_uri(path) -> bool:
-  return "://" in str(path)
-
-
-def _read_text(path) -> str:
-  if not _is_uri(path):
-    with open(path) as f:
-      return f.read()
-  parent, name = str(path).rsplit("/", 1)
-  data = _RemoteDir(parent).read(name)
-  if data is None:
-    raise FileNotFoundError(path)
-  return data.decode()
-
-
 def read_metrics(path) -> list[dict]:
   """Records of a metrics.jsonl file (local or URI); a line cut off by a kill is skipped."""
   records = []
-  for i, line in enumerate(_read_text(path).splitlines()):
+  for i, line in enumerate(fileio.read_text(path).splitlines()):
     if not line.strip():
       continue
     try:
@@ -90,15 +55,16 @@ def read_metrics(path) -> list[dict]:
 class MetricsWriter:
   """Appends `{"step": step, **metrics}` lines to workdir/metrics.jsonl and TensorBoard scalars.
 
-  `resume_step`: the step a resumed run restored. Lines with a larger step (written after that
-  checkpoint by the interrupted run) are dropped, and TensorBoard is told to discard its events
-  from `resume_step + 1` on, so a rerun never duplicates steps. Disabled (a no-op) when
-  `enabled=False` or on any process but 0. Non-finite values are written as NaN/Infinity
-  (Python's json reads them back). A `gs://` (any tensorstore URI) workdir is written through a
-  local staging directory uploaded every `sync_secs` and on `flush()`/`close()`.
+  `first_step`: the first step this run will write. Lines from that step on (written by an
+  earlier run after the checkpoint this one resumed from, or by a run restarted from scratch) are
+  dropped and TensorBoard is told to discard its events from `first_step` on, so a rerun never
+  duplicates steps. Disabled (a no-op) when `enabled=False` or on any process but 0. Non-finite
+  values are written as NaN/Infinity (Python's json reads them back). A URI workdir (gs://...)
+  is written through a local staging directory uploaded every `sync_secs` and on
+  `flush()`/`close()`.
   """
 
-  def __init__(self, workdir, enabled: bool = True, resume_step: int | None = None,
+  def __init__(self, workdir, enabled: bool = True, first_step: int | None = None,
                sync_secs: float = 60.0):
     self.enabled = enabled and jax.process_index() == 0
     self._file = self._tb = self._remote = None
@@ -106,27 +72,26 @@ class MetricsWriter:
     self._sync_secs, self._last_sync = sync_secs, time.monotonic()
     if not self.enabled:
       return
-    if _is_uri(workdir):
-      self._remote = _RemoteDir(str(workdir))
+    if fileio.is_uri(workdir):
+      self._remote = str(workdir)
       self.local_dir = tempfile.mkdtemp(prefix="entropy_rl_metrics_")
-      previous = self._remote.read(METRICS_FILE)
-      if previous is not None:
+      remote_file = fileio.join(self._remote, METRICS_FILE)
+      if fileio.exists(remote_file):
         with open(os.path.join(self.local_dir, METRICS_FILE), "wb") as f:
-          f.write(previous)
+          f.write(fileio.read_bytes(remote_file))
     else:
       self.local_dir = str(workdir)
       os.makedirs(self.local_dir, exist_ok=True)
     self.path = os.path.join(self.local_dir, METRICS_FILE)
-    if resume_step is not None and os.path.exists(self.path):
-      kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
+    if first_step is not None and os.path.exists(self.path):
+      kept = [r for r in read_metrics(self.path) if r.get("step", -1) < first_step]
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
       os.replace(tmp, self.path)
     self._file = open(self.path, "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    purge = None if resume_step is None else resume_step + 1
-    self._tb = SummaryWriter(os.path.join(self.local_dir, TB_DIR), purge_step=purge,
+    self._tb = SummaryWriter(os.path.join(self.local_dir, TB_DIR), purge_step=first_step,
                              flush_secs=30)
 
   def write(self, step: int, metrics: Mapping) -> None:
@@ -144,10 +109,7 @@ class MetricsWriter:
       self.flush()
 
   def _upload(self) -> None:
-    self._remote.upload(self.path, METRICS_FILE)
-    tb_dir = os.path.join(self.local_dir, TB_DIR)
-    for name in os.listdir(tb_dir):
-      self._remote.upload(os.path.join(tb_dir, name), f"{TB_DIR}/{name}")
+    fileio.upload_dir(self.local_dir, self._remote)
     self._last_sync = time.monotonic()
 
   def flush(self) -> None:
@@ -229,13 +191,9 @@ def plot_metrics(metrics_jsonl_path, keys: Sequence[str], out_png) -> str:
     ax.grid(alpha=0.3)
   axes[-1, 0].set_xlabel("step")
   fig.tight_layout()
-  if _is_uri(out_png):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    parent, name = str(out_png).rsplit("/", 1)
-    _RemoteDir(parent).write(name, buf.getvalue())
-  else:
-    fig.savefig(out_png, dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  fileio.write_bytes(out_png, buf.getvalue())
   plt.close(fig)
   return str(out_png)
 

@@ -63,7 +63,7 @@ def test_roundtrip_sharded_keep_last_and_metadata(tmp_path):
 
 # Orbax leaves the failed read's sibling tasks unretrieved; harmless noise.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["array_files", "json", "state_dir"])
+@pytest.mark.parametrize("damage", ["array_files", "json", "state_dir", "state_metadata"])
 def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
   d = str(tmp_path / "ckpt")
   with checkpoint.Checkpointer(d) as ckpt:
@@ -75,6 +75,8 @@ def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
         fh.write(b"garbage")
   elif damage == "json":
     os.remove(f"{d}/2/metadata/metadata")
+  elif damage == "state_metadata":
+    os.remove(f"{d}/2/state/_METADATA")
   else:
     for f in glob.glob(f"{d}/2/state/**/manifest.ocdbt", recursive=True):
       os.remove(f)
@@ -140,3 +142,60 @@ def test_bad_metadata(tmp_path):
       ckpt.save(1, _state(), {"step": 5})
     with pytest.raises(ValueError, match="max_to_keep"):
       checkpoint.Checkpointer(str(tmp_path / "x"), max_to_keep=0)
+
+
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with checkpoint.Checkpointer("runs/x/checkpoints") as ckpt:
+    assert ckpt.directory == str(tmp_path / "runs/x/checkpoints")
+    ckpt.save(1, _state(1), {"cursor": 1})
+  with checkpoint.Checkpointer("runs/x/checkpoints") as ckpt:
+    state, meta = ckpt.restore(abstract_state=_state())
+  _assert_tree_equal(state, _state(1))
+  assert meta["cursor"] == 1
+
+
+def test_background_save_failure_is_reported_once_by_check(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  async def disk_full(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  d = str(tmp_path / "ckpt")
+  ckpt = checkpoint.Checkpointer(d)
+  ckpt.save(1, _state(1))
+  ckpt.wait_until_finished()
+  with monkeypatch.context() as m:
+    m.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+    ckpt.save(2, _state(2))
+    with pytest.raises(checkpoint.CheckpointSaveError,
+                       match="checkpoint 2 .*No space left.*last complete checkpoint is step 1"):
+      for _ in range(200):  # the failure is reported as soon as the background save has ended
+        ckpt.check()
+        import time
+        time.sleep(0.05)
+    ckpt.check()  # reported once
+  ckpt.close()
+  with checkpoint.Checkpointer(d) as again:
+    assert again.restore(abstract_state=_state())[1]["step"] == 1
+
+
+def test_damaged_restore_is_one_warning_not_pages_of_noise(tmp_path, capfd):
+  d = str(tmp_path / "ckpt")
+  big = {f"w{i}": jnp.full((32, 32), float(i)) for i in range(40)}
+  with checkpoint.Checkpointer(d) as ckpt:
+    ckpt.save(1, big)
+    ckpt.save(2, big)
+  for f in glob.glob(f"{d}/2/state/**/d/*", recursive=True):
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+  capfd.readouterr()
+  with checkpoint.Checkpointer(d) as ckpt:
+    assert ckpt.restore(abstract_state=big)[1]["step"] == 1
+  import gc
+  import time
+  gc.collect()
+  time.sleep(0.5)  # abandoned reads finish late
+  err = capfd.readouterr().err
+  assert "never retrieved" not in err and "Event loop is closed" not in err
+  assert len([l for l in err.splitlines() if "Traceback" in l]) == 0

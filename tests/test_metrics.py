@@ -54,7 +54,7 @@ def test_resume_drops_later_steps_and_purges_tensorboard(tmp_path):
       w.write(step, {"r": step})
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 6, "r": ')  # A write cut off by the kill.
-  with metrics.MetricsWriter(str(tmp_path), resume_step=3) as w:
+  with metrics.MetricsWriter(str(tmp_path), first_step=4) as w:
     w.write(4, {"r": 40})
   recs = metrics.read_metrics(tmp_path / "metrics.jsonl")
   assert [(r["step"], r["r"]) for r in recs] == [(1, 1), (2, 2), (3, 3), (4, 40)]
@@ -85,7 +85,7 @@ def test_uri_workdir_uploads_and_resumes(tmp_path):
   remote = tmp_path / "bucket" / "run"
   assert [r["step"] for r in metrics.read_metrics(remote / "metrics.jsonl")] == [1, 2]
   assert glob.glob(str(remote / "tb" / "events.*"))
-  with metrics.MetricsWriter(uri, resume_step=1) as w:
+  with metrics.MetricsWriter(uri, first_step=2) as w:
     w.write(2, {"r": 20.0})
   assert [r["r"] for r in metrics.read_metrics(uri + "/metrics.jsonl")] == [1.0, 20.0]
   metrics.plot_metrics(uri + "/metrics.jsonl", ["r"], uri + "/plot.png")
@@ -118,3 +118,24 @@ def test_plot_and_summary_table(tmp_path):
   assert table[4] == "| acc | - | - | - | - | 0 |"
   with pytest.raises(ValueError, match="keys"):
     metrics.plot_metrics(path, [], tmp_path / "q.png")
+
+
+def test_restart_from_scratch_replaces_every_row(tmp_path):
+  with metrics.MetricsWriter(str(tmp_path)) as w:
+    for step in range(3):
+      w.write(step, {"r": step})
+  with metrics.MetricsWriter(str(tmp_path), first_step=0) as w:
+    w.write(0, {"r": 10})
+    w.write(1, {"r": 11})
+  recs = metrics.read_metrics(tmp_path / "metrics.jsonl")
+  assert [(r["step"], r["r"]) for r in recs] == [(0, 10), (1, 11)]
+
+
+def test_memory_uri_workdir_writes_nothing_locally(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  uri = "memory://bucket/metrics_run"
+  with metrics.MetricsWriter(uri) as w:
+    w.write(1, {"r": 1.0})
+  metrics.plot_metrics(uri + "/metrics.jsonl", ["r"], uri + "/curves.png")
+  assert [r["step"] for r in metrics.read_metrics(uri + "/metrics.jsonl")] == [1]
+  assert os.listdir(tmp_path) == []
