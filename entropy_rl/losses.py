@@ -113,10 +113,6 @@ def validate_loss_config(cfg, prefix="config.loss"):
     if not ok:
       fail(key, f"a real number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
 
-  def boolean(key):
-    if not isinstance(cfg[key], bool):
-      fail(key, "True or False")
-
   choice("name", LOSS_NAMES)
   real("clip_ratio_low", 0.0, 1.0)
   real("clip_ratio_high", 0.0)
@@ -135,7 +131,6 @@ def validate_loss_config(cfg, prefix="config.loss"):
   real("kl_ref_coef", 0.0)
   choice("kl_ref_estimator", KL_ESTIMATORS)
   real("entropy_coef")
-  boolean("adaptive_entropy")
   real("entropy_target", 0.0)
   real("entropy_coef_delta", 0.0)
   real("entropy_coef_min", 0.0)

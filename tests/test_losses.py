@@ -107,7 +107,11 @@ def test_default_config_is_valid():
     ("clip_cov_ub", 0.5), ("kl_cov_ratio", 0.0), ("kl_cov_coef", -1.0),
     ("loss_agg_mode", "mean"), ("token_mask", "top"), ("token_mask_rho", 0.0),
     ("token_mask_rho", 1.2), ("selection_scope", "device"), ("kl_ref_coef", -0.1),
-    ("kl_ref_estimator", "k4"), ("entropy_coef", float("nan"))])
+    ("kl_ref_estimator", "k4"), ("entropy_coef", float("nan")), ("entropy_target", -0.1), ("entropy_coef_delta", -0.01), ("entropy_coef_min", -1.0),
+    ("entropy_coef_max", -1.0), ("entropy_adv_alpha", -0.4), ("entropy_adv_kappa", 0.0),
+    ("positive_adv_weight", -0.1), ("archer_entropy_quantile", 1.5),
+    ("archer_high_clip_ratio_low", 1.5), ("archer_high_clip_ratio_high", -0.5),
+    ("entropy_quantile_scope", "batch")])
 def test_bad_config_names_the_field(batch, field, value):
   cfg = make_cfg(**{field: value})
   with pytest.raises(ValueError, match=rf"config\.loss\.{field}\b"):
@@ -115,6 +119,13 @@ def test_bad_config_names_the_field(batch, field, value):
   with pytest.raises(ValueError, match=rf"config\.loss\.{field}\b"):
     losses.policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"], cfg,
                        rng=jax.random.key(0))
+
+
+def test_adaptive_entropy_initial_coef_must_lie_in_its_bounds():
+  cfg = make_cfg(adaptive_entropy=True, entropy_coef=0.5, entropy_coef_max=0.1)
+  with pytest.raises(ValueError, match=r"config\.loss\.entropy_coef\b"):
+    losses.validate_loss_config(cfg)
+  losses.validate_loss_config(make_cfg(entropy_coef=0.5, entropy_coef_max=0.1))  # not adaptive
 
 
 def test_bad_arguments_raise_before_tracing(batch):
@@ -131,6 +142,16 @@ def test_bad_arguments_raise_before_tracing(batch):
     losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(token_mask="random"))
   with pytest.raises(ValueError, match="entropy_BxT"):
     losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(token_mask="top_entropy"))
+  with pytest.raises(ValueError, match="entropy_BxT"):
+    losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(name="archer"))
+  with pytest.raises(ValueError, match="entropy_BxT"):
+    losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(entropy_adv_alpha=0.4))
+  with pytest.raises(ValueError, match="ref_logp_BxT"):
+    losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"],
+                       make_cfg(name="archer", kl_ref_coef=0.1), entropy_BxT=b["entropy"])
+  with pytest.raises(ValueError, match="selections"):
+    losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(),
+                       selections={"token_mask": b["mask"], "cov_selected": b["mask"]})
   with pytest.raises(ValueError, match="num_microbatches"):
     losses.global_denominator(b["mask"], make_cfg(), 3)
   with pytest.raises(ValueError, match="mode"):
@@ -252,7 +273,7 @@ def test_kl_cov_penalises_top_covariance_tokens(batch):
                                         cfg)["cov_selected"]) > 0
   np.testing.assert_array_equal(sel, top)
   assert float(metrics["n_cov_selected"]) == k
-  ratio, l1, _ = np_clip_terms(b["logp"], b["old"], b["adv"], cfg, clamp=True)
+  ratio, l1, _ = np_clip_terms(b["logp"], b["old"], b["adv"], cfg, clamp=False)
   log_ratio = b["logp"].astype(np.float64) - b["old"]
   l = l1 + 0.7 * top * np.abs(log_ratio)
   np.testing.assert_allclose(loss, np.where(valid, l, 0).sum() / n, rtol=1e-5)
@@ -272,6 +293,245 @@ def test_kl_cov_on_policy_is_plain_policy_gradient(batch):
   assert float(metrics["n_cov_selected"]) == math.floor(0.5 * n)
   np.testing.assert_allclose(loss, -b["adv"][valid].astype(np.float64).sum() / n, rtol=1e-5)
   np.testing.assert_allclose(grad, np.where(valid, -b["adv"], 0) / n, rtol=1e-6, atol=1e-8)
+
+
+def test_kl_cov_has_no_log_ratio_clamp(batch):
+  """verl's kl_cov takes exp(logp - old_logp) unclamped: |log-ratio| > 20 still carries gradient."""
+  b = {k: v.copy() for k, v in batch.items()}
+  b["adv"][0] = 0.5
+  b["old"][0, :2] = b["logp"][0, :2] - np.array([25.0, -30.0], np.float32)
+  pad = np.argwhere(b["mask"] == 0)[0]
+  b["old"][tuple(pad)] = b["logp"][tuple(pad)] - 500.0  # padding may not overflow into NaN
+  cfg = make_cfg(name="kl_cov", kl_cov_ratio=0.1, kl_cov_coef=0.7)
+  loss, _, grad = _loss_and_grad(b, cfg)
+  valid = b["mask"] > 0
+  n = valid.sum()
+  top = np_top_mask(np_cov(b["logp"], b["adv"], b["mask"]), valid, max(1, math.floor(0.1 * n)))
+  log_ratio = np.where(valid, b["logp"].astype(np.float64) - b["old"], 0.0)
+  ratio = np.exp(log_ratio)
+  a = b["adv"].astype(np.float64)
+  l = -a * ratio + 0.7 * top * np.abs(log_ratio)
+  np.testing.assert_allclose(loss, np.where(valid, l, 0).sum() / n, rtol=1e-5)
+  ref_grad = np.where(valid, -a * ratio + 0.7 * top * np.sign(log_ratio), 0) / n
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
+  assert abs(grad[0, 0]) > 1e8 and np.all(np.isfinite(grad))  # e^25 / n, not 0 as under a clamp
+
+
+# ----------------------------------------------------------------------------- GSPO, CISPO
+
+
+def np_agg_weights(m, mode, resp=None):
+  """d(aggregated loss) / d(per-token loss l_bt) for `np_aggregate`."""
+  m = np.asarray(m, np.float64)
+  resp = m if resp is None else resp
+  rows = (resp > 0).any(-1).sum()
+  if mode == "token-mean":
+    return m / m.sum()
+  if mode == "seq-mean-token-sum":
+    return m / rows
+  if mode == "seq-mean-token-mean":
+    return m / np.maximum(m.sum(-1, keepdims=True), 1) / rows
+  return m / (rows * m.shape[-1])
+
+
+def np_gspo(logp, old, adv, mask, lo, hi):
+  """verl's compute_policy_loss_gspo per token: loss and d loss_bt / d logp_bt (float64)."""
+  valid = mask > 0
+  log_ratio = np.where(valid, logp.astype(np.float64) - old, 0.0)
+  seq = log_ratio.sum(-1) / np.maximum(valid.sum(-1), 1)
+  capped = seq > 10.0
+  s = np.exp(np.minimum(seq, 10.0))[:, None] * np.ones_like(log_ratio)
+  a = adv.astype(np.float64)
+  l1, l2 = -a * s, -a * np.clip(s, 1 - lo, 1 + hi)
+  dl = np.where((l1 >= l2) & ~capped[:, None], -a * s, 0.0)
+  return np.maximum(l1, l2), dl
+
+
+@pytest.fixture(scope="module")
+def gspo_batch(batch):
+  b = {k: v.copy() for k, v in batch.items()}
+  rng = np.random.default_rng(1)
+  shift = rng.normal(size=(b["mask"].shape[0], 1)) * 0.05  # sequence log-ratios around 0
+  b["old"] = (b["logp"] - shift + rng.normal(size=b["logp"].shape) * 0.02).astype(np.float32)
+  b["old"][3] = b["logp"][3] - 12.0  # mean log-ratio 12 > 10: capped, no gradient
+  b["adv"][3] = -1.0  # A < 0: the unclipped branch, so only the cap stops the gradient
+  b["old"][b["mask"] == 0] = 7.0
+  return b
+
+
+@pytest.mark.parametrize("mode", losses.AGG_MODES)
+@pytest.mark.parametrize("clip", [(0.02, 0.03), (3e-4, 4e-4)])
+def test_gspo_matches_verl_in_every_aggregation_mode(gspo_batch, mode, clip):
+  b = gspo_batch
+  cfg = make_cfg(name="gspo", clip_ratio_low=clip[0], clip_ratio_high=clip[1], loss_agg_mode=mode)
+  loss, metrics, grad = _loss_and_grad(b, cfg)
+  l, dl = np_gspo(b["logp"], b["old"], b["adv"], b["mask"], *clip)
+  num, den = np_aggregate(l, b["mask"], mode)
+  np.testing.assert_allclose(loss, num / den, rtol=1e-5)
+  np.testing.assert_allclose(grad, dl * np_agg_weights(b["mask"], mode), rtol=1e-5, atol=1e-8)
+  valid = b["mask"] > 0
+  live = valid & (dl != 0)
+  assert live.any() and (valid & (dl == 0)).any() and np.all(grad[3] == 0)
+  # The gradient is per token although the ratio is per sequence: rows share s_i, not gradients.
+  assert float(metrics["clipfrac_high"]) + float(metrics["clipfrac_low"]) > 0
+
+
+def test_gspo_ratio_is_the_sequence_geometric_mean(gspo_batch):
+  b = gspo_batch
+  valid = b["mask"] > 0
+  s = np.asarray(losses._gspo_ratio(jnp.asarray(b["logp"]), jnp.asarray(b["old"]), b["mask"]))
+  seq = np.where(valid, b["logp"].astype(np.float64) - b["old"], 0).sum(-1) / np.maximum(
+      valid.sum(-1), 1)
+  np.testing.assert_allclose(s[valid], np.broadcast_to(np.exp(np.minimum(seq, 10))[:, None],
+                                                       s.shape)[valid], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("clip", [(0.2, 0.28), (1.0, 0.2)])
+def test_cispo_matches_verl(batch, mode, clip):
+  b = {k: v.copy() for k, v in batch.items()}
+  b["old"][0, :3] = b["logp"][0, :3] - np.array([30.0, -30.0, 0.5])  # beyond the +-20 clamp
+  cfg = make_cfg(name="cispo", clip_ratio_low=clip[0], clip_ratio_high=clip[1], loss_agg_mode=mode)
+  loss, metrics, grad = _loss_and_grad(b, cfg)
+  valid = b["mask"] > 0
+  ratio = np.exp(np.clip(np.where(valid, b["logp"].astype(np.float64) - b["old"], 0), -20, 20))
+  w = np.clip(ratio, 1 - clip[0], 1 + clip[1])
+  a = b["adv"].astype(np.float64)
+  num, den = np_aggregate(-w * a * b["logp"], b["mask"], mode)
+  np.testing.assert_allclose(loss, num / den, rtol=1e-5)
+  np.testing.assert_allclose(grad, -w * a * np_agg_weights(b["mask"], mode), rtol=1e-5, atol=1e-8)
+  assert np.all(grad[valid & (a != 0)] != 0)  # clipped weights still pass gradient through logp
+  np.testing.assert_allclose(metrics["clipfrac_high"], (ratio > 1 + clip[1])[valid].mean(),
+                             rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- Archer, advantages
+
+
+def np_high_entropy(e, mask, q, per_response):
+  valid = mask > 0
+  if not per_response:
+    return valid & (e >= np.quantile(e[valid].astype(np.float64), q))
+  high = np.zeros_like(valid)
+  for i in np.flatnonzero(valid.any(-1)):
+    high[i] = valid[i] & (e[i] >= np.quantile(e[i][valid[i]].astype(np.float64), q))
+  return high
+
+
+@pytest.mark.parametrize("scope", ["response", "selection"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
+def test_archer_dual_token_constraints(batch, scope, mode):
+  b = {k: v.copy() for k, v in batch.items()}
+  rng = np.random.default_rng(2)
+  b["old"] = (b["logp"] + rng.normal(size=b["logp"].shape) * 0.4).astype(np.float32)
+  ref = (b["logp"] + rng.normal(size=b["logp"].shape) * 0.3).astype(np.float32)
+  cfg = make_cfg(name="archer", kl_ref_coef=0.3, entropy_quantile_scope=scope, loss_agg_mode=mode,
+                 clip_ratio_low=0.1, clip_ratio_high=0.1, archer_high_clip_ratio_low=0.4,
+                 archer_high_clip_ratio_high=0.5)
+  loss, metrics, grad = _loss_and_grad(b, cfg, entropy_BxT=b["entropy"], ref_logp_BxT=ref)
+  valid = b["mask"] > 0
+  high = np_high_entropy(b["entropy"], b["mask"], 0.8, scope == "response")
+  sel = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
+                             entropy_BxT=b["entropy"])["high_entropy"]
+  np.testing.assert_array_equal(np.asarray(sel) > 0, high)
+  lp, a = b["logp"].astype(np.float64), b["adv"].astype(np.float64)
+  raw = lp - b["old"]
+  ratio = np.exp(np.clip(raw, -20, 20))
+  lo, hi = np.where(high, 0.4, 0.1), np.where(high, 0.5, 0.1)
+  l1, l2 = -a * ratio, -a * np.clip(ratio, 1 - lo, 1 + hi)
+  clipped = np.maximum(l1, l2)
+  dual = (a < 0) & (clipped > -3 * a)
+  l = np.where(dual, -3 * a, clipped)
+  d = lp - ref
+  l = l + 0.3 * ~high * (np.exp(-d) + d - 1)
+  num, den = np_aggregate(l, b["mask"], mode)
+  np.testing.assert_allclose(loss, num / den, rtol=1e-5)
+  pg_dl = np.where((l1 >= l2) & ~dual, -a * ratio, 0)
+  dl = pg_dl + 0.3 * ~high * (1 - np.exp(-d))
+  np.testing.assert_allclose(grad, dl * np_agg_weights(b["mask"], mode), rtol=1e-5, atol=1e-8)
+  # Ratios between the two clip ranges: clipped on low-entropy tokens only.
+  between = valid & (-a * np.clip(ratio, 0.9, 1.1) > l1) & (np.abs(ratio - 1) < 0.4) & ~dual
+  assert (between & high & (pg_dl != 0)).any() and (between & ~high & (pg_dl == 0)).any()
+  assert float(metrics["n_high_entropy"]) == high.sum()
+  kl_low = (np.exp(-d) + d - 1)[valid & ~high]
+  np.testing.assert_allclose(metrics["kl_ref"], kl_low.mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["response", "selection"])
+def test_top_quantile_token_mask_scope(batch, scope):
+  b = batch
+  cfg = make_cfg(token_mask="top_quantile", token_mask_rho=0.3, entropy_quantile_scope=scope)
+  keep = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
+                              entropy_BxT=b["entropy"])["token_mask"]
+  np.testing.assert_array_equal(np.asarray(keep) > 0,
+                                np_high_entropy(b["entropy"], b["mask"], 0.7, scope == "response"))
+
+
+@pytest.mark.parametrize("alpha,kappa,lam", [(0.4, 2.0, 1.0), (5.0, 2.0, 1.0), (0.0, 2.0, 0.1),
+                                             (0.4, 2.0, 0.1)])
+def test_entropy_shaped_and_positive_weighted_advantages(batch, alpha, kappa, lam):
+  b = batch
+  cfg = make_cfg(entropy_adv_alpha=alpha, entropy_adv_kappa=kappa, positive_adv_weight=lam)
+
+  def f(logp, entropy):
+    return losses.policy_loss(logp, b["old"], b["adv"], b["mask"], cfg, entropy_BxT=entropy)[0]
+
+  loss, (grad, grad_entropy) = jax.value_and_grad(f, argnums=(0, 1))(
+      jnp.asarray(b["logp"]), jnp.asarray(b["entropy"]))
+  valid = b["mask"] > 0
+  a = b["adv"].astype(np.float64)
+  shaped = a + np.minimum(alpha * b["entropy"], np.abs(a) / kappa)
+  shaped = np.where(shaped > 0, lam * shaped, shaped)
+  np.testing.assert_allclose(
+      losses.effective_advantages(b["adv"], b["entropy"], b["mask"], cfg)[valid], shaped[valid],
+      rtol=1e-5)
+  l = np_ppo(b["logp"], b["old"], shaped, cfg)
+  n = valid.sum()
+  np.testing.assert_allclose(float(loss), np.where(valid, l, 0).sum() / n, rtol=1e-5)
+  ratio, l1, l2 = np_clip_terms(b["logp"], b["old"], shaped, cfg, clamp=True)
+  dual = (shaped < 0) & (np.maximum(l1, l2) > -shaped * cfg.clip_ratio_c)
+  live = valid & (l1 >= l2) & ~dual
+  np.testing.assert_allclose(grad, np.where(live, -shaped * ratio, 0) / n, rtol=1e-5, atol=1e-7)
+  assert np.all(np.asarray(grad_entropy) == 0)  # sg(H): no gradient through the shaping
+  if alpha > 0:  # the shaping never flips a sign for kappa > 1
+    assert np.all(np.sign(shaped[valid & (a != 0)]) == np.sign(a[valid & (a != 0)]))
+    assert np.any(shaped[valid] != a[valid])
+
+
+def test_adaptive_entropy_controller():
+  cfg = make_cfg(adaptive_entropy=True, entropy_coef=0.01, entropy_target=1.0,
+                 entropy_coef_delta=0.004, entropy_coef_min=0.002, entropy_coef_max=0.02)
+  entropies = [1.5, 1.2, 0.9, 0.5, 0.7, 1.0, 2.0, 3.0, 0.1, 0.1, 0.1, 0.1]
+  coef, last = 0.01, math.inf
+  jc, jl = jnp.float32(0.01), jnp.float32(jnp.inf)
+  for h in entropies:
+    applied = coef if last <= 1.0 else 0.0
+    np.testing.assert_allclose(losses.applied_entropy_coef(jc, jl, cfg), applied, rtol=1e-6)
+    coef = min(coef + 0.004, 0.02) if h <= 1.0 else max(coef - 0.004, 0.002)
+    jc, jl = losses.adaptive_entropy_coef(jc, jnp.float32(h), cfg), jnp.float32(h)
+    last = h
+    np.testing.assert_allclose(jc, coef, rtol=1e-6)
+  assert float(jc) == np.float32(0.02)  # held at the maximum
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("gspo", {}), ("cispo", {}), ("archer", {"entropy_quantile_scope": "response"}),
+    ("archer", {"entropy_quantile_scope": "selection"})])
+def test_new_losses_accumulate_over_microbatches(batch, name, extra):
+  b = batch
+  args = [jnp.asarray(b[k]) for k in ("logp", "old", "adv", "mask")]
+  micro, rows = 4, b["mask"].shape[0] // 4
+  for mode in losses.AGG_MODES:
+    cfg = make_cfg(name=name, loss_agg_mode=mode, selection_scope="global", **extra)
+    full, _ = losses.policy_loss(*args, cfg, entropy_BxT=b["entropy"])
+    sel = losses.select_tokens(*args, cfg, entropy_BxT=b["entropy"])
+    den = losses.global_denominator(b["mask"], cfg, micro)
+    total = sum(float(losses.policy_loss(
+        *[x[i * rows:(i + 1) * rows] for x in args], cfg,
+        entropy_BxT=b["entropy"][i * rows:(i + 1) * rows],
+        selections={k: v[i * rows:(i + 1) * rows] for k, v in sel.items()},
+        denominator=den)[0]) for i in range(micro))
+    np.testing.assert_allclose(total, float(full), rtol=1e-5, atol=1e-7, err_msg=mode)
 
 
 # ----------------------------------------------------------------------------- entropy masks
