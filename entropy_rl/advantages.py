@@ -1,10 +1,13 @@
 """Outcome advantages over groups of G responses per prompt, rewards shaped [prompts, group].
 
-A group of one has mean 0 and std 1 (as in verl): its advantage is its reward (GRPO: / (1 + eps)).
+A group of one has mean 0 and std 1 (as in verl): its advantage is its reward (GRPO: / (1 + eps));
+QAE's baseline of a group of one is likewise 0.
 """
+import math
+
 import jax.numpy as jnp
 
-ESTIMATORS = ("grpo", "drgrpo", "rloo")
+ESTIMATORS = ("grpo", "drgrpo", "rloo", "qae")
 
 
 def _rewards(rewards_PxG):
@@ -20,14 +23,16 @@ def _group_mean(rewards_PxG):
   return jnp.mean(rewards_PxG, axis=1, keepdims=True)
 
 
+def _group_std(rewards_PxG):
+  if rewards_PxG.shape[1] == 1:
+    return jnp.ones_like(rewards_PxG)
+  return jnp.std(rewards_PxG, axis=1, keepdims=True, ddof=1)
+
+
 def grpo_advantages(rewards_PxG, eps=1e-6):
   """GRPO: `(r - mean_g) / (std_g + eps)` with the unbiased (ddof=1) group std."""
   rewards_PxG = _rewards(rewards_PxG)
-  if rewards_PxG.shape[1] == 1:
-    std_Px1 = jnp.ones_like(rewards_PxG)
-  else:
-    std_Px1 = jnp.std(rewards_PxG, axis=1, keepdims=True, ddof=1)
-  return (rewards_PxG - _group_mean(rewards_PxG)) / (std_Px1 + eps)
+  return (rewards_PxG - _group_mean(rewards_PxG)) / (_group_std(rewards_PxG) + eps)
 
 
 def drgrpo_advantages(rewards_PxG):
@@ -45,8 +50,31 @@ def rloo_advantages(rewards_PxG):
   return (rewards_PxG - _group_mean(rewards_PxG)) * (g / (g - 1))
 
 
-def compute_advantages(rewards_PxG, estimator):
-  """Dispatch on `estimator` in ('grpo', 'drgrpo', 'rloo')."""
+def qae_advantages(rewards_PxG, quantile=0.4, eps=1e-6):
+  """QAE (arXiv 2509.22611): `(r - Q_K(r_group)) / (std_g + eps)`, GRPO with the mean baseline
+  replaced by the group's K-quantile (`quantile`), unbiased std.
+
+  Q_K is the inverted-CDF quantile, the smallest group reward r with #{r_j <= r} >= K * G
+  (the ceil(K * G)-th smallest; the smallest for K = 0). With binary rewards and success rate p it
+  is 0 when p <= 1 - K (only successes get a nonzero, positive advantage) and 1 otherwise (only
+  failures, negative): the paper's two regimes.
+  """
+  if not 0.0 <= quantile <= 1.0:
+    raise ValueError(f"quantile must be in [0, 1]; got {quantile!r}")
+  rewards_PxG = _rewards(rewards_PxG)
+  g = rewards_PxG.shape[1]
+  if g == 1:
+    baseline_Px1 = jnp.zeros_like(rewards_PxG)
+  else:
+    rank = max(math.ceil(round(quantile * g, 9)), 1)  # K * G snapped: 0.4 * 5 is 2, not 2.0000001
+    baseline_Px1 = jnp.sort(rewards_PxG, axis=1)[:, rank - 1:rank]
+  return (rewards_PxG - baseline_Px1) / (_group_std(rewards_PxG) + eps)
+
+
+def compute_advantages(rewards_PxG, estimator, *, qae_quantile=0.4):
+  """Dispatch on `estimator` in ('grpo', 'drgrpo', 'rloo', 'qae'); `qae_quantile` is QAE's K."""
+  if estimator == "qae":
+    return qae_advantages(rewards_PxG, qae_quantile)
   if estimator == "grpo":
     return grpo_advantages(rewards_PxG)
   if estimator == "drgrpo":

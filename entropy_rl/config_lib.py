@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = 0
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.advantage = "grpo"  # grpo | drgrpo | rloo
+  c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae
+  c.rl.qae_quantile = 0.4  # QAE's K (rl.advantage = 'qae'), in [0, 1]
   c.rl.num_minibatches = 4
   c.rl.num_microbatches = 1
   c.rl.ppo_epochs = 1
@@ -197,7 +198,7 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "task.source": ("synthetic", "jsonl", "tfds"),
     "reward.name": ("task", "math"),
-    "rl.advantage": ("grpo", "drgrpo", "rloo"),
+    "rl.advantage": ("grpo", "drgrpo", "rloo", "qae"),
     "optim.schedule": ("constant", "cosine"),
     "distributed": ("auto", "on", "off"),
 }

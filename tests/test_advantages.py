@@ -58,3 +58,35 @@ def test_bad_arguments(rewards):
     advantages.compute_advantages(rewards, "ppo")
   with pytest.raises(ValueError, match="rewards_PxG"):
     advantages.grpo_advantages(rewards.reshape(-1))
+
+
+def np_qae(r, k, eps=1e-6):
+  r = np.asarray(r, np.float64)
+  if r.shape[1] == 1:
+    return r / (1.0 + eps)
+  baseline = np.quantile(r, k, axis=1, method="inverted_cdf", keepdims=True)
+  return (r - baseline) / (r.std(1, ddof=1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("group", [8, 3, 1])
+@pytest.mark.parametrize("k", [0.4, 0.25, 0.9, 0.0, 1.0])
+def test_qae_matches_numpy(rewards, group, k):
+  r = rewards[:, :group]
+  out = advantages.compute_advantages(r, "qae", qae_quantile=k)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, np_qae(r, k), rtol=1e-5, atol=1e-6)
+
+
+def test_qae_two_regimes_on_binary_rewards():
+  """K = 0.4, G = 10: success rate p <= 0.6 -> only successes move; p > 0.6 -> only failures."""
+  r = np.zeros((2, 10), np.float32)
+  r[0, :6] = 1.0  # p = 0.6: hard regime, baseline 0
+  r[1, :7] = 1.0  # p = 0.7: easy regime, baseline 1
+  a = np.asarray(advantages.qae_advantages(r, 0.4))
+  assert np.all(a[0, :6] > 0) and np.all(a[0, 6:] == 0)
+  assert np.all(a[1, :7] == 0) and np.all(a[1, 7:] < 0)
+  r = np.array([[1, 1, 1, 0, 0, 0, 0, 0, 0, 0]], np.float32)  # p = 1 - K exactly: baseline 0
+  a = np.asarray(advantages.qae_advantages(r, 0.7))  # 0.7 * 10 = 7.000000000000001 in float64
+  assert np.all(a[0, :3] > 0) and np.all(a[0, 3:] == 0)
+  with pytest.raises(ValueError, match="quantile"):
+    advantages.qae_advantages(r, 1.5)
