@@ -1,15 +1,27 @@
-"""KV-cache sampler: a jitted prefill, then a jitted `lax.while_loop` decode over a donated cache.
+"""KV-cache sampler with continuous batching: a jitted prefill, then a jitted `lax.while_loop` that
+decodes a fixed number of rows in flight over a donated cache.
 
-Prompts arrive left-padded (`prompt_mask_BxP` marks real tokens), so every row's last prompt slot
-is a real token and response token t sits at cache slot P + t for every row. Each prompt is
-prefilled once and its cache rows repeated G times, prompt-major (row n belongs to prompt n // G).
-Token t is drawn with key `fold_in(rng, t)` from softmax(logits / T) (by two-level inverse CDF,
-`_categorical`), optionally truncated by top-k then top-p, or taken greedily; its log-prob and the entropy are those of the temperature-scaled FULL distribution,
-computed by `stats.token_logprobs_and_entropy`, exactly what the trainer recomputes. A row is done
-after emitting a stop id (the stop token is part of the response); the loop ends when every row is
-done or after `max_new_tokens`.
+Prompts arrive left-padded (`prompt_mask_BxP` marks real tokens). Each prompt is prefilled once,
+into a cache of its P prompt slots only; every (prompt, sample) pair n = b * G + g (prompt-major)
+then draws its response token 0 from that prefill. Pairs that need more tokens wait in a queue, in
+index order; R = `max_rows_in_flight` slots (0: one per pair) each hold one pair: its prompt's
+cache rows copied into slots 0 .. P - 1 of a row of P + L slots, response token t at slot P + t, its
+own position and write offset. A decode step advances every slot by one token; a slot whose pair
+emits a stop id (the stop token is part of the response) or reaches `max_new_tokens` takes the next
+queued pair; the loop ends when queue and slots are empty. Every shape is static; the KV cache
+holds R x (P + L) slots, whatever the number of pairs.
 
-Both jitted functions are module-level with the model and the sampling settings static, so each
+Token t of pair n is drawn with key `fold_in(fold_in(rng, n), t)` from softmax(logits / T) (by
+two-level inverse CDF, `_categorical`), optionally truncated by top-k then top-p, or taken
+greedily, so with the same key the responses do not depend on R or on which slot a pair gets. Its
+log-prob and the entropy are those of the temperature-scaled FULL distribution, computed by
+`stats.token_logprobs_and_entropy`, exactly what the trainer recomputes.
+
+The decoder reads serving weights: the parameters cast to the model's compute dtype (bf16 on
+accelerators) and split per layer, prepared once per call (`_serving_params`); the caller's
+(float32 master) parameters are not changed.
+
+The jitted functions are module-level with the model and the sampling settings static, so each
 static shape compiles once and is reused. Sharded inputs (params over the mesh, prompts with rows
 over the data axes) propagate through jit; every [N, ...] output keeps the prompts' row sharding.
 """
@@ -44,6 +56,7 @@ class _Settings:
   stop_ids: tuple[int, ...]
   pad_id: int
   return_entropy: bool
+  rows_in_flight: int  # R slots, 1 <= R <= N
   rows: jax.sharding.NamedSharding | None  # the prompts' row sharding, kept by every output
 
 
@@ -77,17 +90,19 @@ def _truncate(z_NxV, top_k, top_p):
   return z_NxV
 
 
-def _categorical(key, z_NxV, block: int = 128):
-  """One draw per row from softmax(z_NxV) by inverse CDF in two levels: a block of `block` tokens
-  with probability its mass, then a token within it. Exact like the Gumbel-max trick (which
-  `jax.random.categorical` uses) but with two uniforms per row instead of V (V random numbers cost
-  3x a forward step of a 10M-parameter policy on CPU), and float32 prefix sums of at most
-  max(V / block, block) terms. Zero-probability tokens (z = -inf) are never drawn."""
+def _categorical(keys_N, z_NxV, block: int = 128):
+  """One draw per row from softmax(z_NxV), row n with its own key keys_N[n], by inverse CDF in two
+  levels: a block of `block` tokens with probability its mass, then a token within it. Exact like
+  the Gumbel-max trick (which `jax.random.categorical` uses) but with two uniforms per row instead
+  of V (V random numbers cost 3x a forward step of a 10M-parameter policy on CPU), and float32
+  prefix sums of at most max(V / block, block) terms. Zero-probability tokens (z = -inf) are never
+  drawn."""
   N, V = z_NxV.shape
   p_NxV = jnp.exp(z_NxV - jnp.max(z_NxV, axis=-1, keepdims=True))
   p_NxMxC = jnp.pad(p_NxV, ((0, 0), (0, -V % block))).reshape(N, -1, block)
   # u in (0, 1], so the first prefix sum >= u * total ends at a token of positive probability.
-  u_2xNx1 = 1.0 - jax.random.uniform(key, (2, N, 1))
+  u_Nx2 = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys_N)
+  u_2xNx1 = 1.0 - u_Nx2.T[:, :, None]
 
   def first_reaching(cdf_NxK, u_Nx1):
     return jnp.sum(cdf_NxK < u_Nx1 * cdf_NxK[:, -1:], axis=-1)
@@ -97,13 +112,14 @@ def _categorical(key, z_NxV, block: int = 128):
   return block_N * block + first_reaching(jnp.cumsum(within_NxC, axis=-1), u_2xNx1[1])
 
 
-def _choose(logits_NxV, key, s: _Settings):
-  """(token_N, logp_N, entropy_N) for one position."""
+def _choose(logits_NxV, rng, pair_N, t_N, s: _Settings):
+  """(token_N, logp_N, entropy_N): token t_N[i] of pair pair_N[i], for each row i."""
   if s.greedy:
     token_N = jnp.argmax(logits_NxV, axis=-1)
   else:
+    keys_N = jax.vmap(lambda n, t: jax.random.fold_in(jax.random.fold_in(rng, n), t))(pair_N, t_N)
     z_NxV = _truncate(logits_NxV.astype(jnp.float32) / s.temperature, s.top_k, s.top_p)
-    token_N = _categorical(key, z_NxV)
+    token_N = _categorical(keys_N, z_NxV)
   token_N = token_N.astype(jnp.int32)
   logp_Nx1, entropy_Nx1 = stats.token_logprobs_and_entropy(
       logits_NxV[:, None], token_N[:, None], s.temperature)
@@ -115,84 +131,136 @@ def _is_stop(token_N, stop_ids):
       token_N, bool)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
+def _serving_params(params, *, dtype):
+  """The parameters in the compute dtype, with the stacked layers split (`unstack_layers`), so the
+  decode loop reads each layer's weights in place. The decoder casts every weight to this dtype
+  before use, so serving weights give the same logits as the master ones."""
+  return unstack_layers(jax.tree.map(lambda x: x.astype(dtype), params))
+
+
+_OUTPUTS = ("tokens", "mask", "logprobs", "entropy")
+
+
 @functools.partial(jax.jit, static_argnames=("model", "s"))
 def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Settings):
-  """Runs the prompts into a fresh cache, repeats each prompt's cache rows and logits for its G
-  samples (which share the prefill), and draws response token 0."""
+  """Runs the prompts into a cache of their P slots, draws every pair's response token 0 (the G
+  samples of a prompt share its prefill) and returns the decode state with every slot empty."""
   B, P = prompt_BxP.shape
-  L = s.max_new_tokens
-  # The barrier keeps XLA from constant-folding attention over the all-zero cache (42 s of a 51 s
-  # compile at 2,048 rows).
-  cache = jax.lax.optimization_barrier(init_cache(model.config, B, P + L))
-  hidden_BxPxD, cache = model.apply({"params": params}, prompt_BxP.astype(jnp.int32), cache,
-                                    prompt_mask_BxP.astype(jnp.int32), return_hidden=True,
-                                    method=Decoder.decode)
+  G, L, R = s.num_samples, s.max_new_tokens, s.rows_in_flight
+  N = B * G
+  prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+  hidden_BxPxD, prompt_cache = model.apply(
+      {"params": params}, prompt_BxP.astype(jnp.int32), init_cache(model.config, B, P),
+      prompt_mask_BxP, return_hidden=True, method=Decoder.decode)
   logits_BxV = model.apply({"params": params}, hidden_BxPxD[:, -1:], method=Decoder.unembed)[:, 0]
 
   def repeat(x_BxA):
-    return _keep_rows(jnp.repeat(x_BxA, s.num_samples, axis=0), s)
+    return _keep_rows(jnp.repeat(x_BxA, G, axis=0), s)
 
-  cache = dict(cache, k=tuple(map(repeat, cache["k"])), v=tuple(map(repeat, cache["v"])),
-               mask=repeat(cache["mask"]))
-  prompt_NxP = repeat(prompt_BxP.astype(jnp.int32))
-  prompt_mask_NxP = repeat(prompt_mask_BxP.astype(jnp.int32))
-  logits_NxV = repeat(logits_BxV)
-  N = prompt_NxP.shape[0]
-  token_N, logp_N, entropy_N = _choose(logits_NxV, jax.random.fold_in(rng, 0), s)
+  pair_N = jnp.arange(N, dtype=jnp.int32)
+  token_N, logp_N, entropy_N = _choose(repeat(logits_BxV), rng, pair_N, jnp.zeros_like(pair_N), s)
+  done_N = _is_stop(token_N, s.stop_ids) | (L == 1)
+  columns = dict(tokens=token_N, mask=jnp.ones_like(token_N), logprobs=logp_N, entropy=entropy_N)
+  fill = dict(tokens=s.pad_id, mask=0, logprobs=0.0, entropy=0.0)
+  outputs = {name: _keep_rows(jnp.full((N, L), fill[name], col_N.dtype).at[:, 0].set(col_N), s)
+             for name, col_N in columns.items() if name != "entropy" or s.return_entropy}
+  empty = init_cache(model.config, R, P + L)
+  slots = dict(k=tuple(_keep_rows(x, s) for x in empty["k"]),
+               v=tuple(_keep_rows(x, s) for x in empty["v"]), mask=empty["mask"])
   state = dict(
-      cache=cache,
-      tokens=jnp.full((N, L), s.pad_id, jnp.int32).at[:, 0].set(token_N),
-      mask=jnp.zeros((N, L), jnp.int32).at[:, 0].set(1),
-      logprobs=jnp.zeros((N, L), jnp.float32).at[:, 0].set(logp_N),
-      done=_is_stop(token_N, s.stop_ids),
-      t=jnp.ones((), jnp.int32),
+      **outputs,
+      slots=slots,
+      prompt_cache=prompt_cache,
+      prompt_len=jnp.sum(prompt_mask_BxP, axis=1),
+      queue=jnp.argsort(done_N, stable=True).astype(jnp.int32),  # undone pairs first, in order
+      num_queued=jnp.sum(~done_N).astype(jnp.int32),
+      cursor=jnp.zeros((), jnp.int32),
+      pair=jnp.full((R,), N, jnp.int32),  # N = an empty slot
+      t=jnp.ones((R,), jnp.int32),  # the slot's next token index
+      prev=jnp.zeros((R,), jnp.int32),  # the slot's last token, the next step's input
       rng=rng,
   )
-  if s.return_entropy:
-    state["entropy"] = jnp.zeros((N, L), jnp.float32).at[:, 0].set(entropy_N)
-  state = {k: v if k in ("cache", "t", "rng") else _keep_rows(v, s) for k, v in state.items()}
-  return state, prompt_NxP, prompt_mask_NxP
+  return state, repeat(prompt_BxP.astype(jnp.int32)), repeat(prompt_mask_BxP)
+
+
+def _refill(st, s: _Settings):
+  """Gives each empty slot the next queued pair: its prompt's cache rows and mask, token index 1
+  and token 0 as input. Copies one slot at a time, so the work grows with the pairs taken."""
+  R, (N, L) = st["pair"].shape[0], st["tokens"].shape
+  free_R = st["pair"] >= N
+  queue_pos_R = st["cursor"] + jnp.cumsum(free_R) - 1
+  take_R = free_R & (queue_pos_R < st["num_queued"])
+  pair_R = jnp.where(take_R, st["queue"][jnp.minimum(queue_pos_R, N - 1)], st["pair"])
+  taken = jnp.sum(take_R).astype(jnp.int32)
+  slot_R = jnp.nonzero(take_R, size=R, fill_value=0)[0].astype(jnp.int32)
+
+  def copy_prompt(i, slots):
+    slot = slot_R[i]
+    b = pair_R[slot] // s.num_samples
+    prompt = st["prompt_cache"]
+
+    def copy(dst, src, axis):  # src [B, ..., P] -> dst [R, ..., P + L], prompt slots along axis
+      row = jax.lax.dynamic_index_in_dim(src, b, 0)
+      start = [slot] + [0] * (dst.ndim - 1)
+      return jax.lax.dynamic_update_slice(dst, row, start)
+
+    mask_1xS = jnp.pad(jax.lax.dynamic_index_in_dim(prompt["mask"], b, 0), ((0, 0), (0, L)))
+    return dict(slots, k=tuple(copy(d, x, 3) for d, x in zip(slots["k"], prompt["k"])),
+                v=tuple(copy(d, x, 2) for d, x in zip(slots["v"], prompt["v"])),
+                mask=jax.lax.dynamic_update_slice(slots["mask"], mask_1xS, (slot, 0)))
+
+  slots = jax.lax.fori_loop(0, taken, copy_prompt, st["slots"])
+  first_R = st["tokens"][jnp.minimum(pair_R, N - 1), 0]
+  return dict(st, slots=slots, pair=pair_R, cursor=st["cursor"] + taken,
+              t=jnp.where(take_R, 1, st["t"]), prev=jnp.where(take_R, first_R, st["prev"]))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "s"), donate_argnames="state")
 def _decode(params, state, *, model: Decoder, s: _Settings):
-  """Draws response tokens 1 .. L-1, one per iteration, until every row is done."""
-  params = unstack_layers(params)  # once, so the loop body reads each layer's weights in place
-
-  def cond(st):
-    return (st["t"] < s.max_new_tokens) & ~jnp.all(st["done"])
+  """Draws the queued pairs' response tokens 1 .. L-1, one per slot per iteration, refilling slots
+  as their pairs finish, until queue and slots are empty."""
+  N, L = state["tokens"].shape
+  P = state["prompt_cache"]["mask"].shape[1]
 
   def body(st):
-    t = st["t"]
-    prev_Nx1 = jax.lax.dynamic_slice_in_dim(st["tokens"], t - 1, 1, axis=1)
-    logits_Nx1xV, cache = model.apply({"params": params}, prev_Nx1, st["cache"],
-                                      method=Decoder.decode)
-    token_N, logp_N, entropy_N = _choose(logits_Nx1xV[:, 0], jax.random.fold_in(st["rng"], t), s)
-    live_N = ~st["done"]
-    new = dict(st, cache=cache, t=t + 1, done=st["done"] | (live_N & _is_stop(token_N, s.stop_ids)))
-    columns = dict(tokens=jnp.where(live_N, token_N, s.pad_id), mask=live_N.astype(jnp.int32),
-                   logprobs=jnp.where(live_N, logp_N, 0.0))
-    if s.return_entropy:
-      columns["entropy"] = jnp.where(live_N, entropy_N, 0.0)
-    for name, col_N in columns.items():
-      new[name] = jax.lax.dynamic_update_slice_in_dim(
-          st[name], col_N[:, None].astype(st[name].dtype), t, axis=1)
+    st = _refill(st, s)
+    pair_R, t_R = st["pair"], st["t"]
+    live_R = pair_R < N
+    position_R = st["prompt_len"][jnp.minimum(pair_R, N - 1) // s.num_samples] + t_R - 1
+    logits_Rx1xV, slots = model.apply(
+        {"params": params}, st["prev"][:, None], dict(st["slots"], index=P + t_R - 1),
+        positions_BxT=position_R[:, None], method=Decoder.decode)
+    token_R, logp_R, entropy_R = _choose(logits_Rx1xV[:, 0], st["rng"], pair_R, t_R, s)
+    columns = dict(tokens=token_R, mask=jnp.ones_like(token_R), logprobs=logp_R, entropy=entropy_R)
+    slots = {name: x for name, x in slots.items() if name != "index"}
+    new = dict(st, slots=slots, prev=token_R, t=t_R + 1)
+    for name in _OUTPUTS:
+      if name in st:  # empty slots write to row N: dropped
+        new[name] = st[name].at[pair_R, t_R].set(columns[name], mode="drop")
+    finished_R = live_R & (_is_stop(token_R, s.stop_ids) | (t_R + 1 == L))
+    new["pair"] = jnp.where(finished_R, N, pair_R)
     return new
 
-  # The whole state comes back (the cache too) so every donated buffer is reused in place.
+  def cond(st):
+    return jnp.any(st["pair"] < N) | (st["cursor"] < st["num_queued"])
+
+  # The whole state comes back (the cache too) so every donated buffer is reused in place. Slots
+  # are refilled at the start of an iteration: refilling at its end makes XLA copy a layer's cache.
   return jax.lax.while_loop(cond, body, state)
 
 
 def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, *, num_samples: int,
            max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            greedy: bool = False, stop_ids=(), pad_id: int = 0,
-           return_entropy: bool = False) -> SampleOutput:
-  """Samples `num_samples` responses per left-padded prompt; see the module docstring."""
+           return_entropy: bool = False, max_rows_in_flight: int = 0) -> SampleOutput:
+  """Samples `num_samples` responses per left-padded prompt, at most `max_rows_in_flight` (0: all)
+  at a time; see the module docstring."""
   if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape:
     raise ValueError(f"prompt_BxP and prompt_mask_BxP must be [B, P] of the same shape; got "
                      f"{prompt_BxP.shape} and {prompt_mask_BxP.shape}")
   for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 1),
-                           ("top_k", top_k, 0)):
+                           ("top_k", top_k, 0), ("max_rows_in_flight", max_rows_in_flight, 0)):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
   if top_k > model.config.vocab_size:
@@ -201,10 +269,12 @@ def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, *, num_samp
     raise ValueError(f"temperature must be > 0; got {temperature!r}")
   if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
-  s = _Settings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                top_k=top_k, greedy=bool(greedy), stop_ids=tuple(int(i) for i in stop_ids),
+  n = prompt_BxP.shape[0] * num_samples
+  s = _Settings(num_samples=num_samples, max_new_tokens=max_new_tokens,
+                temperature=float(temperature), top_p=float(top_p), top_k=top_k, greedy=bool(greedy), stop_ids=tuple(int(i) for i in stop_ids),
                 pad_id=int(pad_id), return_entropy=bool(return_entropy),
-                rows=_row_sharding(prompt_BxP))
+                rows_in_flight=min(max_rows_in_flight or n, n), rows=_row_sharding(prompt_BxP))
+  params = _serving_params(params, dtype=model.config.dtype)
   state, prompt_NxP, prompt_mask_NxP = _prefill(params, prompt_BxP, prompt_mask_BxP, rng,
                                                 model=model, s=s)
   out = _decode(params, state, model=model, s=s)

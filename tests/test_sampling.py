@@ -1,5 +1,7 @@
 """KV-cache sampler: agreement with the teacher-forced training forward, stop ids and padding,
-truncation (top-k / top-p / greedy), determinism, compile reuse, sharded == unsharded."""
+truncation (top-k / top-p / greedy), determinism, compile reuse, sharded == unsharded, continuous
+batching (responses independent of the rows in flight, bounded cache), serving weights."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -72,6 +74,52 @@ def test_logprobs_match_training_forward_t1():
   _check_against_training_forward(out, 1.0)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_in_flight_do_not_change_responses(main_rollout, rows):
+  """With fewer slots than pairs, slots are refilled as rows stop (at different steps), yet every
+  pair's response, log-probs and entropies are those drawn with all rows in flight."""
+  out = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42),
+                        max_rows_in_flight=rows, **MAIN)
+  np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
+  np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
+  np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
+  np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
+  _check_against_training_forward(out, 0.7)
+
+
+def test_cache_holds_rows_in_flight_and_prefill_the_prompt_only():
+  s = sampling._Settings(num_samples=G, max_new_tokens=L, temperature=1.0, top_p=1.0, top_k=0,
+                         greedy=False, stop_ids=(), pad_id=PAD, return_entropy=False,
+                         rows_in_flight=3, rows=None)
+  state = jax.eval_shape(lambda p: sampling._prefill(
+      p, PROMPT, PROMPT_MASK, jax.random.key(0), model=MODEL, s=s)[0],
+      sampling._serving_params(params(), dtype=CFG.dtype))
+  B, P = PROMPT.shape
+  K, H = CFG.num_kv_heads, CFG.head_dim
+  assert [x.shape for x in state["slots"]["k"]] == [(3, K, H, P + L)] * CFG.num_layers
+  assert [x.shape for x in state["prompt_cache"]["v"]] == [(B, K, P, H)] * CFG.num_layers
+  assert state["tokens"].shape == (B * G, L)
+
+
+def test_serving_weights_in_the_compute_dtype():
+  """A bf16 model samples from bf16 serving weights made from float32 master weights (unchanged),
+  with log-probs that match the bf16 training forward."""
+  cfg = dataclasses.replace(CFG, dtype="bfloat16")
+  model = Decoder(cfg)
+  master = params()
+  serving = sampling._serving_params(master, dtype=cfg.dtype)
+  assert isinstance(serving["layers"], tuple) and len(serving["layers"]) == CFG.num_layers
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(serving))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(master))
+  out = sampling.sample(model, master, PROMPT, PROMPT_MASK, jax.random.key(2), num_samples=G,
+                        max_new_tokens=L)
+  tokens = jnp.concatenate([out.prompt_NxP, out.tokens_NxL], axis=1)
+  mask = jnp.concatenate([out.prompt_mask_NxP, out.mask_NxL], axis=1)
+  logits = model.apply({"params": master}, tokens, attn_mask_BxT=mask)[:, PROMPT.shape[1] - 1:-1]
+  logp, _ = stats.token_logprobs_and_entropy(logits, out.tokens_NxL, 1.0)
+  np.testing.assert_allclose(out.logprobs_NxL, logp, atol=0.05)
+
+
 def test_stop_ids_and_padding(main_rollout):
   tokens, mask = np.asarray(main_rollout.tokens_NxL), np.asarray(main_rollout.mask_NxL)
   logp, entropy = np.asarray(main_rollout.logprobs_NxL), np.asarray(main_rollout.entropy_NxL)
@@ -130,22 +178,34 @@ def test_truncate_matches_reference(top_k, top_p):
 
 
 def test_sampled_frequencies_follow_truncated_distribution():
-  """One prompt, 4000 samples of one token at T=1.3, top-k 8 then top-p 0.8."""
+  """One prompt, 4000 samples of 3 tokens at T=1.3, top-k 8 then top-p 0.8, 64 rows in flight.
+  Token 0 (drawn after the prefill) against the prompt's distribution; tokens 1-2 (drawn in the
+  decode loop) pooled: the count of each token minus the sum of its teacher-forced truncated
+  probabilities over all drawn positions has mean 0 and variance sum p (1 - p)."""
   n, temperature, top_k, top_p = 4000, 1.3, 8, 0.8
   out = sampling.sample(MODEL, params(), PROMPT[1:2], PROMPT_MASK[1:2], jax.random.key(5),
-                        num_samples=n, max_new_tokens=1, temperature=temperature, top_k=top_k,
-                        top_p=top_p)
-  logits = np.asarray(jax.jit(MODEL.apply)({"params": params()}, PROMPT[1:2]), np.float64)[0, -1]
-  z = logits / temperature
-  kept = _truncated_reference(z, top_k, top_p)
-  expected = np.where(kept, np.exp(z - z.max()), 0.0)
-  expected /= expected.sum()
-  counts = np.bincount(np.asarray(out.tokens_NxL)[:, 0], minlength=61) / n
-  assert kept.sum() >= 3 and counts[~kept].sum() == 0
-  np.testing.assert_allclose(counts, expected, atol=4 * np.sqrt(0.25 / n))
+                        num_samples=n, max_new_tokens=3, temperature=temperature, top_k=top_k,
+                        top_p=top_p, max_rows_in_flight=64)
+  z = np.asarray(teacher_forced_logits(params(), out), np.float64) / temperature  # [n, 3, V]
+  kept = np.stack([_truncated_reference(row, top_k, top_p) for row in z.reshape(-1, 61)])
+  expected = np.where(kept, np.exp(z.reshape(-1, 61) - z.max(-1).reshape(-1, 1)), 0.0)
+  expected = (expected / expected.sum(-1, keepdims=True)).reshape(n, 3, 61)
+  tokens = np.asarray(out.tokens_NxL)
+  assert np.asarray(out.mask_NxL).all()
+  kept = kept.reshape(n, 3, 61)
+  assert kept.sum(-1).min() >= 3  # truncation leaves a choice
+  assert kept[np.arange(n)[:, None], np.arange(3), tokens].all()  # never a truncated token
+  counts = np.bincount(tokens[:, 0], minlength=61) / n
+  np.testing.assert_allclose(counts, expected[0, 0], atol=4 * np.sqrt(0.25 / n))
+  observed = np.eye(61)[tokens[:, 1:]].sum((0, 1))
+  mean, var = expected[:, 1:].sum((0, 1)), (expected[:, 1:] * (1 - expected[:, 1:])).sum((0, 1))
+  assert observed[mean == 0].sum() == 0 and (mean > 1).sum() >= 5
+  assert np.all(np.abs(observed - mean) <= 4.5 * np.sqrt(var) + 1e-9), (observed, mean)
   # Log-probs are those of the full (untruncated) temperature-scaled distribution.
-  full_logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
-  np.testing.assert_allclose(out.logprobs_NxL[:, 0], full_logp[out.tokens_NxL[:, 0]], atol=1e-5)
+  full_logp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(
+      -1, keepdims=True))
+  np.testing.assert_allclose(out.logprobs_NxL, np.take_along_axis(
+      full_logp, tokens[..., None], -1)[..., 0], atol=1e-5)
 
 
 @pytest.mark.parametrize("V", [5, 300, 1000])
@@ -157,7 +217,8 @@ def test_categorical_draws_follow_softmax(V):
   z[rng.choice(V, V // 5, replace=False)] = -np.inf
   z[np.argmax(np.isfinite(z))] = 30.0 if V == 1000 else z[np.argmax(np.isfinite(z))]
   n = 200_000
-  draws = np.asarray(jax.jit(sampling._categorical)(jax.random.key(V), jnp.tile(z, (n, 1))))
+  draws = np.asarray(jax.jit(sampling._categorical)(jax.random.split(jax.random.key(V), n),
+                                                     jnp.tile(z, (n, 1))))
   expected = np.exp(np.float64(z) - np.max(z))
   expected /= expected.sum()
   counts = np.bincount(draws, minlength=V) / n
@@ -188,7 +249,8 @@ def test_sharded_equals_unsharded(main_rollout):
 @pytest.mark.parametrize("kwargs,field", [
     (dict(num_samples=0), "num_samples"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=100), "top_k")])
+    (dict(top_k=-1), "top_k"), (dict(top_k=100), "top_k"),
+    (dict(max_rows_in_flight=-1), "max_rows_in_flight")])
 def test_bad_arguments(kwargs, field):
   args = dict(num_samples=1, max_new_tokens=4)
   args.update(kwargs)
@@ -212,7 +274,9 @@ def test_decode_loop_updates_the_cache_in_place():
   p = init_params(cfg, jax.random.key(0))
   prompt = np.ones((B, 8), np.int32)
   s = sampling._Settings(num_samples=1, max_new_tokens=S - 8, temperature=1.0, top_p=1.0, top_k=0,
-                         greedy=False, stop_ids=(), pad_id=0, return_entropy=False, rows=None)
+                         greedy=False, stop_ids=(), pad_id=0, return_entropy=False,
+                         rows_in_flight=B, rows=None)
+  p = sampling._serving_params(p, dtype=cfg.dtype)
   state = jax.eval_shape(lambda p: sampling._prefill(p, prompt, prompt, jax.random.key(0),
                                                      model=model, s=s)[0], p)
   layer_cache_bytes = B * cfg.num_kv_heads * S * cfg.head_dim * 4  # 4 MiB
