@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
+  c.rollout.max_rows_in_flight = 0  # sampler slots (KV cache rows); 0 = every (prompt, sample) pair
 
   c.rl = ml_collections.ConfigDict()
   c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae
@@ -225,6 +226,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: must be positive")
   if not 0 < c.rollout.top_p <= 1:
     raise ValueError(f"config.rollout.top_p={c.rollout.top_p}: must be in (0, 1]")
+  if c.rollout.max_rows_in_flight < 0:
+    raise ValueError(f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
+                     f">= 0 (0 = all rows at once)")
   losses.validate_loss_config(c.loss, prefix="config.loss")
   n = c.rollout.prompts_per_step * c.rollout.num_samples
   mb = c.rl.num_minibatches
