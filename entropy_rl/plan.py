@@ -103,3 +103,374 @@ def topology_devices(topology: Topology) -> list:
   except RuntimeError as e:
     raise RuntimeError(f"{e}; install libtpu with `pip install -r requirements-tpu.txt`") from e
   return list(desc.devices)
+
+
+# config.json fields of the papers' models (Hugging Face), so a plan needs no checkpoint.
+PAPER_ARCHITECTURES = {
+    "qwen2_5_7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                       head_dim=128, rope_theta=1e6),
+    "qwen2_5_32b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120,
+                        intermediate_size=27648, num_layers=64, num_heads=40, num_kv_heads=8,
+                        head_dim=128, rope_theta=1e6),
+    "qwen3_8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                     head_dim=128, rope_theta=1e6),
+    "qwen3_14b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120,
+                      intermediate_size=17408, num_layers=40, num_heads=40, num_kv_heads=8,
+                      head_dim=128, rope_theta=1e6),
+    "qwen3_32b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120,
+                      intermediate_size=25600, num_layers=64, num_heads=64, num_kv_heads=8,
+                      head_dim=128, rope_theta=1e6),
+}
+
+
+def model_config(c) -> models.ModelConfig:
+  """The policy's ModelConfig without weights: `model.hf_path`/config.json if it exists, else
+  the paper model the path is named after; the tiny policy from the character tokenizer."""
+  dtypes = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  if c.model.source == "hf":
+    if os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
+      from entropy_rl.models import hf
+      return hf.load_config(c.model.hf_path, **dtypes)
+    name = os.path.basename(os.path.normpath(c.model.hf_path))
+    if name not in PAPER_ARCHITECTURES:
+      raise ValueError(f"config.model.hf_path={c.model.hf_path!r}: no config.json there and not "
+                       f"named after a paper model {sorted(PAPER_ARCHITECTURES)}")
+    return models.ModelConfig(**PAPER_ARCHITECTURES[name], **dtypes)
+  from entropy_rl import data as data_lib, trainer
+  with tempfile.TemporaryDirectory() as tmp:
+    vocab_size = len(data_lib.build_tokenizer(os.path.join(tmp, "tokenizer")))
+  return trainer.tiny_model_config(c.model, vocab_size)
+
+
+# ----------------------------------------------------------------------------- compiled costs
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
+               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _dims(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def _nbytes(shape: str) -> float:
+  return sum(_DTYPE_BYTES.get(t, 0) * math.prod(_dims(d)) for t, d in _ARRAY.findall(shape))
+
+
+def _split_instruction(line: str):
+  """(name, shape, opcode, operand names, attributes) of one HLO instruction line, or None."""
+  m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+  if not m:
+    return None
+  rest, depth = line[m.end():], 0
+  for i, ch in enumerate(rest):  # the shape: an array type, or a (possibly nested) tuple
+    depth += ch == "("
+    depth -= ch == ")"
+    if ch == " " and depth == 0:
+      break
+  shape, rest = rest[:i], rest[i + 1:]
+  op = re.match(r"([\w\-]+)\(", rest)
+  if not op:
+    return None
+  depth, j = 1, op.end()
+  while depth and j < len(rest):
+    depth += (rest[j] == "(") - (rest[j] == ")")
+    j += 1
+  args = rest[op.end():j - 1]
+  operands = re.findall(r"%([\w.\-]+)", args)
+  if op.group(1) == "constant":
+    operands = [args]  # the literal
+  return m.group(1), shape, op.group(1), operands, rest[j:]
+
+
+def _op_flops(opcode, shape, operands, attrs, shapes) -> float:
+  out = sum(math.prod(_dims(d)) for _, d in _ARRAY.findall(shape)[:1])
+  if opcode == "dot":
+    lhs = _dims(_ARRAY.findall(shapes[operands[0]])[0][1])
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+    return 2.0 * out * math.prod(lhs[k] for k in _dims(contracting.group(1)) if contracting)
+  labels = re.search(r"dim_labels=\w*_(\w+)->", attrs)
+  kernel = _dims(_ARRAY.findall(shapes[operands[1]])[0][1])
+  if not labels or len(labels.group(1)) != len(kernel):
+    return 0.0
+  return 2.0 * out * math.prod(kernel) / kernel[labels.group(1).index("o")]
+
+
+def _const_bound(cond_insts) -> int | None:
+  """The largest integer scalar constant of a while condition: its trip count (or bound)."""
+  values = [int(i[3][0]) for i in cond_insts
+            if i[2] == "constant" and re.fullmatch(r"-?\d+", i[3][0].strip())]
+  return max(values) if values else None
+
+
+@dataclasses.dataclass
+class Costs:
+  flops: float = 0.0  # matmul FLOPs (dot and convolution), every loop iteration counted
+  hbm_bytes: float = 0.0  # operands + results of every unfused instruction and fusion
+  ici_bytes: float = 0.0  # results of the collectives
+  unknown_trip_counts: int = 0  # while loops whose bound was not a constant (counted once)
+
+
+def hlo_costs(hlo_text: str) -> Costs:
+  """Per-chip costs of a compiled (SPMD-partitioned) HLO module. XLA's cost_analysis() counts a
+  loop body once; here each body counts its trip count (the constant its condition compares
+  the counter with: the upper bound of a data-dependent loop such as the sampler's decode)."""
+  comps: dict[str, list] = {}
+  order, entry = [], None
+  for line in hlo_text.splitlines():
+    head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      name = head.group(2)
+      comps[name], current = [], head.group(2)
+      order.append(name)
+      entry = name if head.group(1) else entry
+    elif line.startswith(" ") and order:
+      inst = _split_instruction(line)
+      if inst:
+        comps[current].append(inst)
+  shapes = {c: {i[0]: i[1] for i in insts} for c, insts in comps.items()}
+
+  costs = Costs()
+  control = {entry: 1.0}
+  fused: dict[str, float] = {}
+  for name in reversed(order):  # HLO text lists callees before their callers
+    if name in control:
+      times = control[name]
+      for inst_name, shape, opcode, operands, attrs in comps[name]:
+        if opcode == "while":
+          body = re.search(r"body=%([\w.\-]+)", attrs).group(1)
+          cond = re.search(r"condition=%([\w.\-]+)", attrs).group(1)
+          n = _const_bound(comps.get(cond, ()))
+          if n is None:
+            costs.unknown_trip_counts += 1
+            n = 1
+          control[body] = control.get(body, 0.0) + times * n
+          control[cond] = control.get(cond, 0.0) + times * (n + 1)
+        elif opcode in ("call", "conditional"):
+          called = re.findall(r"(?:to_apply|_computation|computations)=\{?([%\w.\-, ]+)\}?",
+                              attrs)
+          for c in re.findall(r"%([\w.\-]+)", " ".join(called)):
+            control[c] = control.get(c, 0.0) + times
+        elif opcode == "fusion":
+          callee = re.search(r"calls=%([\w.\-]+)", attrs).group(1)
+          fused[callee] = fused.get(callee, 0.0) + times
+        if opcode in ("dot", "convolution"):
+          costs.flops += times * _op_flops(opcode, shape, operands, attrs, shapes[name])
+        if opcode not in _NO_TRAFFIC:
+          costs.hbm_bytes += times * (_nbytes(shape) + sum(
+              _nbytes(shapes[name].get(o, "")) for o in operands))
+        if opcode.removesuffix("-start") in _COLLECTIVES:
+          costs.ici_bytes += times * _nbytes(shape)
+    elif name in fused:
+      times = fused[name]
+      for _, shape, opcode, operands, attrs in comps[name]:
+        if opcode == "fusion":
+          callee = re.search(r"calls=%([\w.\-]+)", attrs).group(1)
+          fused[callee] = fused.get(callee, 0.0) + times
+        elif opcode in ("dot", "convolution"):
+          costs.flops += times * _op_flops(opcode, shape, operands, attrs, shapes[name])
+  return costs
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass
+class Program:
+  """One compiled program: per-chip memory (memory_analysis) and costs (`hlo_costs`)."""
+  name: str
+  calls: int  # per RL step
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  costs: Costs
+  hlo_text: str = dataclasses.field(repr=False)  # the compiled, partitioned module
+
+  @property
+  def peak_bytes(self) -> int:
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  def seconds(self, chip: Chip) -> float:
+    """Roofline time of one call: compute- or HBM-bound, whichever is slower."""
+    return max(self.costs.flops / chip.flops_per_s, self.costs.hbm_bytes / chip.hbm_bytes_per_s)
+
+
+def compile_program(name: str, lowered, calls: int = 1) -> Program:
+  compiled = lowered.compile()
+  mem, text = compiled.memory_analysis(), compiled.as_text()
+  return Program(name, calls, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                 mem.alias_size_in_bytes, mem.temp_size_in_bytes,
+                 mem.generated_code_size_in_bytes, hlo_costs(text), text)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
+def update_batch(c, mesh) -> dict:
+  """Abstract update inputs of one rollout: rows over ('data', 'fsdp'), as the trainer feeds."""
+  n, p, length = (c.rollout.prompts_per_step * c.rollout.num_samples, c.task.max_prompt_len,
+                  c.rollout.max_new_tokens)
+  rows = sharding.batch_sharding(mesh)
+  spec = {"tokens": ((n, p + length), jnp.int32), "attn_mask": ((n, p + length), jnp.int32),
+          "response_mask": ((n, length), jnp.float32), "old_logp": ((n, length), jnp.float32),
+          "advantages": ((n, length), jnp.float32)}
+  if c.loss.kl_ref_coef > 0:
+    spec["ref_logp"] = ((n, length), jnp.float32)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
+
+
+def training_programs(c, mesh, model_cfg) -> list[Program]:
+  """The update (and the reference log-probs when a KL term is on), compiled for `mesh`."""
+  import functools
+  rules = sharding.default_rules()
+  model = models.Decoder(model_cfg)
+  updates = c.num_steps * c.rl.num_minibatches * c.rl.ppo_epochs
+  optimizer = step_lib.make_optimizer(c.optim, updates)
+  schedule = step_lib.lr_schedule(c.optim, updates)
+  params = jax.eval_shape(functools.partial(models.init_params, model_cfg), jax.random.key(0))
+  param_shardings = sharding.logical_to_mesh_sharding(
+      models.param_logical_axes(model_cfg), mesh, rules, params)
+  abstract = jax.eval_shape(lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p,
+                                                          optimizer.init(p)), params)
+  shardings = step_lib.state_shardings(abstract, optimizer, mesh, param_shardings)
+  replicated = sharding.replicated_sharding(mesh)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=replicated)
+  batch = update_batch(c, mesh)
+  update = step_lib.make_update(model, model_cfg, c, optimizer, schedule, mesh, shardings, rules)
+  out = [compile_program("update", update.lower(_abstract(abstract, shardings), batch, key))]
+  if c.loss.kl_ref_coef > 0:
+    ref = sharding.under_mesh(jax.jit(lambda p, b: step_lib.logprobs_in_chunks(
+        model, model_cfg, p, b, c.rl.num_microbatches * c.rl.num_minibatches,
+        c.rollout.temperature, c.rl.fused_chunk_size)[0]), mesh, rules)
+    out.append(compile_program("reference", ref.lower(_abstract(params, param_shardings), batch)))
+  return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def model_flops(c, model_cfg) -> float:
+  """6 x parameters x tokens of one update (the usual MFU numerator; attention not counted)."""
+  params = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.key(0)))
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  tokens = (c.rollout.prompts_per_step * c.rollout.num_samples
+            * (c.task.max_prompt_len + c.rollout.max_new_tokens))
+  return 6.0 * n * tokens * c.rl.ppo_epochs
+
+
+def advice(c, program: Program, limit: float) -> str:
+  """The config fields to change so that `program` fits under `limit` bytes per chip."""
+  over = (program.peak_bytes - limit) / GiB
+  fields = []
+  if program.temp_bytes > program.argument_bytes:
+    micro, rows = c.rl.num_microbatches, (c.rollout.prompts_per_step * c.rollout.num_samples
+                                          // c.rl.num_minibatches)
+    larger = [m for m in range(micro + 1, rows + 1) if rows % m == 0]
+    if larger:
+      fields.append(f"config.rl.num_microbatches={micro} -> {larger[0]} or more (divisors of "
+                    f"the {rows}-row mini-batch)")
+    if not c.model.remat:
+      fields.append("config.model.remat=True")
+    fields.append(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens} (lower)")
+  else:
+    if c.mesh.data != 1:
+      fields.append(f"config.mesh.data={c.mesh.data} -> 1 with config.mesh.fsdp=-1 (shard the "
+                    "state over every chip)")
+    fields.append(f"config.model.param_dtype={c.model.param_dtype!r}"
+                  + (" -> 'bfloat16'" if c.model.param_dtype == "float32" else ""))
+  return (f"{program.name} needs {program.peak_bytes / GiB:.2f} GiB per chip, {over:.2f} GiB "
+          f"over the {limit / GiB:.2f} GiB allowed; change " + "; or ".join(fields)
+          + ", or use a larger slice")
+
+
+def table(programs: list[Program], topology: Topology, mfu_flops: float | None) -> str:
+  chip = topology.chip
+  head = (f"{'program':<10} {'calls':>5} {'args':>8} {'temps':>8} {'peak':>8} {'HBM':>6} "
+          f"{'TFLOP':>9} {'HBM GB':>9} {'ICI GB':>8} {'roofline s':>11}")
+  lines = [f"{topology.name} ({topology.generation}:{topology.shape}, {topology.num_chips} chips): "
+           "per chip, GiB unless marked", head]
+  total = 0.0
+  for p in programs:
+    s = p.seconds(chip)
+    total += s * p.calls
+    lines.append(
+        f"{p.name:<10} {p.calls:>5} {p.argument_bytes / GiB:>8.2f} {p.temp_bytes / GiB:>8.2f} "
+        f"{p.peak_bytes / GiB:>8.2f} {chip.hbm_bytes / GiB:>6.0f} {p.costs.flops / 1e12:>9.2f} "
+        f"{p.costs.hbm_bytes / 1e9:>9.2f} {p.costs.ici_bytes / 1e9:>8.2f} {s:>11.3f}")
+  lines.append(f"{'step':<10} {'':>5} {'':>8} {'':>8} {'':>8} {'':>6} {'':>9} {'':>9} {'':>8} "
+               f"{total:>11.3f}")
+  update = next((p for p in programs if p.name == "update"), None)
+  if mfu_flops and update is not None:
+    bound = mfu_flops / (topology.num_chips * chip.flops_per_s * update.seconds(chip))
+    lines.append(f"update MFU bound (6 x params x tokens at the roofline time): {bound:.1%}")
+  unknown = sum(p.costs.unknown_trip_counts for p in programs)
+  if unknown:
+    lines.append(f"({unknown} loops without a constant bound are counted once)")
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: Topology
+  hosts: int
+  rows_per_host: int
+  programs: list[Program]
+  report: str
+  problems: list[str]
+
+
+def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
+  """Builds the mesh from the slice's devices as the trainer does, checks every host's rows, and
+  compiles the programs of one RL step; `problems` names the fields to change."""
+  topo = parse_topology(topology) if isinstance(topology, str) else topology
+  devices = topology_devices(topo)
+  config_lib.validate(c, len(devices))
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+  rows = sharding.batch_sharding(mesh)
+  prompt_rows = distributed.rows_by_process(c.rollout.prompts_per_step, rows)
+  distributed.rows_by_process(c.rollout.prompts_per_step * c.rollout.num_samples, rows)
+  model_cfg = model_config(c)
+  programs = training_programs(c, mesh, model_cfg)
+  limit = (1.0 - headroom) * topo.chip.hbm_bytes
+  problems = [advice(c, p, limit) for p in programs if p.peak_bytes > limit]
+  first = next(iter(prompt_rows.values()))
+  report = (f"mesh {dict(mesh.shape)} over {len(prompt_rows)} hosts; each host feeds "
+            f"{first.stop - first.start} of {c.rollout.prompts_per_step} prompts per step\n"
+            + table(programs, topo, model_flops(c, model_cfg)))
+  return Plan(topo, len(prompt_rows), first.stop - first.start, programs, report, problems)
+
+
+def main(argv) -> int:
+  del argv
+  from absl import flags
+  jax.config.update("jax_platforms", "cpu")  # the slice comes from libtpu; nothing runs here
+  jax.config.update("jax_threefry_partitionable", True)
+  result = plan(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.headroom)
+  print(result.report)
+  for problem in result.problems:
+    print(f"DOES NOT FIT: {problem}", file=sys.stderr)
+  return 1 if result.problems else 0
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  config_flags.DEFINE_config_file("config", None, "ml-collections config file[:preset].",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "gcloud accelerator type (v5p-64) or topology (v5p:2x4x4).")
+  flags.DEFINE_float("headroom", 0.1, "Fraction of each chip's HBM a program must leave free.")
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -13,10 +13,12 @@ physical positions so consecutive blocks of an 'fsdp' or 'data' ring are ICI nei
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -211,6 +213,24 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
   """Fully replicated (scalars, step counters, PRNG keys)."""
   return NamedSharding(mesh, P())
+
+
+def under_mesh(jitted, mesh: Mesh, rules: Rules):
+  """`jitted` called and lowered with `mesh` set and the logical rules on, so that while it is
+  traced flax's `nn.with_logical_constraint` applies (without a mesh it is a silent no-op and XLA
+  may all-gather activations instead of weights)."""
+
+  @functools.wraps(jitted)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+      return jitted(*args, **kwargs)
+
+  def lower(*args, **kwargs):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+      return jitted.lower(*args, **kwargs)
+
+  call.lower = lower
+  return call
 
 
 # The names INTERFACES.md uses.

@@ -22,14 +22,28 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from entropy_rl import losses, models, stats
+from entropy_rl import losses, models, sharding, stats
 
 
 @flax.struct.dataclass
 class TrainState:
+  """The run state. The entropy-control fields are None unless `config.loss.adaptive_entropy`."""
   step: jax.Array  # RL steps done (one per rollout)
   params: Any
   opt_state: Any
+  # Adaptive entropy control (Skywork-OR1, TRL): the coefficient c_k, float32 [], and the token-mean
+  # entropy measured at the last optimizer step (inf before the first: no bonus yet).
+  entropy_coef: Any = None
+  entropy_last: Any = None
+
+  @classmethod
+  def create(cls, params, opt_state, loss_cfg) -> TrainState:
+    """Step 0; with `loss_cfg.adaptive_entropy`, c_0 = `loss_cfg.entropy_coef` and no entropy yet."""
+    step = jnp.zeros((), jnp.int32)
+    if not loss_cfg.adaptive_entropy:
+      return cls(step, params, opt_state)
+    return cls(step, params, opt_state, entropy_coef=jnp.asarray(loss_cfg.entropy_coef, jnp.float32),
+               entropy_last=jnp.asarray(jnp.inf, jnp.float32))
 
 
 def lr_schedule(optim_cfg, total_updates: int) -> optax.Schedule:
@@ -122,20 +136,26 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   if rl.recompute_old_logp:
     batch = dict(batch, old_logp=forward_all(state.params, batch)[0])
 
-  def micro_loss(params, micro, selections, key, pg_den, tok_den):
+  archer = loss_cfg.name == "archer"  # its KL (low-entropy tokens only) is inside policy_loss
+  bonus = loss_cfg.adaptive_entropy or loss_cfg.entropy_coef > 0
+
+  def micro_loss(params, micro, selections, key, pg_den, tok_den, ent_coef):
     logp, entropy = forward(params, micro["tokens"], micro["attn_mask"])
     mask = micro["response_mask"]
     loss, metrics = losses.policy_loss(
         logp, micro["old_logp"], micro["advantages"], mask, loss_cfg, entropy_BxT=entropy,
-        rng=key, selections=selections, denominator=pg_den)
+        rng=key, selections=selections, denominator=pg_den,
+        ref_logp_BxT=micro["ref_logp"] if archer and loss_cfg.kl_ref_coef > 0 else None)
     metrics = dict(metrics, pg_loss=loss,
                    abs_dlogp=stats.masked_mean(jnp.abs(logp - micro["old_logp"]), mask))
-    if loss_cfg.kl_ref_coef > 0:
+    if loss_cfg.kl_ref_coef > 0 and not archer:
       kl = jnp.sum(losses.kl_penalty(logp, micro["ref_logp"], loss_cfg.kl_ref_estimator) * mask)
       loss = loss + loss_cfg.kl_ref_coef * kl / tok_den
       metrics["kl_ref"] = kl / tok_den
-    if loss_cfg.entropy_coef > 0:
-      loss = loss + jnp.sum(losses.entropy_bonus(entropy, loss_cfg.entropy_coef) * mask) / tok_den
+    if bonus:
+      loss = loss + jnp.sum(losses.entropy_bonus(entropy, ent_coef) * mask) / tok_den
+    if loss_cfg.adaptive_entropy:
+      metrics["entropy_sum"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask)
     return loss, metrics
 
   def minibatch_step(state, xs):
@@ -155,11 +175,15 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
                                          loss_cfg, num_micro)
     micros = split_rows(mini, num_micro)
     keys = jax.random.split(loss_key, num_micro)
+    if loss_cfg.adaptive_entropy:
+      ent_coef = losses.applied_entropy_coef(state.entropy_coef, state.entropy_last, loss_cfg)
+    else:
+      ent_coef = jnp.float32(loss_cfg.entropy_coef)
 
     def accumulate(grads, xs):
       micro, sel, k = xs
       (loss, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
-          state.params, micro, sel, k, pg_den, tok_den)
+          state.params, micro, sel, k, pg_den, tok_den, ent_coef)
       return jax.tree.map(jnp.add, grads, g), dict(metrics, loss=loss)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -167,10 +191,17 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     metrics = jax.tree.map(jnp.mean, metrics)
     metrics["loss"] = metrics["loss"] * num_micro  # micro losses share one denominator: sum them
     metrics["pg_loss"] = metrics["pg_loss"] * num_micro
+    if loss_cfg.adaptive_entropy:  # the mini-batch's token-mean entropy (ratio of micro sums)
+      entropy_mean = metrics.pop("entropy_sum") / jnp.maximum(metrics["n_valid"], 1e-30)
+      metrics["entropy_bonus_coef"] = ent_coef
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new = TrainState(state.step, optax.apply_updates(state.params, updates), opt_state)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    if loss_cfg.adaptive_entropy:
+      new = new.replace(entropy_last=entropy_mean, entropy_coef=losses.adaptive_entropy_coef(
+          state.entropy_coef, entropy_mean, loss_cfg))
+    finite = (jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
+              & _all_finite(new.params))
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     # The schedule's own counter: optimizer updates done before this one.
     count = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[-1][1]
@@ -179,6 +210,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     return new, metrics
 
   num_mini = rl.num_minibatches
+  start = state
   epoch_metrics = []
   for epoch in range(rl.ppo_epochs):
     keys = jax.random.split(jax.random.fold_in(rng, epoch), num_mini)
@@ -187,6 +219,11 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics)  # [epochs, minibatches]
   out = {k: jnp.mean(v) for k, v in stacked.items()}
   out["nonfinite"] = jnp.max(stacked["nonfinite"])
+  # A step with any non-finite mini-batch is skipped whole: the state stays exactly as it was
+  # (the mini-batches before the bad one, with finite updates, are undone too).
+  state = jax.tree.map(lambda old, new: jnp.where(out["nonfinite"] > 0, old, new), start, state)
+  if loss_cfg.adaptive_entropy:  # the controller after this step (what the next step applies)
+    out.update(entropy_coef=state.entropy_coef, entropy_last=state.entropy_last)
   # Sampler vs trainer log-probs at the same parameters: the recomputed old log-probs, or else the
   # first mini-batch of the first epoch (evaluated before any optimizer step).
   if rl.recompute_old_logp:
@@ -195,6 +232,10 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   else:
     out["mismatch_logp"] = stacked["abs_dlogp"][0, 0]
   return state.replace(step=state.step + 1), out
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def state_shardings(state: TrainState, optimizer, mesh, param_shardings) -> TrainState:
@@ -207,10 +248,12 @@ def state_shardings(state: TrainState, optimizer, mesh, param_shardings) -> Trai
 
 def make_update(model, model_cfg, config, optimizer, schedule, mesh, shardings: TrainState,
                 rules=()):
-  """`update` jitted over the mesh: batch rows over ('data', 'fsdp'), the state donated."""
+  """`update` jitted over the mesh (batch rows over ('data', 'fsdp'), the state donated) and
+  traced under it, so the model's activation sharding constraints apply."""
   fn = functools.partial(update, model=model, model_cfg=model_cfg, config=config,
                          optimizer=optimizer, schedule=schedule, rules=tuple(rules))
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
   replicated = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(shardings, batch_sharding, replicated),
-                 out_shardings=(shardings, replicated), donate_argnums=0)
+  return sharding.under_mesh(jax.jit(fn, in_shardings=(shardings, batch_sharding, replicated),
+                                     out_shardings=(shardings, replicated), donate_argnums=0),
+                             mesh, rules)

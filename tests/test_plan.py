@@ -1,0 +1,106 @@
+"""plan: TPU slices from libtpu, loop-aware compiled costs, the pre-flight table and its verdict."""
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from entropy_rl import config_lib, models, plan, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name, generation, shape", [
+    ("v4-32", "v4", "2x2x4"), ("v5litepod-64", "v5e", "8x8"), ("v5e-64", "v5e", "8x8"),
+    ("v5p-64", "v5p", "2x4x4"), ("v6e-16", "v6e", "4x4"), ("v5p:4x4x2", "v5p", "4x4x2"),
+    ("v5e:2x4", "v5e", "2x4"),
+])
+def test_parse_topology(name, generation, shape):
+  topo = plan.parse_topology(name)
+  assert (topo.generation, topo.shape) == (generation, shape)
+
+
+@pytest.mark.parametrize("name", ["v5p-63", "v7-8", "v5p:4x", "tpu"])
+def test_parse_topology_rejects_names_it_cannot_map(name):
+  with pytest.raises(ValueError, match="--topology"):
+    plan.parse_topology(name)
+
+
+def test_hlo_costs_count_every_loop_iteration():
+  def f(w_KxK, x_MxK):
+    return jax.lax.scan(lambda x, _: (jnp.tanh(x @ w_KxK), None), x_MxK, None, length=10)[0]
+
+  compiled = jax.jit(f).lower(jnp.zeros((64, 64)), jnp.zeros((32, 64))).compile()
+  costs = plan.hlo_costs(compiled.as_text())
+  assert costs.flops == 10 * 2 * 32 * 64 * 64
+  assert costs.unknown_trip_counts == 0
+  assert compiled.cost_analysis()["flops"] < costs.flops / 5  # XLA counts the body once
+  assert costs.hbm_bytes >= 10 * 4 * (32 * 64 * 2 + 64 * 64)
+
+
+def _tiny_config():
+  c = config_lib.get_config_for("tiny", config_lib.ppo_method(0.2))
+  c.rollout.prompts_per_step, c.rollout.num_samples = 8, 2
+  c.task.max_prompt_len, c.rollout.max_new_tokens = 16, 24
+  c.rl.num_minibatches, c.rl.num_microbatches = 1, 2
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  return c
+
+
+def _collectives_of_layer_activations(hlo_text: str, seq_len: int) -> list[str]:
+  """All-gathers / all-reduces inside the decoder layers of float arrays with a token dimension
+  (the sequence, or rows x sequence)."""
+  found = []
+  for line in hlo_text.splitlines():
+    inst = plan._split_instruction(line)
+    if not inst or inst[2].removesuffix("-start") not in ("all-gather", "all-reduce"):
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if not op_name or "layers/" not in op_name.group(1):
+      continue
+    for dtype, dims in plan._ARRAY.findall(inst[1]):
+      if dtype in ("bf16", "f32") and any(
+          int(d) % seq_len == 0 for d in dims.split(",") if d):
+        found.append(f"{inst[2]} {dtype}[{dims}] at {op_name.group(1)}")
+  return found
+
+
+def test_update_under_the_mesh_gathers_weights_not_activations():
+  pytest.importorskip("libtpu")
+  c = _tiny_config()
+  cfg = models.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+  devices = plan.topology_devices(plan.parse_topology("v5p-16"))
+  assert len({d.process_index for d in devices}) == 2
+  mesh = sharding.make_mesh(1, -1, 1, devices=devices)
+  (update,) = plan.training_programs(c, mesh, cfg)
+  assert "all-gather" in update.hlo_text  # FSDP: the layers' weights are gathered
+  assert _collectives_of_layer_activations(update.hlo_text, seq_len=16 + 24) == []
+
+
+def test_plan_single_host_names_the_fields_when_it_does_not_fit():
+  pytest.importorskip("libtpu")
+  result = plan.plan(config_lib.get_config_for("tiny", config_lib.ppo_method(0.2)), "v5p-8",
+                     headroom=0.99999)
+  assert (result.hosts, result.rows_per_host) == (1, 32)
+  (update,) = result.programs
+  assert 0 < update.argument_bytes < update.peak_bytes
+  assert update.costs.flops > 0 and update.costs.unknown_trip_counts == 0
+  assert len(result.problems) == 1
+  assert "update needs" in result.problems[0]
+  assert "config.rl.num_microbatches=1 -> 2" in result.problems[0]
+
+
+def test_plan_cli_on_a_multi_host_slice():
+  pytest.importorskip("libtpu")
+  out = subprocess.run(
+      [sys.executable, "-m", "entropy_rl.plan", "--config=configs/grpo.py", "--topology=v5p-16",
+       "--config.mesh.data=1", "--config.mesh.fsdp=-1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "over 2 hosts; each host feeds 16 of 32 prompts" in out.stdout
+  assert re.search(r"^update +1 +[\d.]+ +[\d.]+ +[\d.]+ +95 ", out.stdout, re.M), out.stdout
+  assert "MFU bound" in out.stdout
