@@ -7,10 +7,13 @@
   dual-clip and without the log-ratio clamp.
 - `kl_cov` (EM Eq. 13-14): `-A * ratio` for every token plus `beta * |logp - old_logp|` on the
   `max(1, floor(kappa * n))` tokens with the largest covariance; ratio = exp(logp - old_logp) without
-  a clamp, as in verl's `kl_cov`.
+  a clamp, as in verl's `kl_cov` (a log-ratio above ~88.7 overflows float32 to inf there and here;
+  the update skips non-finite steps). Padding tokens always get log-ratio 0, so they cannot overflow.
 - `gspo` (arXiv 2507.18071): sequence ratio `s_i = exp(mean_t (logp - old_logp))` over the response
   mask, applied per token as `s_it = sg(s_i) * pi / sg(pi)` with log s_it clamped at 10 from above;
-  `l = max(-A s_it, -A clip(s_it, 1 - eps_low, 1 + eps_high))` (paper: eps 3e-4 / 4e-4).
+  `l = max(-A s_it, -A clip(s_it, 1 - eps_low, 1 + eps_high))` (paper: eps 3e-4 / 4e-4). The
+  per-token loss equals verl's `gspo`; verl always aggregates it seq-mean-token-mean (the config
+  family's mode), here `loss_agg_mode` is honoured.
 - `cispo` (arXiv 2506.13585): `l = -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp`, ratio
   from the log-ratio clamped at +-20 (as verl's `cispo`).
 - `archer` (dual-token constraints, arXiv 2507.15778): tokens with entropy >= the
