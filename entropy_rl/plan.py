@@ -435,7 +435,11 @@ def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
   compiles the programs of one RL step; `problems` names the fields to change."""
   topo = parse_topology(topology) if isinstance(topology, str) else topology
   devices = topology_devices(topo)
-  config_lib.validate(c, len(devices))
+  checked = c.copy_and_resolve_references()
+  if checked.task.source == "jsonl":  # the data lives where the run does; only its path is read
+    with checked.unlocked():
+      checked.task.source = "tfds"
+  config_lib.validate(checked, len(devices))
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
   rows = sharding.batch_sharding(mesh)
   prompt_rows = distributed.rows_by_process(c.rollout.prompts_per_step, rows)
