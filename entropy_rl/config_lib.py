@@ -1,14 +1,18 @@
 """The run configuration: one ConfigDict shared by every config file, paper presets, validation.
 
 `configs/<family>.py` files start from `base_config()`, set their method, and apply a preset chosen
-by `get_config(arg)`. `validate(config)` runs before anything is compiled and raises one ValueError
-naming the offending key.
+by `get_config(arg)`. `validate(config)` runs before anything is compiled and raises one
+`ConfigError` naming the offending key.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from entropy_rl import losses
+from entropy_rl import fileio, losses
+from entropy_rl.data import tasks as tasks_lib
+from entropy_rl.errors import ConfigError
 
 # The papers' models. Sizes matter only for presets; weights come from `model.hf_path`.
 PAPER_MODELS = ("qwen2_5_7b", "qwen2_5_32b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
@@ -23,8 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_steps = 200
-  c.log_every = 1
-  c.eval_every = 50
+  c.eval_every = 50  # 0 = no evaluation
   c.checkpoint_every = 50
   c.keep_checkpoints = 3
   c.max_nonfinite_steps = 3
@@ -52,7 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.question_field = "problem"
   c.task.answer_field = "answer"
   c.task.template = ""  # "" = the tokenizer's chat template (real models) or the task's own
+  c.task.answer_format = "auto"  # auto (by file name, else raw) | raw | boxed | gsm8k ('#### N')
   c.task.max_prompt_len = 32
+  # The synthetic tasks' difficulty knobs, per task: --config.task.options.countdown.max_target=50
+  c.task.options = ml_collections.ConfigDict(
+      {name: {f.name: f.default for f in dataclasses.fields(cls)}
+       for name, cls in tasks_lib.TASKS.items()})
 
   c.reward = ml_collections.ConfigDict()
   c.reward.name = "task"  # task | math
@@ -88,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.recompute_old_logp = False
   c.rl.dynamic_sampling = False
   c.rl.dynamic_sampling_max_draws = 3
+  c.rl.filter_groups_metric = "acc"  # dynamic sampling drops groups where this agrees (DAPO: acc)
   c.rl.fused_chunk_size = 4096
 
   c.loss = losses.default_loss_config()
@@ -202,10 +211,13 @@ _CHOICES = {
     "rl.advantage": ("grpo", "drgrpo", "rloo", "qae"),
     "optim.schedule": ("constant", "cosine"),
     "distributed": ("auto", "on", "off"),
+    "task.answer_format": ("auto", "raw", "boxed", "gsm8k"),
+    "rl.filter_groups_metric": ("acc", "reward"),
 }
 _POSITIVE = ("num_steps", "rollout.prompts_per_step", "rollout.num_samples", "rollout.max_new_tokens",
              "rl.num_minibatches", "rl.num_microbatches", "rl.ppo_epochs", "optim.lr",
-             "eval.num_samples", "rl.fused_chunk_size", "max_nonfinite_steps", "reward.num_workers")
+             "eval.num_samples", "rl.fused_chunk_size", "max_nonfinite_steps", "reward.num_workers",
+             "checkpoint_every", "keep_checkpoints", "task.max_prompt_len", "reward.timeout_s")
 
 
 def _get(c, dotted):
@@ -218,57 +230,94 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails with one message naming the key, before any compilation."""
   for key, choices in _CHOICES.items():
     if _get(c, key) not in choices:
-      raise ValueError(f"config.{key}={_get(c, key)!r}: expected one of {choices}")
+      raise ConfigError(f"config.{key}={_get(c, key)!r}: expected one of {choices}")
   for key in _POSITIVE:
     if not _get(c, key) > 0:
-      raise ValueError(f"config.{key}={_get(c, key)!r}: must be positive")
+      raise ConfigError(f"config.{key}={_get(c, key)!r}: must be positive")
+  if not 0 <= c.rl.qae_quantile <= 1:
+    raise ConfigError(f"config.rl.qae_quantile={c.rl.qae_quantile}: must be in [0, 1]")
+  if c.eval_every < 0:
+    raise ConfigError(f"config.eval_every={c.eval_every}: must be >= 0 (0 = no evaluation)")
+  _validate_task(c)
   if c.rollout.temperature <= 0:
-    raise ValueError(f"config.rollout.temperature={c.rollout.temperature}: must be positive")
+    raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: must be positive")
   if not 0 < c.rollout.top_p <= 1:
-    raise ValueError(f"config.rollout.top_p={c.rollout.top_p}: must be in (0, 1]")
+    raise ConfigError(f"config.rollout.top_p={c.rollout.top_p}: must be in (0, 1]")
   if c.rollout.max_rows_in_flight < 0:
-    raise ValueError(f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
+    raise ConfigError(f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
                      f">= 0 (0 = all rows at once)")
-  losses.validate_loss_config(c.loss, prefix="config.loss")
+  try:
+    losses.validate_loss_config(c.loss, prefix="config.loss")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   n = c.rollout.prompts_per_step * c.rollout.num_samples
   mb = c.rl.num_minibatches
   if c.rollout.prompts_per_step % mb:
-    raise ValueError(f"config.rl.num_minibatches={mb} must divide config.rollout.prompts_per_step="
+    raise ConfigError(f"config.rl.num_minibatches={mb} must divide config.rollout.prompts_per_step="
                      f"{c.rollout.prompts_per_step} (a mini-batch holds whole groups)")
   micro = c.rl.num_microbatches
   if (n // mb) % micro:
-    raise ValueError(f"config.rl.num_microbatches={micro} must divide the mini-batch of "
+    raise ConfigError(f"config.rl.num_microbatches={micro} must divide the mini-batch of "
                      f"{n // mb} sequences")
   sizes = {a: c.mesh[a] for a in ("data", "fsdp", "tensor")}
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {rest}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {rest}")
   fixed = 1
   for a, s in sizes.items():
     if s != -1 and s < 1:
-      raise ValueError(f"config.mesh.{a}={s}: must be positive or -1")
+      raise ConfigError(f"config.mesh.{a}={s}: must be positive or -1")
     fixed *= s if s != -1 else 1
   if num_devices % fixed or (not rest and fixed != num_devices):
-    raise ValueError(f"config.mesh={sizes} does not fit {num_devices} devices")
+    raise ConfigError(f"config.mesh={sizes} does not fit {num_devices} devices")
   batch_shards = (sizes["data"] if sizes["data"] != -1 else num_devices // fixed) * (
       sizes["fsdp"] if sizes["fsdp"] != -1 else num_devices // fixed)
   if c.rollout.prompts_per_step % batch_shards:
-    raise ValueError(f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} must be a "
+    raise ConfigError(f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} must be a "
                      f"multiple of the {batch_shards} data-parallel devices (config.mesh.data x "
                      "config.mesh.fsdp): prompts are sharded over them")
   if (n // mb // micro) % batch_shards:
-    raise ValueError(f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
+    raise ConfigError(f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
                      f"sequences does not split over {batch_shards} data-parallel devices "
                      "(config.mesh.data x config.mesh.fsdp)")
   if c.model.source == "hf" and not c.model.hf_path:
-    raise ValueError("config.model.hf_path: required when config.model.source='hf'")
+    raise ConfigError("config.model.hf_path: required when config.model.source='hf'")
   if c.task.source in ("jsonl", "tfds") and not c.task.path:
-    raise ValueError(f"config.task.path: required when config.task.source={c.task.source!r}")
+    raise ConfigError(f"config.task.path: required when config.task.source={c.task.source!r}")
   if c.warm_start.enabled and c.task.source != "synthetic":
-    raise ValueError("config.warm_start.enabled: the warm start trains on synthetic "
+    raise ConfigError("config.warm_start.enabled: the warm start trains on synthetic "
                      "demonstrations; disable it for config.task.source="
                      f"{c.task.source!r}")
   if c.reward.name == "task" and c.task.source != "synthetic":
-    raise ValueError("config.reward.name='task' needs config.task.source='synthetic'; use 'math'")
+    raise ConfigError("config.reward.name='task' needs config.task.source='synthetic'; use 'math'")
   if c.loss.kl_ref_coef < 0 or c.loss.entropy_coef < 0:
-    raise ValueError("config.loss.kl_ref_coef and config.loss.entropy_coef must be >= 0")
+    raise ConfigError("config.loss.kl_ref_coef and config.loss.entropy_coef must be >= 0")
+
+
+def _validate_task(c) -> None:
+  if c.task.source == "synthetic":
+    if c.task.name not in tasks_lib.TASKS:
+      raise ConfigError(f"config.task.name={c.task.name!r}: expected one of {sorted(tasks_lib.TASKS)}")
+    try:
+      tasks_lib.get_task(c.task.name, **c.task.options[c.task.name])
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.task.options.{c.task.name}: {e}") from None
+    return
+  if c.model.source == "tiny" and not c.task.template:
+    raise ConfigError(
+        "config.task.template is empty, which means the tokenizer's chat template, but the tiny "
+        "model's character tokenizer has none: set config.task.template to 'he', 'instruction', "
+        "'plain' or a str.format string with {question}")
+
+
+def check_inputs(c) -> None:
+  """The files the config names exist (run before anything slow, such as loading weights)."""
+  if c.task.source == "jsonl" and not fileio.exists(c.task.path):
+    raise ConfigError(f"config.task.path={c.task.path!r}: no such file")
+  if c.model.source == "hf" and not fileio.exists(c.model.hf_path):
+    raise ConfigError(f"config.model.hf_path={c.model.hf_path!r}: no such directory")
+  for name in c.eval.files:
+    path = fileio.join(c.eval.data_dir, name)
+    if not fileio.exists(path):
+      raise ConfigError(f"config.eval.files: {path} does not exist (config.eval.data_dir="
+                        f"{c.eval.data_dir!r})")

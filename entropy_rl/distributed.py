@@ -7,11 +7,15 @@ per-host NumPy slices.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+from entropy_rl import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +154,40 @@ def make_global_batch(local_tree, sharding: jax.sharding.Sharding, global_batch_
                                                   (global_batch_size,) + x.shape[1:])
 
   return jax.tree_util.tree_map_with_path(one, local_tree)
+
+
+# ----------------------------------------------------------------------------- host <-> global
+
+
+def to_global(x_local: np.ndarray, mesh) -> jax.Array:
+  """This host's rows -> a global array with rows over the batch axes ('data', 'fsdp')."""
+  return jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh), x_local)
+
+
+def to_local(x: jax.Array) -> np.ndarray:
+  """The rows of a row-sharded global array that this host holds, in order."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def gather(x: np.ndarray) -> np.ndarray:
+  """Concatenate a small per-host array over hosts (identity on one host)."""
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def any_process(flag: bool) -> bool:
+  """True on every host when `flag` is true on any (a stop request that all hosts must act on)."""
+  return bool(np.max(gather(np.array([int(flag)], np.int32))))
+
+
+def gather_states(state: dict) -> dict:
+  """Every host's JSON-able data position, keyed by process index."""
+  if jax.process_count() == 1:
+    return {"0": state}
+  blob = np.frombuffer(json.dumps(state).encode().ljust(4096), np.uint8)
+  rows = multihost_utils.process_allgather(blob[None], tiled=True)
+  return {str(i): json.loads(bytes(r).decode().strip()) for i, r in enumerate(np.asarray(rows))}

@@ -7,9 +7,15 @@ URIs (gcsfs for gs://). Libraries that only read and write local directories (a 
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import posixpath
+import socket
 import tempfile
+import time
+
+from entropy_rl.errors import ConfigError
 
 
 def is_uri(path) -> bool:
@@ -142,3 +148,41 @@ class Staged:
 
   def __exit__(self, *exc):
     self.close()
+
+
+class WorkdirLock:
+  """An exclusive lock on a local workdir (`flock` on DIR/.lock, released when the process exits,
+  however it exits), so a second run on the same workdir fails at once instead of writing every
+  step twice. A URI workdir cannot be locked this way: there the caller must not start two runs."""
+
+  FILE = ".lock"
+
+  def __init__(self, workdir):
+    self.workdir, self._fd = os.fspath(workdir), None
+
+  def __enter__(self):
+    if is_uri(self.workdir):
+      return self
+    path = os.path.join(self.workdir, self.FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      with open(path) as f:
+        owner = f.read().strip() or "{}"
+      os.close(fd)
+      info = json.loads(owner)
+      raise ConfigError(
+          f"--workdir={self.workdir} is in use by another run (pid {info.get('pid')} on "
+          f"{info.get('host')}, started {info.get('started')}): wait for it to finish, stop it, "
+          "or choose another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is not None:
+      os.close(self._fd)  # closing releases the lock
+      self._fd = None

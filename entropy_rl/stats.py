@@ -292,3 +292,23 @@ def entropy_summary(entropy_BxT, mask_BxT):
       "p80": p80,
       "p95": p95,
   }
+
+
+COV_TOP_FRACTION = 0.02  # `cov/topk_mean` averages the top 2% of tokens by covariance (EM Table 1)
+
+
+@jax.jit
+def rollout_token_stats(entropy_NxL, logp_NxL, adv_NxL, mask_NxL, band):
+  """The per-step token statistics of a rollout at the sampling policy: the entropy summary,
+  the mean Eq. 10 covariance, the mean over the top `COV_TOP_FRACTION` tokens by covariance, and
+  the fraction of tokens inside Clip-Cov's band (lb, ub) = `band`."""
+  out = {f"entropy/{k}": v for k, v in entropy_summary(entropy_NxL, mask_NxL).items()}
+  cov_NxL = token_covariance(logp_NxL, adv_NxL, mask_NxL)
+  valid_NxL = mask_NxL > 0
+  n = jnp.sum(valid_NxL)
+  top_NxL = top_k_mask(cov_NxL, valid_NxL,
+                       jnp.maximum(fraction_count(COV_TOP_FRACTION, n, "floor"), 1))
+  out["cov/mean"] = masked_mean(cov_NxL, valid_NxL)
+  out["cov/topk_mean"] = masked_mean(cov_NxL, top_NxL)
+  out["cov/frac_in_band"] = masked_mean((cov_NxL > band[0]) & (cov_NxL < band[1]), valid_NxL)
+  return out

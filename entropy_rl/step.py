@@ -243,7 +243,9 @@ def state_shardings(state: TrainState, optimizer, mesh, param_shardings) -> Trai
   replicated = NamedSharding(mesh, P())
   opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, param_shardings,
                               transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=param_shardings, opt_state=opt)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt,
+                    entropy_coef=jax.tree.map(lambda _: replicated, state.entropy_coef),
+                    entropy_last=jax.tree.map(lambda _: replicated, state.entropy_last))
 
 
 def make_update(model, model_cfg, config, optimizer, schedule, mesh, shardings: TrainState,

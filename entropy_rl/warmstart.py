@@ -91,12 +91,17 @@ def make_optimizer(lr: float, steps: int, weight_decay: float = 0.01):
 
 def train_supervised(model: Decoder, params, task: Task, tokenizer, *, steps: int, batch_size: int,
                      lr: float, corrupt_prob: float, seed: int, max_new_tokens: int,
-                     log_every: int = 100):
-  """`steps` AdamW steps on demonstration batches; returns (params, last loss)."""
+                     log_every: int = 100, check_stop=None):
+  """`steps` AdamW steps on demonstration batches; returns (params, last loss).
+
+  `check_stop()`, called before every step, may raise to abandon the training (nothing cached).
+  """
   optimizer = make_optimizer(lr, steps)
   opt_state = optimizer.init(params)
   loss = float("nan")
   for step in range(steps):
+    if check_stop is not None:
+      check_stop()
     batch = demonstration_batch(task, tokenizer, seed=seed, step=step, batch_size=batch_size,
                                 corrupt_prob=corrupt_prob, max_new_tokens=max_new_tokens)
     params, opt_state, loss = _train_step(params, opt_state, *batch, model=model,
@@ -155,7 +160,7 @@ def _load_cached(workdir, settings, model_cfg):
 def warm_start(model_cfg: ModelConfig, task: Task, tokenizer, *, workdir: str, steps: int = 700,
                batch_size: int = 128, lr: float = 3e-3, corrupt_prob: float = 0.35, seed: int = 0,
                max_new_tokens: int = 32, max_prompt_len: int = 32, num_eval_prompts: int = 256,
-               num_eval_samples: int = 16) -> tuple[dict, dict]:
+               num_eval_samples: int = 16, check_stop=None) -> tuple[dict, dict]:
   """Trains (or reloads from `workdir`) the warm-started policy; returns (params, info).
 
   The defaults land the embedded default (the config's 2-layer d=128 policy on Countdown) in the
@@ -176,7 +181,8 @@ def warm_start(model_cfg: ModelConfig, task: Task, tokenizer, *, workdir: str, s
     params = init_params(model_cfg, jax.random.key(seed))
     params, loss = train_supervised(model, params, task, tokenizer, steps=steps,
                                     batch_size=batch_size, lr=lr, corrupt_prob=corrupt_prob,
-                                    seed=seed, max_new_tokens=max_new_tokens)
+                                    seed=seed, max_new_tokens=max_new_tokens,
+                                    check_stop=check_stop)
     train_s = time.monotonic() - start
     start = time.monotonic()
     metrics = evaluate_task(model, params, task, tokenizer, num_prompts=num_eval_prompts,

@@ -254,7 +254,7 @@ def run(args) -> dict:
   optimizer = step_lib.make_optimizer(config.optim, 1000)
   schedule = step_lib.lr_schedule(config.optim, 1000)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
-  init = lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p))
+  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), config.loss)
   shardings = step_lib.state_shardings(jax.eval_shape(init, params), optimizer, mesh, pshard)
   state = jax.jit(init, out_shardings=shardings)(jax.device_put(params, pshard))
   gbatch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()},

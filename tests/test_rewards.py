@@ -12,7 +12,7 @@ from entropy_rl import rewards
 from entropy_rl.data import tasks as tasks_lib
 from entropy_rl.data.sources import answer_text
 from entropy_rl.data.tasks import Example
-from entropy_rl.rewards.extract import extract_boxed, gsm8k_answer
+from entropy_rl.data.extract import extract_boxed, gsm8k_answer
 from entropy_rl.rewards.pool import TimeoutPool
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,7 +38,9 @@ def test_math_equivalent_forms(math_fn):
            ("\\frac{1}{2}", "\\boxed{2}", 0), ("3\\sqrt{2}", "\\boxed{\\sqrt{18}}", 1),
            ("(1,2)", "\\boxed{(1, 2)}", 1), ("(1,2)", "\\boxed{(2,1)}", 0),
            ("18", "Janet makes \\boxed{\\$18}", 1), ("x^2+1", "\\boxed{1+x^2}", 1),
-           ("5", "I don't know", 0), ("5", "", 0)]
+           ("5", "I don't know", 0), ("5", "", 0),
+           # The last box is the answer; earlier ones are drafts (not the set {1, 5}).
+           ("5", "first \\boxed{1}, then \\boxed{5}", 1), ("1", "\\boxed{1} \\boxed{5}", 0)]
   got, info = math_fn([_ex(g) for g, _, _ in cases], [r for _, r, _ in cases])
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, [w for _, _, w in cases])
@@ -65,6 +67,7 @@ def test_timeout_pool_counts_timeouts_failures_and_deaths():
     assert results == [None, -1, -1, None]
     np.testing.assert_array_equal(timed_out, [0, 1, 0, 0])
     np.testing.assert_array_equal(failed, [0, 0, 1, 0])
+    assert len(pool.errors) == 1 and "TypeError" in pool.errors[0]
   finally:
     pool.close()
   pool = TimeoutPool(os._exit, num_workers=1, timeout_s=10.0)

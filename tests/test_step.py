@@ -136,6 +136,31 @@ def test_nonfinite_update_is_skipped():
   assert int(state.step) == 1
 
 
+def test_step_with_one_bad_minibatch_is_skipped_whole():
+  """Only row 1 (mini-batch 1 of 2) is NaN: mini-batch 0's finite update is undone too."""
+  batch = _batch(4)
+  batch["advantages"] = batch["advantages"].copy()
+  batch["advantages"][1, 0] = np.nan
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  model, cfg, params = _model()
+  state, m = _run(_config(), mesh, batch)
+  assert m["nonfinite"] == 1.0
+  _close(state.params, params, tol=0)
+  assert int(jax.tree.leaves(state.opt_state)[0]) == 0  # Adam's count: no update applied
+
+
+def test_overflowing_learning_rate_leaves_the_state_untouched():
+  """lr = 1e30: the first mini-batch's update is finite but the next forward overflows; the
+  step is skipped whole, so the parameters stay finite and equal to the start."""
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  c = _config()
+  c.optim.lr = 1e30
+  model, cfg, params = _model()
+  state, m = _run(c, mesh, _batch(6), steps=2)
+  assert m["nonfinite"] == 1.0
+  _close(state.params, params, tol=0)
+
+
 def test_recompute_old_logp_reports_sampler_mismatch():
   """Recomputed old log-probs replace the sampler's; the mismatch metric measures the gap."""
   batch = _batch(5)

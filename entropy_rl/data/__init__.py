@@ -1,7 +1,7 @@
 """Synthetic tasks, tokenizers and prompt sources, and their construction from the run config.
 
 The config-level entry points read `config.task` (source, name, path, split, data_dir,
-question_field, answer_field, template, max_prompt_len; optional answer_format and options, the
+question_field, answer_field, answer_format, template, max_prompt_len, and options: each synthetic
 task's difficulty knobs) and `config.eval` (num_prompts, data_dir, files).
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from entropy_rl.data.sources import (ExampleListSource, JsonlSource, SyntheticSource, TfdsSource,  # noqa: F401
                                      encode_prompts, examples_from_records, format_prompt, read_jsonl)
 from entropy_rl.data.tasks import TASKS, Example, Task, get_task  # noqa: F401
+from entropy_rl.errors import ConfigError
 from entropy_rl.data.tokenizer import build_char_tokenizer, decode_responses, load_tokenizer  # noqa: F401
 
 # Field layout of the standard benchmark files (../shared/data/README.md), by file name.
@@ -36,8 +37,16 @@ def build_tokenizer(path: str | os.PathLike):
 
 
 def make_task(task_cfg) -> Task:
-  """The synthetic task `task_cfg.name` with the difficulty knobs in `task_cfg.options` (if any)."""
-  return get_task(task_cfg.name, **dict(task_cfg.get("options", None) or {}))
+  """The synthetic task `task_cfg.name` with its difficulty knobs `task_cfg.options[name]`."""
+  return get_task(task_cfg.name, **dict(task_cfg.options.get(task_cfg.name, None) or {}))
+
+
+def answer_format(task_cfg, path: str) -> str:
+  """`task_cfg.answer_format`; 'auto' is the format of the benchmark file named like `path`
+  (gsm8k_train.jsonl: the number after '####'), else the raw field."""
+  if task_cfg.answer_format != "auto":
+    return task_cfg.answer_format
+  return BENCHMARKS.get(os.path.basename(str(path)), {}).get("answer_format", "raw")
 
 
 def _text_kwargs(task_cfg, tokenizer):
@@ -45,6 +54,11 @@ def _text_kwargs(task_cfg, tokenizer):
   if tokenizer is None:
     raise ValueError(f"config.task.source={task_cfg.source!r} needs the tokenizer (prompt length "
                      "filter and chat template)")
+  if not task_cfg.template and not getattr(tokenizer, "chat_template", None):
+    raise ConfigError(
+        "config.task.template is empty, which means the tokenizer's chat template, but this "
+        "tokenizer has none: set config.task.template to 'he', 'instruction', 'plain' or a "
+        "str.format string with {question}")
   return dict(template=task_cfg.template or "instruction", chat_template=not task_cfg.template,
               tokenizer=tokenizer, max_prompt_len=task_cfg.max_prompt_len)
 
@@ -56,7 +70,7 @@ def make_source(task_cfg, *, seed: int, shard_index: int = 0, num_shards: int = 
   if task_cfg.source == "synthetic":
     return SyntheticSource(task or make_task(task_cfg), split=task_cfg.get("split", "train"), **shards)
   fields = dict(question_field=task_cfg.question_field, answer_field=task_cfg.answer_field,
-                answer_format=task_cfg.get("answer_format", "raw"))
+                answer_format=answer_format(task_cfg, task_cfg.path))
   if task_cfg.source == "jsonl":
     return JsonlSource(task_cfg.path, **fields, **_text_kwargs(task_cfg, tokenizer), **shards)
   if task_cfg.source == "tfds":
@@ -77,12 +91,12 @@ def make_eval_examples(config, *, task: Task | None = None, tokenizer=None, shar
     examples = (task or make_task(config.task)).eval_examples(n, seed=EVAL_SEED)
   else:
     if not config.eval.files:
-      raise ValueError("config.eval.files: name the benchmark files to evaluate on")
+      raise ConfigError("config.eval.files: name the benchmark files to evaluate on")
     examples = []
     for name in config.eval.files:
       path = os.path.join(config.eval.data_dir, name)
       if not os.path.exists(path):
-        raise ValueError(f"config.eval.files: {path} does not exist (config.eval.data_dir="
+        raise ConfigError(f"config.eval.files: {path} does not exist (config.eval.data_dir="
                          f"{config.eval.data_dir!r})")
       fields = BENCHMARKS.get(os.path.basename(name), dict(question_field="problem",
                                                            answer_field="answer"))

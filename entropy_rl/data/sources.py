@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from entropy_rl.data.tasks import Example, Task
-from entropy_rl.rewards.extract import extract_boxed, gsm8k_answer
+from entropy_rl.errors import ConfigError
+from entropy_rl.data.extract import extract_boxed, gsm8k_answer
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +167,12 @@ def question_and_answer(where: str, record: dict, question_field: str, answer_fi
   """(question, answer) of one record; a missing field or unparsable answer names `where`."""
   for field in (question_field, answer_field):
     if field not in record:
-      raise ValueError(f"{where}: missing field '{field}'; fields present: {sorted(record)}")
+      raise ConfigError(f"{where}: missing field '{field}'; fields present: {sorted(record)} "
+                        "(config.task.question_field / config.task.answer_field)")
   answer = answer_text(record[answer_field], answer_format)
   if answer is None:
-    raise ValueError(f"{where}: field '{answer_field}' has no {answer_format} answer")
+    raise ConfigError(f"{where}: field '{answer_field}' has no {answer_format} answer "
+                      "(config.task.answer_format)")
   return str(record[question_field]), answer
 
 
@@ -179,25 +182,45 @@ def examples_from_records(records, *, name: str, question_field: str = "problem"
                           max_prompt_len: int | None = None) -> list[Example]:
   """Examples from (location, dict) pairs; prompts longer than `max_prompt_len` tokens are dropped
   and counted. A missing field or unparsable answer names the location; nothing left is an error."""
-  examples = []
+  examples, wheres = [], []
   for index, (where, record) in enumerate(records):
+    wheres.append(where)
     question, answer = question_and_answer(where, record, question_field, answer_field,
                                            answer_format)
     prompt = format_prompt(question, template, tokenizer=tokenizer, chat_template=chat_template)
     examples.append(Example(prompt, answer, {"question": question, "index": index, "source": name}))
   if not examples:
-    raise ValueError(f"{name}: the dataset is empty")
+    raise ConfigError(f"{name}: the dataset is empty")
   if max_prompt_len is not None:
     if tokenizer is None:
       raise ValueError("max_prompt_len needs a tokenizer to count prompt tokens")
-    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"]]
+    lengths = [len(ids) for ids in _encode(tokenizer, examples, wheres)]
     kept = [e for e, n in zip(examples, lengths) if n <= max_prompt_len]
     log.info("%s: dropped %d of %d prompts longer than max_prompt_len=%d tokens", name,
              len(examples) - len(kept), len(examples), max_prompt_len)
     if not kept:
-      raise ValueError(f"{name}: all {len(examples)} prompts exceed max_prompt_len={max_prompt_len}")
+      raise ConfigError(f"{name}: all {len(examples)} prompts exceed config.task.max_prompt_len="
+                        f"{max_prompt_len} tokens")
     examples = kept
   return examples
+
+
+def _encode(tokenizer, examples, wheres) -> list[list[int]]:
+  """Token ids of every prompt; a prompt the tokenizer cannot encode names its record."""
+  try:
+    return tokenizer([e.prompt for e in examples])["input_ids"]
+  except Exception:  # pylint: disable=broad-except
+    for e, where in zip(examples, wheres):
+      try:
+        tokenizer([e.prompt])
+      except Exception as err:  # pylint: disable=broad-except
+        known = set(tokenizer.get_vocab())
+        unknown = "".join(sorted({ch for ch in e.prompt if ch not in known}))
+        hint = (f"the characters {unknown!r} are not in its vocabulary (the tiny model's "
+                "character tokenizer covers only the synthetic tasks' alphabet; use a real model, "
+                "config.model.source='hf')" if unknown else str(err))
+        raise ConfigError(f"{where}: the tokenizer cannot encode this prompt: {hint}") from None
+    raise
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
@@ -210,9 +233,9 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise ConfigError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
       if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
       out.append((f"{path}:{lineno}", record))
   return out
 

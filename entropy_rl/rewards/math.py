@@ -1,8 +1,9 @@
 """Math answer rewards through math-verify, time-bounded in a worker pool.
 
-The response's answer is extracted by math-verify (the last \\boxed{} first, then other LaTeX and
-plain expressions) and compared with the gold answer (wrapped in \\boxed{}) by LaTeX, symbolic and
-numeric equivalence, so 0.5, 1/2 and \\frac{1}{2} all match. math-verify's own signal-based
+The response's answer is the content of its last \\boxed{} (earlier boxes are drafts: `\\boxed{1}
+... \\boxed{5}` answers 5), or, without a box, what math-verify extracts from the whole text
+(other LaTeX and plain expressions). It is compared with the gold answer (wrapped in \\boxed{})
+by LaTeX, symbolic and numeric equivalence, so 0.5, 1/2 and \\frac{1}{2} all match. math-verify's own signal-based
 timeouts are off: the pool kills a worker that overruns, which also stops computations that a
 signal cannot interrupt; such an answer scores 0 and is counted in `info['timeouts']`.
 """
@@ -15,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from entropy_rl.data.tasks import Example
-from entropy_rl.rewards.extract import extract_boxed
+from entropy_rl.data.extract import extract_boxed
 from entropy_rl.rewards.pool import TimeoutPool
 
 
@@ -32,7 +33,9 @@ def verify_answer(gold: str, response: str) -> float:
   import math_verify  # pylint: disable=g-import-not-at-top
   logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings
   gold_parsed = _parse_gold(gold)
-  answer = math_verify.parse(response, parsing_timeout=None)
+  boxed = extract_boxed(response)
+  text = response if boxed is None else "\\boxed{" + boxed + "}"
+  answer = math_verify.parse(text, parsing_timeout=None)
   if not gold_parsed or not answer:
     return 0.0
   return float(math_verify.verify(gold_parsed, answer, timeout_seconds=None))
@@ -56,7 +59,8 @@ class MathReward:
     scores, timed_out, failed = self._pool.map(
         [(ex.answer, r) for ex, r in zip(examples, responses)])
     correct = np.asarray(scores, np.float32)
-    return correct, {"correct": correct, "timeouts": int(timed_out.sum()), "errors": int(failed.sum())}
+    return correct, {"correct": correct, "timeouts": int(timed_out.sum()),
+                     "errors": int(failed.sum()), "error_messages": self._pool.errors[:3]}
 
   def close(self):
     if self._pool is not None:

@@ -97,6 +97,7 @@ class TimeoutPool:
       raise ValueError(f"fn must be a module-level function of an importable module, got {fn}")
     self.fn, self.timeout_s, self.default = fn, timeout_s, default
     self._workers = [_Worker(fn) for _ in range(num_workers)]
+    self.errors: list[str] = []  # the messages of the last `map`'s failed items
     self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
   def close(self):
@@ -107,10 +108,12 @@ class TimeoutPool:
     self._workers[i] = _Worker(self.fn)
 
   def map(self, items: Sequence[tuple]) -> tuple[list[Any], np.ndarray, np.ndarray]:
-    """(results, timed_out bool[n], failed bool[n]); timed-out and failed items get `default`."""
+    """(results, timed_out bool[n], failed bool[n]); timed-out and failed items get `default`,
+    and `self.errors` lists the failed items' error messages."""
     if not self._finalizer.alive:
       raise ValueError("TimeoutPool is closed")
     n = len(items)
+    self.errors = []
     results = [self.default] * n
     timed_out, failed = np.zeros(n, bool), np.zeros(n, bool)
     todo = list(range(n - 1, -1, -1))
@@ -137,6 +140,7 @@ class TimeoutPool:
           except (EOFError, OSError):  # the worker died
             if w.item:
               failed[w.item[0]] = True
+              self.errors.append("the worker process died")
             elif not w.ready:
               raise RuntimeError("a reward worker process died while starting") from None
             self._replace(i)
@@ -147,6 +151,8 @@ class TimeoutPool:
             continue
           results[index] = value if ok else self.default
           failed[index] = not ok
+          if not ok:
+            self.errors.append(value)
           w.item = None
       now = time.monotonic()
       for i, w in enumerate(list(self._workers)):
