@@ -184,7 +184,7 @@ class Checkpointer:
     metadata = _to_json(metadata)
     if step in self._mngr.all_steps():
       return False
-    self.check()
+    self._finish()  # orbax would wait for the previous save anyway; its failure is its own
     self._saving = step
     try:
       return self._mngr.save(step, args=ocp.args.Composite(
@@ -208,6 +208,8 @@ class Checkpointer:
       self._finish()
 
   def _finish(self) -> None:
+    if self._saving is None:
+      return
     step, self._saving = self._saving, None
     try:
       self._mngr.wait_until_finished()

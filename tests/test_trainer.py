@@ -1,5 +1,6 @@
-"""The RL loop: resume after SIGTERM equals an uninterrupted run; bad configs; end to end."""
-import json
+"""The RL loop: resume after SIGTERM equals an uninterrupted run; faults that must not lose work;
+bad configs; end to end."""
+import logging
 import os
 import signal
 import subprocess
@@ -9,8 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from entropy_rl import checkpoint, config_lib, metrics, trainer
+from entropy_rl import checkpoint, config_lib, fileio, interrupt, metrics, policy, trainer
+from entropy_rl.errors import ConfigError
 from configs import grpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOLATILE = ("time/", "throughput/")
 
@@ -56,7 +60,9 @@ def test_sigterm_resume_equals_uninterrupted(tmp_path, monkeypatch):
       os.kill(os.getpid(), signal.SIGTERM)
 
   monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_preempt)
-  trainer.train(c, cut)
+  with pytest.raises(interrupt.Interrupted, match="SIGTERM: checkpointed step 3") as stopped:
+    trainer.train(c, cut)
+  assert stopped.value.exit_code == 128 + signal.SIGTERM
   assert checkpoint.Checkpointer(os.path.join(cut, "checkpoints")).all_steps() == [3]
   assert [r["step"] for r in _records(cut)] == [0, 1, 2, 3]  # step 0: the starting policy's eval
   monkeypatch.setattr(metrics.MetricsWriter, "write", write)
@@ -81,20 +87,114 @@ def test_resume_with_other_model_shape_fails_clearly(tmp_path):
     trainer.train(c2, str(tmp_path))
 
 
-def test_nonfinite_updates_stop_the_run_with_a_checkpoint(tmp_path):
-  """A huge learning rate blows the params up; the following non-finite updates are skipped and
-  after config.max_nonfinite_steps in a row the run stops with the last good state saved."""
+def test_nonfinite_updates_stop_the_run_with_a_good_checkpoint(tmp_path, caplog):
+  """lr = 1e30: every update overflows, so every step is skipped whole; after
+  config.max_nonfinite_steps in a row the run stops, and the checkpoint it names holds the
+  starting parameters (finite, with finite entropy), under the step numbers metrics.jsonl uses."""
   c = tiny_config(num_steps=8)
   c.eval_every = 0
   c.optim.lr, c.optim.grad_clip = 1e30, 1e30
   c.reward.overlong_buffer, c.reward.overlong_penalty = 12, 1.0  # a reward that varies at init
   c.max_nonfinite_steps = 2
-  with pytest.raises(FloatingPointError, match="max_nonfinite_steps=2"):
+  start = policy.build_policy(c, str(tmp_path / "p"), None)[1]
+  with caplog.at_level(logging.WARNING), pytest.raises(
+      FloatingPointError, match="max_nonfinite_steps=2.*checkpoint 2 holds the state of step 0"):
     trainer.train(c, str(tmp_path))
   recs = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
-  assert [r["nonfinite"] for r in recs][-2:] == [1.0, 1.0]
-  steps = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps()
-  assert steps == [recs[-1]["step"]]
+  assert [(r["step"], r["nonfinite"]) for r in recs] == [(1, 1.0), (2, 1.0)]
+  assert all(np.isfinite(r["entropy/token_mean"]) for r in recs)
+  warned = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+  assert [w.split(":")[0] for w in warned] == ["step 1", "step 2"]
+  assert checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints")).all_steps() == [2]
+  for x, y in zip(jax.tree.leaves(_params(str(tmp_path), 2)), jax.tree.leaves(start)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_rerun_without_a_checkpoint_replaces_the_rows(tmp_path):
+  """A run that died before its first checkpoint restarts at step 0 and rewrites every row."""
+  c = tiny_config(num_steps=2)
+  trainer.train(c, str(tmp_path))
+  fileio_rm = __import__("shutil").rmtree
+  fileio_rm(tmp_path / "checkpoints")
+  trainer.train(c, str(tmp_path))
+  assert [r["step"] for r in _records(str(tmp_path))] == [0, 1, 2]
+
+
+def test_a_second_run_on_the_workdir_fails_naming_the_first(tmp_path):
+  c = tiny_config(num_steps=1)
+  with fileio.WorkdirLock(str(tmp_path)):
+    with pytest.raises(ConfigError, match=f"--workdir={tmp_path} is in use by another run "
+                                          f"\\(pid {os.getpid()}"):
+      trainer.train(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+  trainer.train(c, str(tmp_path))  # the lock went with its holder
+  assert [r["step"] for r in _records(str(tmp_path))] == [0, 1]
+
+
+def test_ctrl_c_during_the_warm_start_stops_the_run(tmp_path, monkeypatch):
+  from entropy_rl import warmstart
+  c = tiny_config(num_steps=2)
+  c.warm_start.enabled, c.warm_start.steps, c.warm_start.batch_size = True, 50, 8
+  batch = warmstart.demonstration_batch
+
+  def interrupt_at_step_3(*args, step, **kwargs):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return batch(*args, step=step, **kwargs)
+
+  monkeypatch.setattr(warmstart, "demonstration_batch", interrupt_at_step_3)
+  with pytest.raises(interrupt.Interrupted, match="SIGINT: nothing to checkpoint") as stopped:
+    trainer.train(c, str(tmp_path))
+  assert stopped.value.exit_code == 130
+  assert not os.path.exists(tmp_path / "warm_start" / "warm_start.json")  # nothing half-cached
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_a_failed_background_save_stops_the_run_when_it_happens(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  async def disk_full(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  c = tiny_config(num_steps=6)
+  c.eval_every, c.checkpoint_every = 0, 1
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match="saving checkpoint 1 .*No space left on device"):
+    trainer.train(c, str(tmp_path))
+  assert max(r["step"] for r in _records(str(tmp_path))) <= 3  # caught within a step or two
+
+
+def test_too_short_max_prompt_len_fails_before_the_warm_start(tmp_path):
+  c = tiny_config(num_steps=1)
+  c.warm_start.enabled = True
+  c.task.max_prompt_len = 8
+  with pytest.raises(ConfigError, match="config.task.max_prompt_len=8 is too small"):
+    trainer.train(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "warm_start")
+
+
+def test_uri_workdir_caches_tokenizer_and_warm_start_there(tmp_path, monkeypatch):
+  """A gs:// workdir (memory:// here) gets the tokenizer and the warm start through the same
+  path layer as metrics; nothing lands in a local folder named after the scheme."""
+  monkeypatch.chdir(tmp_path)
+  c = tiny_config()
+  c.warm_start.enabled, c.warm_start.steps, c.warm_start.batch_size = True, 2, 8
+  uri = "memory://bucket/run"
+  _, params = policy.build_policy(c, uri, __import__("entropy_rl").data.make_task(c.task))
+  assert fileio.exists(uri + "/tokenizer/tokenizer.json")
+  assert fileio.exists(uri + "/warm_start/warm_start.json")
+  assert os.listdir(tmp_path) == []
+  _, again = policy.build_policy(c, uri, __import__("entropy_rl").data.make_task(c.task))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again)):  # reloaded from the cache
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_reward_faults_are_logged(tmp_path):
+  c = tiny_config(num_steps=1)
+  trainer.train(c, str(tmp_path))
+  last = _records(str(tmp_path))[-1]
+  assert last["reward/timeouts"] == 0 and last["reward/errors"] == 0
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -105,24 +205,77 @@ def test_nonfinite_updates_stop_the_run_with_a_checkpoint(tmp_path):
     ("rl.advantage", "ppo", "config.rl.advantage"),
     ("mesh.data", 3, "config.mesh"),
     ("model.source", "hf", "config.model.hf_path"),
+    ("checkpoint_every", 0, "config.checkpoint_every"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints"),
+    ("task.answer_format", "latex", "config.task.answer_format"),
+    ("rl.filter_groups_metric", "len", "config.rl.filter_groups_metric"),
 ])
 def test_bad_config_names_the_key(key, value, match):
   c = tiny_config()
-  section, field = key.split(".")
-  c[section][field] = value
-  with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+  *section, field = key.split(".")
+  (c[section[0]] if section else c)[field] = value
+  with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
     config_lib.validate(c, num_devices=8)
 
 
-def test_cli_refuses_an_unknown_key(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_jsonl_with_the_tiny_model_needs_a_template():
+  c = tiny_config()
+  c.task.source, c.task.path, c.reward.name = "jsonl", "/data/train.jsonl", "math"
+  c.task.template = ""
+  with pytest.raises(ConfigError, match="config.task.template is empty"):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_task_options_and_answer_format_can_be_set():
+  c = tiny_config()
+  c.task.options.countdown.max_target = 20
+  c.task.answer_format = "gsm8k"
+  config_lib.validate(c, num_devices=8)
+  from entropy_rl import data
+  assert data.make_task(c.task).max_target == 20
+  c.task.options.countdown.num_numbers = 9
+  with pytest.raises(ConfigError, match="config.task.options.countdown"):
+    config_lib.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.rl.num_minibatchs=2"], "error: --config.rl.num_minibatchs=2: the config has no "
+     "field 'rl.num_minibatchs'; did you mean config.rl.num_minibatches"),
+    (["--config.checkpoint_every=0"], "error: config.checkpoint_every=0: must be positive"),
+    (["--config=configs/nope.py"], "error: --config: [Errno 2] No such file or directory"),
+])
+def test_cli_bad_input_is_one_line_naming_the_key(tmp_path, args, message):
   out = subprocess.run(
       [sys.executable, "-m", "entropy_rl.main", "--config=configs/default.py",
-       f"--workdir={tmp_path}", "--config.rl.num_minibatchs=2"],
-      cwd=root, capture_output=True, text=True, timeout=120)
-  assert out.returncode != 0
-  assert "num_minibatchs" in out.stderr
-  assert not os.listdir(tmp_path)  # nothing ran
+       f"--workdir={tmp_path}", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith(message), out.stderr
+  assert not any("Traceback" in l for l in lines), out.stderr
+  assert not os.path.exists(tmp_path / "metrics.jsonl")  # nothing ran
+
+
+def test_cli_exits_143_on_sigterm_after_checkpointing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "entropy_rl.main", "--config=configs/default.py",
+       f"--workdir={workdir}", "--config.warm_start.enabled=False", "--config.num_steps=1000",
+       "--config.eval_every=0", "--config.checkpoint_every=1000",
+       "--config.rollout.prompts_per_step=8", "--config.rollout.num_samples=2",
+       "--config.rl.num_minibatches=2"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  import time
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and not (
+      os.path.exists(workdir / "metrics.jsonl") and _records(str(workdir))):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err
+  assert "error: stopped by SIGTERM: checkpointed step" in err
+  saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()
+  assert saved and saved[-1] == max(r["step"] for r in _records(str(workdir)))
 
 
 @pytest.mark.slow
@@ -136,7 +289,7 @@ def test_default_config_improves_reward(tmp_path):
   first = np.mean([r["reward/mean"] for r in recs[:20]])
   last = np.mean([r["reward/mean"] for r in recs[-20:]])
   assert last > first + 0.05, (first, last)
-  json.dumps(recs[-1])
+  assert recs[-1]["entropy/token_mean"] < recs[0]["entropy/token_mean"]  # the collapse
 
 
 def test_law_hint_recovers_the_ceiling():
