@@ -138,10 +138,10 @@ def model_config(c) -> models.ModelConfig:
       raise ValueError(f"config.model.hf_path={c.model.hf_path!r}: no config.json there and not "
                        f"named after a paper model {sorted(PAPER_ARCHITECTURES)}")
     return models.ModelConfig(**PAPER_ARCHITECTURES[name], **dtypes)
-  from entropy_rl import data as data_lib, trainer
+  from entropy_rl import data as data_lib, policy
   with tempfile.TemporaryDirectory() as tmp:
     vocab_size = len(data_lib.build_tokenizer(os.path.join(tmp, "tokenizer")))
-  return trainer.tiny_model_config(c.model, vocab_size)
+  return policy.tiny_model_config(c.model, vocab_size)
 
 
 # ----------------------------------------------------------------------------- compiled costs
@@ -183,29 +183,147 @@ def _split_instruction(line: str):
     j += 1
   args = rest[op.end():j - 1]
   operands = re.findall(r"%([\w.\-]+)", args)
-  if op.group(1) == "constant":
-    operands = [args]  # the literal
+  if op.group(1) in ("constant", "parameter"):
+    operands = [args]  # the literal, the parameter number
   return m.group(1), shape, op.group(1), operands, rest[j:]
 
 
-def _op_flops(opcode, shape, operands, attrs, shapes) -> float:
-  out = sum(math.prod(_dims(d)) for _, d in _ARRAY.findall(shape)[:1])
-  if opcode == "dot":
-    lhs = _dims(_ARRAY.findall(shapes[operands[0]])[0][1])
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
-    return 2.0 * out * math.prod(lhs[k] for k in _dims(contracting.group(1)) if contracting)
-  labels = re.search(r"dim_labels=\w*_(\w+)->", attrs)
-  kernel = _dims(_ARRAY.findall(shapes[operands[1]])[0][1])
-  if not labels or len(labels.group(1)) != len(kernel):
+def _valid_taps(size_in: int, size_out: int, window: int, pad_lo: int, stride: int,
+                lhs_dilate: int, rhs_dilate: int) -> int:
+  """Window taps, summed over the output positions of one spatial dimension, that read the input
+  rather than its padding (XLA:TPU writes some matmuls as padded convolutions)."""
+  extent = (size_in - 1) * lhs_dilate  # the last input position of the dilated input
+  total = 0
+  for k in range(window):
+    offset = k * rhs_dilate - pad_lo  # the input position that output 0 reads with tap k
+    if lhs_dilate == 1:
+      first, last = max(0, -(offset // stride)), min(size_out - 1, (extent - offset) // stride)
+      total += max(0, last - first + 1)
+    else:
+      pos = offset + stride * np.arange(size_out)
+      total += int(np.sum((pos >= 0) & (pos <= extent) & (pos % lhs_dilate == 0)))
+  return total
+
+
+def _conv_flops(shape, operands, attrs, shapes) -> float:
+  """2 x output elements x (input features x window taps that read the input, per output)."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+  if not labels:
     return 0.0
-  return 2.0 * out * math.prod(kernel) / kernel[labels.group(1).index("o")]
+  lhs_labels, rhs_labels, out_labels = labels.groups()
+  lhs = _dims(_ARRAY.findall(shapes[operands[0]])[0][1])
+  kernel = _dims(_ARRAY.findall(shapes[operands[1]])[0][1])
+  out = _dims(_ARRAY.findall(shape)[0][1])
+  window = re.search(r"window=\{([^}]*)\}", attrs)
+  fields = dict(f.split("=", 1) for f in window.group(1).split()) if window else {}
+
+  def field(name, d, default):
+    return [int(v) for v in re.split(r"[x_]", fields[name])][d] if name in fields else default
+
+  macs = kernel[rhs_labels.index("i")]
+  for d in range(sum(ch.isdigit() for ch in out_labels)):
+    size_out = out[out_labels.index(str(d))]
+    pad_lo = int(fields["pad"].split("x")[d].split("_")[0]) if "pad" in fields else 0
+    taps = _valid_taps(lhs[lhs_labels.index(str(d))], size_out, kernel[rhs_labels.index(str(d))],
+                       pad_lo, field("stride", d, 1), field("lhs_dilate", d, 1),
+                       field("rhs_dilate", d, 1))
+    macs *= taps / size_out
+  return 2.0 * math.prod(out) * macs
 
 
-def _const_bound(cond_insts) -> int | None:
-  """The largest integer scalar constant of a while condition: its trip count (or bound)."""
-  values = [int(i[3][0]) for i in cond_insts
-            if i[2] == "constant" and re.fullmatch(r"-?\d+", i[3][0].strip())]
-  return max(values) if values else None
+def _op_flops(opcode, shape, operands, attrs, shapes) -> float:
+  if opcode == "convolution":
+    return _conv_flops(shape, operands, attrs, shapes)
+  out = sum(math.prod(_dims(d)) for _, d in _ARRAY.findall(shape)[:1])
+  lhs = _dims(_ARRAY.findall(shapes[operands[0]])[0][1])
+  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+  return 2.0 * out * math.prod(lhs[k] for k in _dims(contracting.group(1)) if contracting)
+
+
+_PASS_THROUGH = ("copy", "convert", "bitcast")
+_FLIPPED = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "EQ": "EQ", "NE": "NE"}
+
+
+def _int_constant(inst) -> int | None:
+  if inst and inst[2] == "constant" and re.fullmatch(r"-?\d+", inst[3][0].strip()):
+    return int(inst[3][0])
+  return None
+
+
+def _iterations(start: int, step: int, bound: int, direction: str) -> int | None:
+  if direction in ("LT", "LE") and step > 0:
+    return max(0, -((start - bound - (direction == "LE")) // step))
+  if direction in ("GT", "GE") and step < 0:
+    return max(0, -((bound - start - (direction == "GE")) // -step))
+  if direction == "NE" and step and (bound - start) % step == 0 and (bound - start) // step >= 0:
+    return (bound - start) // step
+  return None
+
+
+@dataclasses.dataclass
+class _Module:
+  """An HLO module's instructions, by computation and name, and each computation's root."""
+  insts: dict[str, dict[str, tuple]]
+  roots: dict[str, str]
+
+  def source(self, comp: str, name: str):
+    """The instruction `name` of `comp` is, seen through copies and converts, and through a
+    fusion of one operation (which it becomes, on the fusion's operands); None if unknown."""
+    inst = self.insts[comp].get(name)
+    while inst and inst[2] in _PASS_THROUGH:
+      inst = self.insts[comp].get(inst[3][0])
+    if inst and inst[2] == "fusion":
+      callee = re.search(r"calls=%([\w.\-]+)", inst[4]).group(1)
+      root = self.insts[callee].get(self.roots.get(callee))
+      params = [self.insts[callee].get(o) for o in root[3]] if root else [None]
+      if all(p and p[2] == "parameter" for p in params):
+        return (inst[0], root[1], root[2], [inst[3][int(p[3][0])] for p in params], root[4])
+    return inst
+
+  def state_index(self, comp: str, inst) -> int | None:
+    """k when `inst` is element k of the loop state (the parameter of `comp`)."""
+    if inst and inst[2] == "get-tuple-element" and (
+        self.insts[comp].get(inst[3][0], (0, 0, ""))[2] == "parameter"):
+      return int(re.search(r"index=(\d+)", inst[4]).group(1))
+    return None
+
+  def trip_count(self, caller: str, init: str, cond: str, body: str) -> int | None:
+    """Iterations of a while loop from its counter: a compare in its condition (each compare of
+    a conjunction: the loop ends at the first false, so the bound of a data-dependent loop), the
+    counter's value in the loop's initial tuple (`init`, in `caller`) and its constant step in
+    the body."""
+    start_tuple = self.source(caller, init)
+    body_tuple = self.insts[body].get(self.roots.get(body))
+    if not start_tuple or start_tuple[2] != "tuple" or not body_tuple or body_tuple[2] != "tuple":
+      return None
+    counts, pending = [], [self.roots.get(cond)]
+    while pending:
+      inst = self.source(cond, pending.pop())
+      if inst and inst[2] == "and":
+        pending += inst[3]
+      if not inst or inst[2] != "compare":
+        continue
+      direction = re.search(r"direction=(\w+)", inst[4]).group(1)
+      counter, bound = (self.source(cond, o) for o in inst[3])
+      if _int_constant(counter) is not None:
+        counter, bound, direction = bound, counter, _FLIPPED[direction]
+      k, bound = self.state_index(cond, counter), _int_constant(bound)
+      if k is None or bound is None:
+        continue
+      start = _int_constant(self.source(caller, start_tuple[3][k]))
+      update = self.source(body, body_tuple[3][k])
+      if start is None or not update or update[2] not in ("add", "subtract"):
+        continue
+      x, c = (self.source(body, o) for o in update[3])
+      if update[2] == "add" and _int_constant(x) is not None:
+        x, c = c, x
+      step = _int_constant(c)
+      if step is None or self.state_index(body, x) != k:
+        continue
+      n = _iterations(start, step if update[2] == "add" else -step, bound, direction)
+      if n is not None:
+        counts.append(n)
+    return min(counts) if counts else None
 
 
 @dataclasses.dataclass
@@ -213,14 +331,15 @@ class Costs:
   flops: float = 0.0  # matmul FLOPs (dot and convolution), every loop iteration counted
   hbm_bytes: float = 0.0  # operands + results of every unfused instruction and fusion
   ici_bytes: float = 0.0  # results of the collectives
-  unknown_trip_counts: int = 0  # while loops whose bound was not a constant (counted once)
+  unknown_trip_counts: int = 0  # while loops whose counter was not found (counted once)
 
 
 def hlo_costs(hlo_text: str) -> Costs:
   """Per-chip costs of a compiled (SPMD-partitioned) HLO module. XLA's cost_analysis() counts a
-  loop body once; here each body counts its trip count (the constant its condition compares
-  the counter with: the upper bound of a data-dependent loop such as the sampler's decode)."""
+  loop body once; here each body counts its trip count (`_Module.trip_count`),
+  times that of every loop around it."""
   comps: dict[str, list] = {}
+  roots: dict[str, str] = {}
   order, entry = [], None
   for line in hlo_text.splitlines():
     head = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
@@ -233,7 +352,10 @@ def hlo_costs(hlo_text: str) -> Costs:
       inst = _split_instruction(line)
       if inst:
         comps[current].append(inst)
+        if line.lstrip().startswith("ROOT "):
+          roots[current] = inst[0]
   shapes = {c: {i[0]: i[1] for i in insts} for c, insts in comps.items()}
+  module = _Module({c: {i[0]: i for i in insts} for c, insts in comps.items()}, roots)
 
   costs = Costs()
   control = {entry: 1.0}
@@ -245,7 +367,7 @@ def hlo_costs(hlo_text: str) -> Costs:
         if opcode == "while":
           body = re.search(r"body=%([\w.\-]+)", attrs).group(1)
           cond = re.search(r"condition=%([\w.\-]+)", attrs).group(1)
-          n = _const_bound(comps.get(cond, ()))
+          n = module.trip_count(name, operands[0], cond, body)
           if n is None:
             costs.unknown_trip_counts += 1
             n = 1

@@ -41,6 +41,70 @@ def test_hlo_costs_count_every_loop_iteration():
   assert costs.hbm_bytes >= 10 * 4 * (32 * 64 * 2 + 64 * 64)
 
 
+
+def _nested_scans(w_LxKxK, x_AxBxMxK):
+  """Mini-batches (A) of micro-batches (B) through L layers, as the update nests its scans."""
+  def minibatch(total, x_BxMxK):
+    def microbatch(total, x_MxK):
+      h_MxK, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x_MxK, w_LxKxK)
+      return total + h_MxK.sum(), None
+    return jax.lax.scan(microbatch, total, x_BxMxK)[0], None
+  return jax.lax.scan(minibatch, 0.0, x_AxBxMxK)[0]
+
+
+def test_hlo_costs_multiply_the_trip_counts_of_nested_scans():
+  w, x = jnp.zeros((7, 64, 64)), jnp.zeros((3, 5, 32, 64))
+  costs = plan.hlo_costs(jax.jit(_nested_scans).lower(w, x).compile().as_text())
+  assert costs.flops == 3 * 5 * 7 * 2 * 32 * 64 * 64
+  assert costs.unknown_trip_counts == 0
+
+
+def test_hlo_costs_take_the_trip_count_from_the_counter_start_step_and_bound():
+  def f(w_KxK, x_MxK):  # the counter runs 2, 5, 8: three iterations, though the bound is 11
+    return jax.lax.while_loop(lambda s: s[0] < 11, lambda s: (s[0] + 3, jnp.tanh(s[1] @ w_KxK)),
+                              (2, x_MxK))[1]
+
+  costs = plan.hlo_costs(jax.jit(f).lower(jnp.zeros((64, 64)), jnp.zeros((32, 64))).compile()
+                         .as_text())
+  assert costs.flops == 3 * 2 * 32 * 64 * 64
+  assert costs.unknown_trip_counts == 0
+
+
+def test_hlo_costs_of_fsdp_matmuls_inside_nested_scans_on_a_pod():
+  """XLA:TPU turns an FSDP matmul into a windowed loop (two weight shards an iteration, counter
+  step 2) of padded convolutions; the per-chip FLOPs must still be the hand count."""
+  pytest.importorskip("libtpu")
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  devices = plan.topology_devices(plan.parse_topology("v5p-64"))
+  mesh = jax.sharding.Mesh(devices, ("fsdp",))
+  rows = NamedSharding(mesh, P("fsdp"))
+  a, b, layers, r, t, k, h, d = 3, 2, 2, 32, 256, 512, 4, 128
+
+  def f(wq_LxKxHxD, wo_LxHxDxK, x_AxBxRxTxK):
+    def layer(x_RxTxK, w):
+      q_RxTxHxD = jax.lax.with_sharding_constraint(jnp.einsum("rtk,khd->rthd", x_RxTxK, w[0]),
+                                                   rows)
+      return jax.lax.with_sharding_constraint(
+          jnp.tanh(jnp.einsum("rthd,hdk->rtk", q_RxTxHxD, w[1])), rows), None
+
+    def minibatch(total, x_BxRxTxK):
+      def microbatch(total, x_RxTxK):
+        out, _ = jax.lax.scan(layer, x_RxTxK, (wq_LxKxHxD, wo_LxHxDxK))
+        return total + out.astype(jnp.float32).sum(), None
+      return jax.lax.scan(microbatch, total, x_BxRxTxK)[0], None
+    return jax.lax.scan(minibatch, 0.0, x_AxBxRxTxK)[0]
+
+  def arg(shape, spec):
+    return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+
+  text = jax.jit(f).lower(arg((layers, k, h, d), P(None, "fsdp")),
+                          arg((layers, h, d, k), P(None, None, None, "fsdp")),
+                          arg((a, b, r, t, k), P(None, None, "fsdp"))).compile().as_text()
+  assert "windowed_dot_general" in text and "pad=" in text  # the case this test is about
+  costs = plan.hlo_costs(text)
+  assert costs.flops == a * b * layers * 2 * (2 * r * t * k * h * d) / len(devices)
+  assert costs.unknown_trip_counts == 0
+
 def _tiny_config():
   c = config_lib.get_config_for("tiny", config_lib.ppo_method(0.2))
   c.rollout.prompts_per_step, c.rollout.num_samples = 8, 2
