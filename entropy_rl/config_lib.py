@@ -10,7 +10,7 @@ import dataclasses
 
 import ml_collections
 
-from entropy_rl import fileio, losses
+from entropy_rl import fileio, losses, rewards
 from entropy_rl.data import tasks as tasks_lib
 from entropy_rl.errors import ConfigError
 
@@ -18,8 +18,6 @@ from entropy_rl.errors import ConfigError
 PAPER_MODELS = ("qwen2_5_7b", "qwen2_5_32b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
 BENCHMARKS = ("math500.jsonl", "aime24.jsonl", "amc23.jsonl", "minerva_math.jsonl",
               "olympiadbench.jsonl", "gsm8k_test.jsonl")
-HE_TEMPLATE = ("User:\n{question}\nPlease reason step by step, and put your final answer within "
-               "\\boxed{{}}.\n\nAssistant:\n")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -63,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
        for name, cls in tasks_lib.TASKS.items()})
 
   c.reward = ml_collections.ConfigDict()
-  c.reward.name = "task"  # task | math
+  c.reward.name = "task"  # task | math | format
   c.reward.timeout_s = 5.0
   c.reward.num_workers = 4
   c.reward.format_coef = 0.0
@@ -77,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.warm_start.lr = 3e-3
   c.warm_start.corrupt_prob = 0.35
   c.warm_start.seed = 0  # separate from `seed`: RL seeds of an ablation share one starting policy
+  c.warm_start.path = ""  # the cache directory; "" = <workdir>/warm_start; runs may share one
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.prompts_per_step = 32
@@ -122,11 +121,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = -1  # -1 = rollout.max_new_tokens
   c.eval.data_dir = ""  # real runs: directory holding the benchmark JSONL files
   c.eval.files = ()
+  c.eval.at_start = True  # evaluate the starting policy as step 0
+  # Rows sampled at once: -1 = as many as a training rollout (never more KV memory), 0 = all.
+  c.eval.max_rows_in_flight = -1
   return c
 
 
 def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> None:
-  """The papers' settings for a real model (DESIGN.md section 7); only paths need editing.
+  """The papers' settings for a real model; only paths need editing.
 
   EM (arXiv 2505.22617): 256 prompts x 8 responses, T = 1, mini-batch 32 prompts, 1 epoch, no KL, no
   entropy loss, constant LR 1e-6 (7B) / 5e-7 (32B), max response 8192. HE (arXiv 2506.01939): the DAPO
@@ -143,7 +145,7 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.warm_start.enabled = False
   c.task.source = "jsonl"
   c.task.path = "/path/to/train.jsonl"
-  c.task.template = HE_TEMPLATE
+  c.task.template = "he"
   c.task.max_prompt_len = 1024
   c.reward.name = "math"
   c.rollout.temperature = 1.0
@@ -207,7 +209,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "task.source": ("synthetic", "jsonl", "tfds"),
-    "reward.name": ("task", "math"),
+    "reward.name": rewards.REWARD_NAMES,
     "rl.advantage": ("grpo", "drgrpo", "rloo", "qae"),
     "optim.schedule": ("constant", "cosine"),
     "distributed": ("auto", "on", "off"),
@@ -236,6 +238,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f"config.{key}={_get(c, key)!r}: must be positive")
   if not 0 <= c.rl.qae_quantile <= 1:
     raise ConfigError(f"config.rl.qae_quantile={c.rl.qae_quantile}: must be in [0, 1]")
+  if c.eval.max_rows_in_flight < -1:
+    raise ConfigError(f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight}: must be >= -1 "
+                      "(-1 = as many as a training rollout, 0 = all at once)")
   if c.eval_every < 0:
     raise ConfigError(f"config.eval_every={c.eval_every}: must be >= 0 (0 = no evaluation)")
   _validate_task(c)

@@ -62,8 +62,12 @@ class Rollouts:
     self.faults = RewardCounts()
 
   def generate(self, params, examples, key, *, num_samples, temperature, max_new_tokens,
-               greedy=False) -> Rollout:
+               greedy=False, max_rows_in_flight=None) -> Rollout:
+    """Samples and scores `num_samples` responses per example, `max_rows_in_flight` rows at a
+    time (default: `config.rollout.max_rows_in_flight`; 0 = all)."""
     c, pol = self.config, self.policy
+    if max_rows_in_flight is None:
+      max_rows_in_flight = c.rollout.max_rows_in_flight
     prompt_BxP, pmask_BxP = data_lib.encode_prompts(
         pol.tokenizer, [ex.prompt for ex in examples], c.task.max_prompt_len)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.default_rules()):
@@ -72,7 +76,7 @@ class Rollouts:
           key, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
           top_p=c.rollout.top_p, top_k=c.rollout.top_k, greedy=greedy, stop_ids=pol.stop_ids,
           pad_id=pol.pad_id, return_entropy=True,
-          max_rows_in_flight=c.rollout.max_rows_in_flight)
+          max_rows_in_flight=max_rows_in_flight)
     tokens, mask = to_local(out.tokens_NxL), to_local(out.mask_NxL)
     texts = data_lib.decode_responses(pol.tokenizer, tokens, mask)
     repeated = [ex for ex in examples for _ in range(num_samples)]
@@ -136,9 +140,11 @@ def evaluate(rollouts: Rollouts, params, eval_examples, key, c, check_stop=None)
   """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy.
 
   `eval_examples` is the whole list on every host, evaluated in global chunks of
-  `prompts_per_step` prompts (the last one padded) of which each host feeds its block of rows.
+  `prompts_per_step` prompts (the last one padded) of which each host feeds its block of rows,
+  with at most `eval_rows_in_flight(c)` rows sampled at once.
   """
   k = c.eval.num_samples
+  rows = eval_rows_in_flight(c)
   max_new = c.eval.max_new_tokens if c.eval.max_new_tokens > 0 else c.rollout.max_new_tokens
   chunk_size = c.rollout.prompts_per_step
   b = chunk_size // rollouts.num_shards
@@ -152,9 +158,9 @@ def evaluate(rollouts: Rollouts, params, eval_examples, key, c, check_stop=None)
     chunk += [eval_examples[0]] * (b - n)  # static shapes; padded prompts are dropped below
     key, k1, k2 = jax.random.split(key, 3)
     g = rollouts.generate(params, chunk, k1, num_samples=1, temperature=1.0,
-                          max_new_tokens=max_new, greedy=True)
+                          max_new_tokens=max_new, greedy=True, max_rows_in_flight=rows)
     s = rollouts.generate(params, chunk, k2, num_samples=k, temperature=c.eval.temperature,
-                          max_new_tokens=max_new)
+                          max_new_tokens=max_new, max_rows_in_flight=rows)
     greedy.append(g.correct)
     correct.append(s.correct.reshape(b, k))
     valid.append(np.arange(b) < n)
@@ -170,6 +176,14 @@ def evaluate(rollouts: Rollouts, params, eval_examples, key, c, check_stop=None)
       f"eval/pass@{k}": rewards_lib.mean_pass_at_k(correct, k),
       "eval/entropy": float(ent[0] / max(ent[1], 1.0)),
   }
+
+
+def eval_rows_in_flight(c) -> int:
+  """Global rows an evaluation samples at once: `config.eval.max_rows_in_flight`, where -1 means
+  as many as a training rollout holds (so evaluation never needs more KV memory) and 0 all."""
+  if c.eval.max_rows_in_flight >= 0:
+    return c.eval.max_rows_in_flight
+  return c.rollout.max_rows_in_flight or c.rollout.prompts_per_step * c.rollout.num_samples
 
 
 def reward_metrics(every: Rollout, kept: Rollout, g: int, draws: int, stop_ids) -> dict:

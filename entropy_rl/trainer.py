@@ -115,7 +115,7 @@ def _train(c, workdir: str, stop: interrupt.StopFlag) -> dict:
                             "config": json.loads(c.to_json_best_effort())})
 
   try:
-    if start == 0 and c.eval_every > 0:  # the starting policy, as step 0
+    if start == 0 and c.eval_every > 0 and c.eval.at_start:  # the starting policy, as step 0
       writer.write(0, rollout_lib.evaluate(rollouts, state.params, eval_examples,
                                            jax.random.fold_in(base_key, 2**32 - 1), c,
                                            check_stop))  # no step uses this key

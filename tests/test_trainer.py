@@ -298,3 +298,24 @@ def test_law_hint_recovers_the_ceiling():
   hint = trainer.law_hint(np.stack([h, r], 1).tolist(), 60)
   assert abs(hint["law/ceiling"] - 0.4) < 0.02 and hint["law/r2"] > 0.95
   assert trainer.law_hint([[0.5, 0.1]] * 29, 29) == {}  # fewer than 3 windows of 10 steps
+
+
+def test_evaluation_never_holds_more_rows_than_a_training_rollout(monkeypatch, tmp_path):
+  from entropy_rl import rollout, sampling
+  c = tiny_config(num_steps=1)
+  c.eval.num_samples = 8  # 8 prompts x 8 samples: twice a training rollout's 8 x 4 rows
+  assert rollout.eval_rows_in_flight(c) == 32
+  c.eval.max_rows_in_flight = 0
+  assert rollout.eval_rows_in_flight(c) == 0
+  c.eval.max_rows_in_flight, c.eval.at_start = -1, False
+  seen = []
+  sample = sampling.sample
+
+  def record(*args, max_rows_in_flight=0, **kwargs):
+    seen.append(max_rows_in_flight)
+    return sample(*args, max_rows_in_flight=max_rows_in_flight, **kwargs)
+
+  monkeypatch.setattr(sampling, "sample", record)
+  trainer.train(c, str(tmp_path))
+  assert [r["step"] for r in _records(str(tmp_path))] == [1]  # no step-0 evaluation
+  assert seen == [0, 32, 32]  # the training rollout (all rows), then greedy and sampled eval
