@@ -1,7 +1,8 @@
 """Analysis of RL runs: the entropy-performance law, plateaus, frontier residuals, covariance tails.
 
-Pure NumPy/SciPy functions of per-step series or per-token arrays; the experiment scripts in
-`experiments/` call them on metrics.jsonl records.
+NumPy/SciPy functions of per-step series or per-token arrays (NumPy in, NumPy out); the experiment
+scripts in `experiments/` call them on metrics.jsonl records. Token counts and the Eq. 10
+covariance are the trainer's own (`stats.top_count`, `stats.kept_count`, `stats.token_covariance`).
 
 - Law (EM Eq. 6): `R = -a * exp(H) + b`; `-a + b` is the predicted reward at H = 0 (the ceiling).
   EM fits on the first ~15% of steps and predicts the rest with about 1% RMSE.
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
+
+from entropy_rl import stats
 
 TOP_FRACTIONS = (0.0002, 0.002, 0.02, 0.2, 0.5, 1.0)
 
@@ -102,7 +105,7 @@ def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:
   h, r = _finite_pairs(entropy, reward)
   if not 0 < fit_fraction < 1:
     raise ValueError(f"fit_fraction must be in (0, 1), got {fit_fraction}")
-  n_fit = max(3, int(math.ceil(fit_fraction * len(h))))
+  n_fit = max(3, int(stats.kept_count(fit_fraction, len(h))))
   if n_fit >= len(h):
     raise ValueError(f"entropy: {len(h)} points leave nothing to predict after fitting {n_fit}")
   fit = fit_law(h[:n_fit], r[:n_fit])
@@ -162,11 +165,6 @@ def frontier_residual(ref_entropy, ref_reward, entropy, reward) -> dict:
           "frac_inside": inside}
 
 
-def top_count(fraction: float, n: int) -> int:
-  """max(1, floor(fraction * n)) tokens (the trainer's convention for covariance top sets)."""
-  return max(1, int(math.floor(fraction * n + 1e-9)))
-
-
 def covariance_by_top_fraction(cov, mask, fractions: Sequence[float] = TOP_FRACTIONS) -> dict:
   """EM Table 1: mean covariance of the top `f` fraction of valid tokens by covariance, per f.
 
@@ -183,28 +181,23 @@ def covariance_by_top_fraction(cov, mask, fractions: Sequence[float] = TOP_FRACT
   for f in fractions:
     if not 0 < f <= 1:
       raise ValueError(f"fractions: each must be in (0, 1], got {f}")
-    k = top_count(f, len(values))
+    k = int(stats.top_count(f, len(values)))
     out[f] = (float(values[:k].mean()), k)
   return out
 
 
 def token_covariance(logp, adv, mask) -> np.ndarray:
-  """EM Eq. 10 in NumPy: (A - mean A)(logp - mean logp) over valid tokens, 0 elsewhere."""
-  logp = np.asarray(logp, np.float64)
-  adv = np.asarray(adv, np.float64)
-  valid = np.asarray(mask) > 0
-  n = max(int(valid.sum()), 1)
-  mean_a = adv[valid].sum() / n
-  mean_l = logp[valid].sum() / n
-  return np.where(valid, (adv - mean_a) * (logp - mean_l), 0.0)
+  """EM Eq. 10 (`stats.token_covariance`) on NumPy arrays: (A - mean A)(logp - mean logp) over
+  valid tokens, 0 elsewhere; computed in float32, returned as float64."""
+  return np.asarray(stats.token_covariance(np.asarray(logp), np.asarray(adv), np.asarray(mask)),
+                    np.float64)
 
 
 def top_fraction_mask(scores, mask, rho: float) -> np.ndarray:
   """The ceil(rho * n) valid positions with the highest score (HE Eq. 6's token set), as bools."""
   scores = np.asarray(scores, np.float64)
   valid = np.asarray(mask) > 0
-  n = int(valid.sum())
-  k = int(math.ceil(rho * n - 1e-9))
+  k = int(stats.kept_count(rho, int(valid.sum())))
   flat = np.where(valid, scores, -np.inf).ravel()
   out = np.zeros(flat.shape, bool)
   if k:

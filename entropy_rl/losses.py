@@ -1,4 +1,4 @@
-"""Policy losses around the entropy mechanism (DESIGN.md section 3).
+"""Policy losses around the entropy mechanism (EM arXiv 2505.22617, HE arXiv 2506.01939).
 
 - `ppo`: clipped surrogate with clip-higher (`clip_ratio_low`/`clip_ratio_high`) and dual-clip
   (`clip_ratio_c`) for negative advantages, ratio = exp(clip(logp - old_logp, -20, 20)).
@@ -287,12 +287,11 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
                                     cfg.clip_ratio_high, clamp_log_ratio=False)
     candidates_BxT = (valid_BxT & ~(l2_BxT > l1_BxT)
                       & (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub))
-    k = jnp.maximum(stats.fraction_count(cfg.clip_cov_ratio, n, "floor"), 1)
+    k = stats.top_count(cfg.clip_cov_ratio, n)
     scores_BxT = jax.random.uniform(jax.random.fold_in(rng, 0), valid_BxT.shape)
     selected_BxT = stats.top_k_mask(scores_BxT, candidates_BxT, k)
   elif cfg.name == "kl_cov":
-    k = jnp.maximum(stats.fraction_count(cfg.kl_cov_ratio, n, "floor"), 1)
-    selected_BxT = stats.top_k_mask(cov_BxT, valid_BxT, k)
+    selected_BxT = stats.top_k_mask(cov_BxT, valid_BxT, stats.top_count(cfg.kl_cov_ratio, n))
   else:
     selected_BxT = jnp.zeros(valid_BxT.shape, bool)
   if cfg.name == "archer":
@@ -320,14 +319,21 @@ def aggregate_loss(loss_BxT, mask_BxT, mode, max_len=None, *, response_mask_BxT=
   response_BxT = mask_BxT if response_mask_BxT is None else response_mask_BxT
   lm_BxT = jnp.where(m_BxT != 0, loss_BxT.astype(jnp.float32), 0.0) * m_BxT
   num_seqs = jnp.sum(jnp.any(response_BxT > 0, axis=-1), dtype=jnp.float32)
-  if mode == "token-mean":
-    return jnp.sum(lm_BxT), jnp.sum(m_BxT)
-  if mode == "seq-mean-token-mean":
-    return jnp.sum(stats.masked_mean(loss_BxT, m_BxT, axis=-1)), num_seqs
-  if mode == "seq-mean-token-sum":
-    return jnp.sum(lm_BxT), num_seqs
   max_len = loss_BxT.shape[-1] if max_len is None else max_len
-  return jnp.sum(lm_BxT), num_seqs * max_len
+  den = loss_denominator(mode, jnp.sum(m_BxT), num_seqs, max_len)
+  if mode == "seq-mean-token-mean":
+    return jnp.sum(stats.masked_mean(loss_BxT, m_BxT, axis=-1)), den
+  return jnp.sum(lm_BxT), den
+
+
+def loss_denominator(mode, num_tokens, num_seqs, max_len):
+  """The denominator of aggregation `mode` (see `aggregate_loss`): the counted tokens for
+  token-mean, the rows S for the seq-mean modes, S * max_len for seq-mean-token-sum-norm."""
+  if mode == "token-mean":
+    return num_tokens
+  if mode == "seq-mean-token-sum-norm":
+    return num_seqs * max_len
+  return num_seqs
 
 
 def kl_penalty(logp_BxT, ref_logp_BxT, estimator):
@@ -448,8 +454,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
   sg = jax.lax.stop_gradient
   cov_BxT = stats.token_covariance(logp_BxT, adv_BxT, mask_BxT)
   n = jnp.sum(valid_BxT, dtype=jnp.int32)
-  top_cov_BxT = stats.top_k_mask(
-      cov_BxT, valid_BxT, jnp.maximum(stats.fraction_count(cfg.kl_cov_ratio, n, "floor"), 1))
+  top_cov_BxT = stats.top_k_mask(cov_BxT, valid_BxT, stats.top_count(cfg.kl_cov_ratio, n))
   metrics = {
       "loss_num": sg(num),
       "loss_den": sg(den),
@@ -457,7 +462,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
       "clipfrac_high": stats.masked_mean(clip_high_BxT, valid_BxT),
       "clipfrac_dual": stats.masked_mean(dual_BxT, valid_BxT),
       "ppo_kl": stats.masked_mean(sg(-log_ratio_BxT), valid_BxT),
-      "abs_log_ratio_mean": stats.masked_mean(sg(jnp.abs(log_ratio_BxT)), valid_BxT),
+      "abs_dlogp": stats.masked_mean(sg(jnp.abs(log_ratio_BxT)), valid_BxT),
       "n_valid": n.astype(jnp.float32),
       "n_cov_selected": jnp.sum(jnp.where(valid_BxT, selected_BxT, 0.0)),
       "n_token_mask": jnp.sum(token_mask_BxT),
@@ -493,17 +498,14 @@ def global_denominator(mask_BxT, cfg, num_microbatches):
     raise ValueError(f"num_microbatches must be a positive divisor of the batch size "
                      f"{mask_BxT.shape[0]}; got {num_microbatches!r}")
   valid_BxT = mask_BxT > 0
-  if cfg.loss_agg_mode != "token-mean":
-    num_seqs = jnp.sum(jnp.any(valid_BxT, axis=-1), dtype=jnp.float32)
-    if cfg.loss_agg_mode == "seq-mean-token-sum-norm":
-      return num_seqs * mask_BxT.shape[-1]
-    return num_seqs
   sets = 1 if cfg.selection_scope == "global" else num_microbatches
   n_S = jnp.sum(valid_BxT.reshape(sets, -1), axis=-1, dtype=jnp.int32)
   if cfg.token_mask in ("all", "top_quantile"):
     kept_S = n_S
   else:
-    kept_S = stats.fraction_count(cfg.token_mask_rho, n_S, "ceil")
+    kept_S = stats.kept_count(cfg.token_mask_rho, n_S)
     if cfg.token_mask == "bottom_entropy":
       kept_S = n_S - kept_S
-  return jnp.sum(kept_S).astype(jnp.float32)
+  num_seqs = jnp.sum(jnp.any(valid_BxT, axis=-1), dtype=jnp.float32)
+  return loss_denominator(cfg.loss_agg_mode, jnp.sum(kept_S).astype(jnp.float32), num_seqs,
+                          mask_BxT.shape[-1])

@@ -1,6 +1,6 @@
 """Token statistics: log-probs, entropy (plain and fused), covariance, entropy token masks.
 
-Conventions (DESIGN.md section 3): `z = logits / T`; log-probs and entropies use the same `z`;
+Conventions: `z = logits / T`; log-probs and entropies use the same `z`;
 entropy is accumulated as the sum of non-negative terms `p_j (lse - z_j)`, in nats. Means are over
 valid tokens (mask > 0) only; masked tokens never count and are never selected. Every selection has
 static shapes (ranking by a sort, never `nonzero`) so it runs under `jax.jit`.
@@ -211,6 +211,16 @@ def fraction_count(fraction, n, rounding):
   return v.astype(jnp.int32)
 
 
+def kept_count(rho, n):
+  """HE Eq. 6's kept-token count of an entropy mask: ceil(rho * n)."""
+  return fraction_count(rho, n, "ceil")
+
+
+def top_count(ratio, n):
+  """EM's covariance top-set size (Clip-Cov, KL-Cov, top-fraction means): max(1, floor(r * n))."""
+  return jnp.maximum(fraction_count(ratio, n, "floor"), 1)
+
+
 def top_k_mask(scores_BxT, valid_BxT, k):
   """Bool mask of exactly min(k, #valid) valid tokens with the highest scores.
 
@@ -267,7 +277,7 @@ def entropy_token_mask(entropy_BxT, mask_BxT, rho, mode, rng=None):
   if mode == "top_quantile":
     keep_BxT = valid_BxT & (entropy_BxT >= masked_quantile(entropy_BxT, valid_BxT, 1.0 - rho))
     return keep_BxT.astype(jnp.float32)
-  k = fraction_count(rho, jnp.sum(valid_BxT, dtype=jnp.int32), "ceil")
+  k = kept_count(rho, jnp.sum(valid_BxT, dtype=jnp.int32))
   if mode == "random":
     scores_BxT = jax.random.uniform(rng, valid_BxT.shape)
   else:
@@ -306,8 +316,7 @@ def rollout_token_stats(entropy_NxL, logp_NxL, adv_NxL, mask_NxL, band):
   cov_NxL = token_covariance(logp_NxL, adv_NxL, mask_NxL)
   valid_NxL = mask_NxL > 0
   n = jnp.sum(valid_NxL)
-  top_NxL = top_k_mask(cov_NxL, valid_NxL,
-                       jnp.maximum(fraction_count(COV_TOP_FRACTION, n, "floor"), 1))
+  top_NxL = top_k_mask(cov_NxL, valid_NxL, top_count(COV_TOP_FRACTION, n))
   out["cov/mean"] = masked_mean(cov_NxL, valid_NxL)
   out["cov/topk_mean"] = masked_mean(cov_NxL, top_NxL)
   out["cov/frac_in_band"] = masked_mean((cov_NxL > band[0]) & (cov_NxL < band[1]), valid_NxL)

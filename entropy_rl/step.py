@@ -146,8 +146,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
         logp, micro["old_logp"], micro["advantages"], mask, loss_cfg, entropy_BxT=entropy,
         rng=key, selections=selections, denominator=pg_den,
         ref_logp_BxT=micro["ref_logp"] if archer and loss_cfg.kl_ref_coef > 0 else None)
-    metrics = dict(metrics, pg_loss=loss,
-                   abs_dlogp=stats.masked_mean(jnp.abs(logp - micro["old_logp"]), mask))
+    metrics = dict(metrics, pg_loss=loss)
     if loss_cfg.kl_ref_coef > 0 and not archer:
       kl = jnp.sum(losses.kl_penalty(logp, micro["ref_logp"], loss_cfg.kl_ref_estimator) * mask)
       loss = loss + loss_cfg.kl_ref_coef * kl / tok_den

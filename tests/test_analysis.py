@@ -131,14 +131,25 @@ def test_covariance_by_top_fraction_ignores_invalid():
 
 
 def test_token_covariance_matches_formula():
+  """EM Eq. 10 on NumPy arrays (float64 out, computed by the trainer's float32 formula)."""
   rng = np.random.default_rng(0)
   logp = rng.normal(size=(3, 5))
   adv = rng.normal(size=(3, 5))
   mask = rng.random((3, 5)) > 0.3
   cov = analysis.token_covariance(logp, adv, mask)
+  assert isinstance(cov, np.ndarray) and cov.dtype == np.float64
   a, l = adv[mask], logp[mask]
-  np.testing.assert_allclose(cov[mask], (a - a.mean()) * (l - l.mean()))
+  np.testing.assert_allclose(cov[mask], (a - a.mean()) * (l - l.mean()), rtol=1e-5, atol=1e-6)
   assert np.all(cov[~mask] == 0)
+
+
+def test_counts_are_exact_for_decimal_fractions():
+  """The trainer's count rules: 0.28 * 25 keeps 7 tokens (float64 ceil gives 8)."""
+  assert int(np.sum(analysis.top_fraction_mask(np.arange(25.0), np.ones(25), 0.28))) == 7
+  cov = np.arange(1.0, 26.0)
+  assert analysis.covariance_by_top_fraction(cov, np.ones(25), (0.28,))[0.28] == (22.0, 7)
+  assert analysis.early_fit_prediction(np.linspace(1, 0, 25), np.linspace(0, 1, 25), 0.28)[
+      "n_fit"] == 7
 
 
 def test_top_fraction_mask_and_overlap():
