@@ -7,6 +7,7 @@ like a local one: libraries that write local directories work on a staged copy t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -66,9 +67,19 @@ def _cached_tokenizer(workdir: str):
 
 
 def _cached_warm_start(config, workdir: str, model_cfg, task, tokenizer, check_stop):
+  """The warm start cached in `config.warm_start.path` (runs may share it; one trained for another
+  model or task is refused) or, when that is empty, in <workdir>/warm_start."""
   from entropy_rl import warmstart  # pylint: disable=g-import-not-at-top
   w = config.warm_start
-  with fileio.Staged(fileio.join(workdir, "warm_start")) as staged:
+  with fileio.Staged(w.path or fileio.join(workdir, "warm_start")) as staged:
+    info_path = os.path.join(staged.local, warmstart.INFO_FILE)
+    if w.path and os.path.exists(info_path):
+      with open(info_path) as f:
+        trained = json.load(f)["settings"]
+      if (trained["task"] != repr(task)
+          or trained["model"] != json.loads(json.dumps(dataclasses.asdict(model_cfg)))):
+        raise config_lib.ConfigError(f"config.warm_start.path={w.path!r}: holds a warm start "
+                                     "trained for another task or model")
     params, info = warmstart.warm_start(
         model_cfg, task, tokenizer, workdir=staged.local, steps=w.steps,
         batch_size=w.batch_size, lr=w.lr, corrupt_prob=w.corrupt_prob, seed=w.seed,

@@ -276,16 +276,15 @@ def _byte_tokenizer(path):
 @needs_data
 def test_benchmark_eval_examples_from_the_run_config(tmp_path):
   from entropy_rl import data
-  from entropy_rl.config_lib import HE_TEMPLATE
   tok = _byte_tokenizer(tmp_path)
   c = _config()
-  c.task.source, c.task.template, c.task.max_prompt_len = "jsonl", HE_TEMPLATE, 4096
+  c.task.source, c.task.template, c.task.max_prompt_len = "jsonl", "he", 4096
   c.eval.data_dir, c.eval.num_prompts = str(DATA), 3
   c.eval.files = tuple(data.BENCHMARKS)
   evals = data.make_eval_examples(c, tokenizer=tok)
   assert len(evals) == 3 * len(data.BENCHMARKS)
   assert [e.meta["source"] for e in evals[::3]] == list(data.BENCHMARKS)
-  assert evals[0].prompt == HE_TEMPLATE.format(question=evals[0].meta["question"])
+  assert evals[0].prompt == src_lib.TEMPLATES["he"].format(question=evals[0].meta["question"])
   by_file = {e.meta["source"]: e for e in evals}
   assert by_file["gsm8k_test.jsonl"].answer == "70000"  # the third problem's '#### 70000'
   assert by_file["minerva_math.jsonl"].answer and "boxed" not in by_file["minerva_math.jsonl"].answer
@@ -297,3 +296,40 @@ def test_benchmark_eval_examples_from_the_run_config(tmp_path):
   c.eval.files = ("nope.jsonl",)
   with pytest.raises(ValueError, match="nope.jsonl does not exist"):
     data.make_eval_examples(c, tokenizer=tok)
+
+
+def test_gsm8k_training_file_scores_against_the_final_number(tmp_path):
+  from entropy_rl import data
+  c = _config()
+  rows = [{"question": "Tom has 3 apples and buys 4. How many?",
+           "answer": "He has 3 + 4 = 7 apples.\n#### 7"}]
+  c.task.source, c.task.template = "jsonl", "{question}"
+  c.task.path = str(_write_jsonl(tmp_path / "gsm8k_train.jsonl", rows))
+  c.task.question_field, c.task.max_prompt_len = "question", 256
+  tok = _byte_tokenizer(tmp_path / "bytes")
+  assert c.task.answer_format == "auto"
+  assert [e.answer for e in data.make_source(c.task, seed=0, tokenizer=tok).examples] == ["7"]
+  c.task.path = str(_write_jsonl(tmp_path / "other.jsonl", rows))
+  assert data.make_source(c.task, seed=0, tokenizer=tok).examples[0].answer == rows[0]["answer"]
+  c.task.answer_format = "gsm8k"
+  assert [e.answer for e in data.make_source(c.task, seed=0, tokenizer=tok).examples] == ["7"]
+
+
+def test_text_outside_the_tiny_alphabet_names_the_line(tmp_path, tokenizer):
+  from entropy_rl.errors import ConfigError
+  rows = [{"problem": "1+1=", "answer": "2"}, {"problem": "2*3=", "answer": "6"},
+          {"problem": "Wie viel ist 2+2?", "answer": "4"}]
+  path = _write_jsonl(tmp_path / "d.jsonl", rows)
+  with pytest.raises(ConfigError, match=f"{path}:3: the tokenizer cannot encode this prompt: "
+                                        "the characters ' \\?Weilstv' are not in its vocabulary"):
+    src_lib.JsonlSource(path, template="{question}", tokenizer=tokenizer, max_prompt_len=64)
+
+
+def test_empty_template_without_a_chat_template_names_the_field(tmp_path, tokenizer):
+  from entropy_rl import data
+  from entropy_rl.errors import ConfigError
+  c = _config()
+  c.task.source, c.task.template = "jsonl", ""
+  c.task.path = str(_write_jsonl(tmp_path / "d.jsonl", ROWS))
+  with pytest.raises(ConfigError, match="config.task.template is empty"):
+    data.make_source(c.task, seed=0, tokenizer=tokenizer)

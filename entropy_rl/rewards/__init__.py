@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 
 from entropy_rl.data.tasks import TASKS, Example, Task
-from entropy_rl.rewards.math import MathReward, format_reward, verify_answer  # noqa: F401
-from entropy_rl.rewards.passk import avg_at_k, mean_pass_at_k, pass_at_k, summarize  # noqa: F401
+from entropy_rl.rewards.math import MathReward, format_reward
+from entropy_rl.rewards.passk import avg_at_k, mean_pass_at_k, pass_at_k  # noqa: F401
 
 REWARD_NAMES = ("task", "math", "format")
 

@@ -28,11 +28,3 @@ def mean_pass_at_k(correct_PxN: np.ndarray, k: int) -> float:
 def avg_at_k(correct_PxN: np.ndarray) -> float:
   """Mean correctness over all problems and samples (avg@n; equals the unbiased pass@1)."""
   return float(np.mean(np.asarray(correct_PxN) > 0))
-
-
-def summarize(correct_PxN: np.ndarray, ks=(1, 16)) -> dict[str, float]:
-  """{f'avg@{n}', f'pass@{k}' for k in ks with k <= n} from n samples per problem."""
-  n = np.asarray(correct_PxN).shape[1]
-  out = {f"avg@{n}": avg_at_k(correct_PxN)}
-  out.update({f"pass@{k}": mean_pass_at_k(correct_PxN, k) for k in ks if k <= n})
-  return out
