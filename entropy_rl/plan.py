@@ -325,11 +325,72 @@ class _Module:
         counts.append(n)
     return min(counts) if counts else None
 
+  def _reads(self, comp: str, name: str) -> float | None:
+    """Bytes of value `name` that `comp` reads when it only slices it (dynamic-slice, gather) or
+    updates it in place (dynamic-update-slice: counted as the write); None when read whole."""
+    total = 0.0
+    for inst in self.insts[comp].values():
+      for pos, o in enumerate(inst[3]):
+        if o != name:
+          continue
+        if inst[2] == "bitcast":
+          r = self._reads(comp, inst[0])
+        elif inst[2] in ("dynamic-slice", "gather") and pos == 0:
+          r = _nbytes(inst[1])
+        elif inst[2] == "dynamic-update-slice" and pos == 0:
+          r = 0.0
+        else:
+          return None
+        if r is None:
+          return None
+        total += r
+    return total
+
+  def _writes(self, comp: str, name: str) -> float:
+    """Bytes written by the value `name` of `comp`: an in-place update writes only its update."""
+    inst = self.insts[comp][name]
+    if inst[2] == "bitcast":
+      return self._writes(comp, inst[3][0])
+    if inst[2] == "tuple":
+      return sum(self._writes(comp, o) for o in inst[3])
+    if inst[2] == "dynamic-update-slice":
+      return _nbytes(self.insts[comp][inst[3][1]][1])
+    return _nbytes(inst[1])
+
+  def traffic(self, comp: str, inst) -> float:
+    """HBM bytes one execution of instruction `inst` of `comp` moves: operands read and results
+    written, where slicing, in-place updates (also inside fusions) and async pairs (counted at
+    the start) move only what they touch."""
+    _, shape, opcode, operands, attrs = inst
+    if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
+      return 0.0
+    operand_bytes = [_nbytes(self.insts[comp][o][1]) if o in self.insts[comp] else 0.0
+                     for o in operands]
+    if opcode.endswith("-start"):  # its tuple holds the operand and the result
+      return sum(operand_bytes) + _largest_array(shape)
+    if opcode in ("dynamic-slice", "gather"):
+      return 2 * _nbytes(shape) + sum(operand_bytes[1:])
+    if opcode == "dynamic-update-slice":
+      return 2 * operand_bytes[1] + sum(operand_bytes[2:])
+    if opcode != "fusion":
+      return _nbytes(shape) + sum(operand_bytes)
+    callee = re.search(r"calls=%([\w.\-]+)", attrs).group(1)
+    params = {int(i[3][0]): i[0] for i in self.insts[callee].values() if i[2] == "parameter"}
+    reads = 0.0
+    for k, whole in enumerate(operand_bytes):
+      r = self._reads(callee, params[k]) if k in params else None
+      reads += whole if r is None else r
+    return reads + self._writes(callee, self.roots[callee])
+
+
+def _largest_array(shape: str) -> float:
+  return max((_nbytes(f"{t}[{d}]") for t, d in _ARRAY.findall(shape)), default=0.0)
+
 
 @dataclasses.dataclass
 class Costs:
   flops: float = 0.0  # matmul FLOPs (dot and convolution), every loop iteration counted
-  hbm_bytes: float = 0.0  # operands + results of every unfused instruction and fusion
+  hbm_bytes: float = 0.0  # read and written by every unfused instruction and fusion
   ici_bytes: float = 0.0  # results of the collectives
   unknown_trip_counts: int = 0  # while loops whose counter was not found (counted once)
 
@@ -383,11 +444,10 @@ def hlo_costs(hlo_text: str) -> Costs:
           fused[callee] = fused.get(callee, 0.0) + times
         if opcode in ("dot", "convolution"):
           costs.flops += times * _op_flops(opcode, shape, operands, attrs, shapes[name])
-        if opcode not in _NO_TRAFFIC:
-          costs.hbm_bytes += times * (_nbytes(shape) + sum(
-              _nbytes(shapes[name].get(o, "")) for o in operands))
+        costs.hbm_bytes += times * module.traffic(name, (inst_name, shape, opcode, operands,
+                                                         attrs))
         if opcode.removesuffix("-start") in _COLLECTIVES:
-          costs.ici_bytes += times * _nbytes(shape)
+          costs.ici_bytes += times * _largest_array(shape)
     elif name in fused:
       times = fused[name]
       for _, shape, opcode, operands, attrs in comps[name]:

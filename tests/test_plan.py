@@ -59,6 +59,15 @@ def test_hlo_costs_multiply_the_trip_counts_of_nested_scans():
   assert costs.unknown_trip_counts == 0
 
 
+def test_hlo_costs_count_the_slice_a_loop_reads_of_stacked_layers():
+  """Twice the layers is twice the bytes: each iteration reads its layer, not the whole stack."""
+  def hbm_bytes(layers):
+    w, x = jnp.zeros((layers, 64, 64)), jnp.zeros((3, 5, 32, 64))
+    return plan.hlo_costs(jax.jit(_nested_scans).lower(w, x).compile().as_text()).hbm_bytes
+
+  assert hbm_bytes(14) < 2.05 * hbm_bytes(7)
+
+
 def test_hlo_costs_take_the_trip_count_from_the_counter_start_step_and_bound():
   def f(w_KxK, x_MxK):  # the counter runs 2, 5, 8: three iterations, though the bound is 11
     return jax.lax.while_loop(lambda s: s[0] < 11, lambda s: (s[0] + 3, jnp.tanh(s[1] @ w_KxK)),
