@@ -199,8 +199,8 @@ def examples_from_records(records, *, name: str, question_field: str = "problem"
     log.info("%s: dropped %d of %d prompts longer than max_prompt_len=%d tokens", name,
              len(examples) - len(kept), len(examples), max_prompt_len)
     if not kept:
-      raise ConfigError(f"{name}: all {len(examples)} prompts exceed config.task.max_prompt_len="
-                        f"{max_prompt_len} tokens")
+      raise ConfigError(f"{name}: all {len(examples)} prompts exceed max_prompt_len="
+                        f"{max_prompt_len} tokens (config.task.max_prompt_len)")
     examples = kept
   return examples
 
