@@ -14,8 +14,8 @@ A randomly initialised Qwen2.5-0.5B-shaped policy (bf16 compute, float32 paramet
   the whole K and V cache) / step time, compared with the copy bandwidth of a large array
   (bytes read + bytes written) / time.
 
-  python experiments/bench_accelerator.py            # GPU/TPU, a few minutes
-  python experiments/bench_accelerator.py --tiny     # the same code at tiny size, CPU, seconds
+  python -m experiments.bench_accelerator            # GPU/TPU, a few minutes
+  python -m experiments.bench_accelerator --tiny     # the same code at tiny size, CPU, seconds
 """
 from __future__ import annotations
 
@@ -23,18 +23,15 @@ import argparse
 import dataclasses
 import functools
 import json
-import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Run as a script.
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-from entropy_rl import models  # noqa: E402
+from entropy_rl import models
 
 try:
   from entropy_rl.stats import fused_logprobs_and_entropy

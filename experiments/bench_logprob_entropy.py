@@ -10,21 +10,17 @@ Part 2: Clip-Cov, KL-Cov and top-entropy selections (`losses.select_tokens`) at 
 tokens, against a plain log-prob+entropy pass over the same tokens at vocabulary 4096 (measured on
 `--pass_tokens` tokens and scaled linearly: 1M x 4096 logits would be 16 GB).
 
-  python experiments/bench_logprob_entropy.py [--rounds 3] [--chunk_size 4096]
+  python -m experiments.bench_logprob_entropy [--rounds 3] [--chunk_size 4096]
 """
 import argparse
 import os
-import pathlib
 import statistics
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Run as a script.
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from entropy_rl import losses, stats  # noqa: E402
+from entropy_rl import losses, stats
 
 MIB = 2.0 ** 20
 

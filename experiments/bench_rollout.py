@@ -17,7 +17,7 @@ are ordinary runtime inputs). Uniform lengths: no stop id, every row runs to L.
 Throughput is new tokens per second, the best of `--repeats` timed calls after a compiling one;
 the 1-minute load average is printed with each number, since the machine may be shared.
 
-  python experiments/bench_rollout.py [--repeats 2]
+  python -m experiments.bench_rollout [--repeats 2]
 """
 import argparse
 import os
@@ -26,14 +26,12 @@ import sys
 import time
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script.
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from entropy_rl import sampling  # noqa: E402
-from entropy_rl.models import Decoder, ModelConfig, init_params  # noqa: E402
+from entropy_rl import sampling
+from entropy_rl.models import Decoder, ModelConfig, init_params
 
 STATIC_COMMIT = "15874e0"  # the last static sampler
 CONFIG = ModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=512, num_layers=4,

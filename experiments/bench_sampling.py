@@ -6,16 +6,14 @@ exactly 128 new tokens each (no stop ids), sampling at temperature 1 from the fu
 Throughput is new tokens per second, the best of `--repeats` timed runs after a warm-up; our
 compile time (first call minus a timed call) is reported separately.
 
-  python experiments/bench_sampling.py [--repeats 3]
+  python -m experiments.bench_sampling [--repeats 3]
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script.
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -22,8 +22,8 @@ attention, the forward as 2 FLOPs per multiply-add and the backward as twice the
 + 6 x hidden x vocab x B x L              (unembedding of the L response positions)
 Padding counts (it is computed); the fused backward's recomputed logits and norms do not.
 
-  python experiments/bench_update.py           # ~10M parameters, 32 x 256 tokens, minutes
-  python experiments/bench_update.py --tiny    # the same code at tiny size, seconds
+  python -m experiments.bench_update           # ~10M parameters, 32 x 256 tokens, minutes
+  python -m experiments.bench_update --tiny    # the same code at tiny size, seconds
 """
 from __future__ import annotations
 
@@ -34,13 +34,11 @@ import math
 import os
 import pathlib
 import statistics
-import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Run as a script.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,7 +48,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import clip_cov  # noqa: E402
-from entropy_rl import advantages, models, sharding, step as step_lib  # noqa: E402
+from entropy_rl import advantages, models, sharding, stats, step as step_lib  # noqa: E402
 from entropy_rl.models import hf  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
@@ -129,15 +127,6 @@ def make_batch(cfg: models.ModelConfig, batch: int, prompt_len: int, response_le
           "advantages": (adv[:, None] * rmask).astype(np.float32)}
 
 
-def _floor_count(ratio: float, n: int) -> int:
-  """`stats.fraction_count(ratio, n, 'floor')`: float32 product, snapped within rounding error."""
-  v = np.float32(ratio) * np.float32(n)
-  r = np.round(v)
-  if abs(v - r) <= np.float32(2.5e-7) * max(r, np.float32(1.0)):
-    v = r
-  return int(np.floor(v))
-
-
 def _masked_mean(x, valid):
   return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
 
@@ -156,7 +145,7 @@ def clip_cov_loss(logp, old_logp, adv, mask, loss_cfg, uniform):
     cov = (adv - _masked_mean(adv, valid)) * (lp - _masked_mean(lp, valid))
     cand = (valid & ~(l2.detach() > l1.detach())
             & (cov > loss_cfg.clip_cov_lb) & (cov < loss_cfg.clip_cov_ub)).reshape(-1)
-    k = min(max(_floor_count(loss_cfg.clip_cov_ratio, int(valid.sum())), 1), int(cand.sum()))
+    k = min(int(stats.top_count(loss_cfg.clip_cov_ratio, int(valid.sum()))), int(cand.sum()))
     selected = torch.zeros(cand.shape, dtype=logp.dtype)
     selected[torch.topk(torch.where(cand, uniform.reshape(-1), -math.inf), k).indices] = 1.0
     selected = selected.reshape(logp.shape)

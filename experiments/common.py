@@ -4,10 +4,9 @@ Runs are launched one at a time as subprocesses (`python -m experiments.common r
 `<root>/<name>`; a run whose metrics.jsonl already holds all its steps is reused, so studies share
 runs (study 1 reads study 2's GRPO runs, study 5 reuses the defaults of studies 2 and 1).
 
-Every run shares one warm start: `<root>/_warm_start` (trained once by the first run, seed 0) is
-symlinked into each run dir as `warm_start`, and the child process loads it whatever the run's seed
-and warm-start settings (checking only the task and the model), so RL seeds differ while the
-starting policy is the same (the trainer otherwise keys the warm-start cache on `config.seed`).
+Every run shares one warm start, `config.warm_start.path = <root>/_warm_start` (trained by the
+first run; `warm_start.seed` is separate from the RL seed), so RL seeds differ while the starting
+policy is the same. Studies run `configs/<family>.py:<preset>`, `--preset tiny` by default.
 """
 from __future__ import annotations
 
@@ -24,11 +23,9 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
 
 DEFAULT_ROOT = os.environ.get("ENTROPY_RL_RUNS", "/work/runs")
-WARM_SEED = 0
+WARM_DIR = "_warm_start"  # under --root, shared by every run there
 # Study 2's run length: GRPO's plateau fell at steps 299-481. Studies 1, 3 and 5 reuse these runs.
 STUDY2_STEPS = 500
 QUICK = {"eval_every": 5, "eval.num_prompts": 32, "eval.num_samples": 8}
@@ -47,33 +44,27 @@ class RunSpec:
     return dict(self.overrides)
 
 
-def spec(name, family, arg="tiny", **overrides) -> RunSpec:
-  """RunSpec with keyword overrides, `__` standing for `.` (loss__clip_cov_ratio=0.1)."""
-  return RunSpec(name, family, arg, tuple(sorted((k.replace("__", "."), v)
-                                                 for k, v in overrides.items())))
-
-
 # The task every study runs on, pinned so that all runs (and the shared warm start, whose cache is
 # keyed on the task) stay comparable when the task's defaults change.
 TASK_OPTIONS = {"num_numbers": 3, "max_number": 12, "max_target": 99, "ops": "+-*"}
 
 
 def load_config(family: str, arg: str, overrides: dict):
-  import ml_collections
-  module = importlib.import_module(f"configs.{family}")
-  c = module.get_config(arg)
+  """configs/<family>.py:<arg> with `TASK_OPTIONS` and dotted `overrides` (KeyError naming an
+  override that is no field; values cast as `--config.a.b=v` casts them)."""
+  c = importlib.import_module(f"configs.{family}").get_config(arg)
   if c.task.source == "synthetic" and c.task.name == "countdown":
-    c.task.options = ml_collections.ConfigDict(TASK_OPTIONS)
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"override config.{dotted}: no such field")
-    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
-        node[leaf], bool) else value
+    overrides = {**{f"task.options.countdown.{k}": v for k, v in TASK_OPTIONS.items()},
+                 **overrides}
+  c.lock()  # an unknown key raises instead of adding a field
+  c.update_from_flattened_dict(overrides)
+  c.unlock()
   return c
+
+
+def run_tag(quick: bool, preset: str) -> str:
+  """Run-name prefix: q (quick) or f (full), then the preset unless tiny (`f_qwen2_5_7b_grpo_s0`)."""
+  return ("q" if quick else "f") + ("" if preset == "tiny" else f"_{preset}")
 
 
 def run_dir(root: str, s: RunSpec) -> str:
@@ -90,18 +81,14 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
   """Runs `s` in `<root>/<name>` unless already complete there; returns the run dir."""
   path = run_dir(root, s)
   # ENTROPY_RL_EXTRA_OVERRIDES (JSON) applies to every run: for smoke tests in a scratch --root.
-  overrides = {**s.config_overrides(), **json.loads(os.environ.get("ENTROPY_RL_EXTRA_OVERRIDES", "{}"))}
+  extra = json.loads(os.environ.get("ENTROPY_RL_EXTRA_OVERRIDES", "{}"))
+  overrides = {**s.config_overrides(), **extra,
+               "warm_start.path": os.path.abspath(os.path.join(root, WARM_DIR))}
   num_steps = int(overrides.get("num_steps", load_config(s.family, s.arg, {}).num_steps))
   if _complete(path, num_steps):
     log(f"[reuse] {s.name}")
     return path
   os.makedirs(path, exist_ok=True)
-  warm = os.path.join(root, "_warm_start")
-  if not os.path.lexists(warm):
-    os.makedirs(warm)
-  link = os.path.join(path, "warm_start")
-  if not os.path.lexists(link):
-    os.symlink(os.path.abspath(warm), link)
   with open(os.path.join(path, "spec.json"), "w") as f:
     json.dump(dataclasses.asdict(s), f, indent=1)
   cmd = [sys.executable, "-m", "experiments.common", "run", "--family", s.family, "--arg", s.arg,
@@ -190,10 +177,10 @@ def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = 
       curves = [c for c in curves if len(c[0])]
       if not curves:
         continue
-      n = min(len(c[0]) for c in curves)
-      x = curves[0][0][:n]
-      ys = np.stack([analysis.moving_average(c[1][:n], smooth if n > 2 * smooth else 1)
-                     for c in curves])
+      x = functools.reduce(np.intersect1d, [c[0] for c in curves])  # steps every run logged
+      n = len(x)
+      window = smooth if n > 2 * smooth else 1
+      ys = np.stack([analysis.moving_average(c[1][np.isin(c[0], x)], window) for c in curves])
       color = f"C{i}"
       ax.plot(x, ys.mean(0), color=color, label=label, lw=1.2, marker="o" if n < 12 else None,
               ms=3)
@@ -229,6 +216,8 @@ def write_report(out_dir: str, name: str, text: str) -> str:
 def base_args(description: str, default_out: str):
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true", help="minutes: few steps, one seed")
+  p.add_argument("--preset", default="tiny",
+                 help="configs/<family>.py:<preset>: tiny (CPU) or a paper model, e.g. qwen2_5_7b")
   p.add_argument("--root", default=DEFAULT_ROOT, help="where run dirs live (shared across studies)")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", default_out))
   return p
@@ -262,15 +251,18 @@ def load_probe(path: str) -> Probe:
   with open(os.path.join(path, "spec.json")) as f:
     s = json.load(f)
   c = load_config(s["family"], s["arg"], dict(map(tuple, s["overrides"])))
-  from entropy_rl import data as data_lib, models, trainer
+  from entropy_rl import data as data_lib, models, policy
   tok = data_lib.build_tokenizer(os.path.join(path, "tokenizer"))
-  model_cfg = trainer.tiny_model_config(c.model, len(tok))
+  model_cfg = policy.tiny_model_config(c.model, len(tok))
   return Probe(models.Decoder(model_cfg), model_cfg, tok, data_lib.make_task(c.task), c)
 
 
 def warm_params(path: str):
+  """The shared warm start of run dir `path` (`<root>/_warm_start`)."""
+  from entropy_rl import warmstart
   from entropy_rl.models import hf
-  _, params = hf.load_hf(os.path.join(path, "warm_start", "model"))
+  root = os.path.dirname(os.path.abspath(path))
+  _, params = hf.load_hf(os.path.join(root, WARM_DIR, warmstart.MODEL_DIR))
   return params
 
 
@@ -353,27 +345,7 @@ def _child(argv):
   jax.config.update("jax_threefry_partitionable", True)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  from entropy_rl import trainer, warmstart
-  original = warmstart.warm_start
-
-  def shared_warm_start(model_cfg, task, tokenizer, *, workdir, **kw):
-    """The shared cached warm start whatever the run's seed (and whatever warm-start settings the
-    trainer passes: studies must all start from the same policy); trained once if absent."""
-    info_path = os.path.join(workdir, warmstart.INFO_FILE)
-    if not os.path.exists(info_path):
-      return original(model_cfg, task, tokenizer, workdir=workdir, **{**kw, "seed": WARM_SEED})
-    from entropy_rl.models import hf
-    with open(info_path) as f:
-      info = json.load(f)
-    if info["settings"]["task"] != repr(task) or info["settings"]["model"] != json.loads(
-        json.dumps(dataclasses.asdict(model_cfg))):
-      raise ValueError(f"{workdir}: the shared warm start was trained for another task or model")
-    _, params = hf.load_hf(os.path.join(workdir, warmstart.MODEL_DIR), dtype=model_cfg.dtype,
-                           param_dtype=model_cfg.param_dtype, remat=model_cfg.remat)
-    print(f"shared warm start: pass@1 {info['pass@1']:.3f} greedy {info['greedy']:.3f}", flush=True)
-    return params, {**info, "cached": True}
-
-  warmstart.warm_start = shared_warm_start
+  from entropy_rl import trainer
   c = load_config(a.family, a.arg, json.loads(a.overrides))
   trainer.train(c, a.workdir)
 

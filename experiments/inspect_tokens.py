@@ -6,22 +6,19 @@ that position (white -> red, HE's forking tokens stand out), and = covariance
 (A - mean A)(logp - mean logp) over the batch (blue negative, red positive; EM Eq. 10's high-
 covariance tokens are the ones Clip-Cov / KL-Cov act on). Writes tokens.html and tokens.png.
 
-  python experiments/inspect_tokens.py --run /work/runs/f_grpo_s0 --step 0 --out DIR
-  python experiments/inspect_tokens.py --run /work/runs/f_grpo_s0 --step -1   # last checkpoint
+  python -m experiments.inspect_tokens --run /work/runs/f_grpo_s0 --step 0 --out DIR
+  python -m experiments.inspect_tokens --run /work/runs/f_grpo_s0 --step -1   # last checkpoint
 """
 from __future__ import annotations
 
 import argparse
 import html
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from entropy_rl import analysis  # noqa: E402
-from experiments import common  # noqa: E402
+from entropy_rl import analysis
+from experiments import common
 
 
 def _entropy_color(h, h_max):

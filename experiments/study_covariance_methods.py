@@ -6,30 +6,27 @@ GRPO's accuracy plateau (detected); each method's residual against GRPO's fitted
 curve (matched entropy: on the curve = spends entropy more slowly, above = a better frontier); the
 number of tokens each rule touched; and the covariance distribution at step 1 (EM Table 1).
 
-  python experiments/study_covariance_methods.py --quick
-  python experiments/study_covariance_methods.py --seeds 3
+  python -m experiments.study_covariance_methods --quick
+  python -m experiments.study_covariance_methods --seeds 3
 """
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from entropy_rl import analysis  # noqa: E402
-from experiments import common  # noqa: E402
+from entropy_rl import analysis
+from experiments import common
 
 METHODS = ("grpo", "clip_higher", "clip_cov", "kl_cov")
 H, R = "entropy/token_mean", "acc"
 PAPER_TABLE1 = {0.0002: 5.654, 0.002: 3.112, 0.02: 1.385, 0.2: 0.351, 0.5: 0.152, 1.0: 0.003}
 
 
-def method_specs(quick: bool, seeds: int, steps: int, methods=METHODS):
+def method_specs(quick: bool, seeds: int, steps: int, methods=METHODS, preset: str = "tiny"):
   settings = common.run_settings(quick, steps)
-  tag = "q" if quick else "f"
-  return {m: [common.RunSpec(f"{tag}_{m}_s{s}", m, "tiny",
+  tag = common.run_tag(quick, preset)
+  return {m: [common.RunSpec(f"{tag}_{m}_s{s}", m, preset,
                              tuple(sorted({**settings, "seed": s}.items())))
               for s in range(seeds)] for m in methods}
 
@@ -52,7 +49,7 @@ def main():
   p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
-  specs = method_specs(a.quick, seeds, a.steps)
+  specs = method_specs(a.quick, seeds, a.steps, preset=a.preset)
   runs = {m: [] for m in METHODS}
   for s in range(seeds):  # seed-major, so partial results cover every method
     for m in METHODS:
@@ -132,7 +129,7 @@ def main():
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {num_steps} steps per method, one shared warm start.
 Methods: configs/grpo.py, clip_higher.py (eps_high 0.28), clip_cov.py (tiny: r = 0.02, band (0.5, 10)),
-kl_cov.py (tiny: k = 0.02, beta = 1), all `:tiny`. Mean ± sd over seeds; "last 10" = mean of the
+kl_cov.py (tiny: k = 0.02, beta = 1), all `:{a.preset}`. Mean ± sd over seeds; "last 10" = mean of the
 last 10 steps; eval = the final evaluation ({specs['grpo'][0].config_overrides()['eval.num_prompts']} held-out problems).
 
 ## At equal steps (end of training)

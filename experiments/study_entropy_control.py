@@ -5,19 +5,15 @@ One seed per setting, 100 steps; the preset-strength points of Clip-Cov / KL-Cov
 (same settings, reused and truncated to the same number of steps). For each: final entropy, accuracy, eval, tokens touched, and the residual
 against GRPO's entropy-reward curve.
 
-  python experiments/study_entropy_control.py --quick
-  python experiments/study_entropy_control.py
+  python -m experiments.study_entropy_control --quick
+  python -m experiments.study_entropy_control
 """
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-from entropy_rl import analysis  # noqa: E402
-from experiments import common  # noqa: E402
+from entropy_rl import analysis
+from experiments import common
 
 H, R = "entropy/token_mean", "acc"
 
@@ -30,12 +26,13 @@ SWEEPS = {  # --sweeps id: (label, config family, swept field, values)
 PRESET = {"loss.clip_cov_ratio": 0.02, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
 
 
-def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS)):
+def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS),
+                  preset: str = "tiny"):
   settings = common.run_settings(quick, steps)
-  tag = "q" if quick else "f"
+  tag = common.run_tag(quick, preset)
   base = {**settings, "seed": 0}
   study2 = tuple(sorted({**common.run_settings(quick, study2_steps), "seed": 0}.items()))
-  out = {"GRPO": common.RunSpec(f"{tag}_grpo_s0", "grpo", "tiny", study2)}
+  out = {"GRPO": common.RunSpec(f"{tag}_grpo_s0", "grpo", preset, study2)}
   for sweep_id in sweeps:
     sweep, family, key, values = SWEEPS[sweep_id]
     if quick:
@@ -43,9 +40,9 @@ def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEP
     for v in values:
       label = f"{sweep} = {v:g}"
       if PRESET.get(key) == v:  # the study-2 run with the preset value
-        out[label] = common.RunSpec(f"{tag}_{family}_s0", family, "tiny", study2)
+        out[label] = common.RunSpec(f"{tag}_{family}_s0", family, preset, study2)
       else:
-        out[label] = common.RunSpec(f"{tag}_{family}_{key.split('.')[-1]}{v:g}_s0", family, "tiny",
+        out[label] = common.RunSpec(f"{tag}_{family}_{key.split('.')[-1]}{v:g}_s0", family, preset,
                                     tuple(sorted({**base, key: v}.items())))
   return out
 
@@ -57,7 +54,7 @@ def main():
                  help="length of study 2's runs (reused here, truncated to --steps)")
   p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}")
   a = p.parse_args()
-  specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","))
+  specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","), a.preset)
   n = common.run_settings(a.quick, a.steps)["num_steps"]
   runs = {label: common.truncate(common.read_records(common.ensure_run(a.root, s)), n)
           for label, s in specs.items()}
@@ -99,7 +96,7 @@ def main():
   common.save_figure(fig, os.path.join(a.out, "frontier.png"))
   text = f"""# Study 5: entropy control (EM Fig. 9, 10, 12)
 
-Mode: {'quick' if a.quick else 'full'}; one seed, {n} steps per setting, configs/<family>.py:tiny with the swept
+Mode: {'quick' if a.quick else 'full'}; one seed, {n} steps per setting, configs/<family>.py:{a.preset} with the swept
 field overridden. Residual = 10-step-mean accuracy minus GRPO's fitted entropy-reward law at the same
 entropy (0 = on GRPO's curve).
 

@@ -10,27 +10,24 @@ token entropy between consecutive steps, and two predictions of it:
 Also the covariance by prompt accuracy group (EM: covariance is concentrated where the policy is
 confident-and-right or confident-and-wrong), at the start and at the end of the run.
 
-  python experiments/study_entropy_dynamics.py --quick
-  python experiments/study_entropy_dynamics.py
+  python -m experiments.study_entropy_dynamics --quick
+  python -m experiments.study_entropy_dynamics
 """
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from entropy_rl import analysis  # noqa: E402
-from experiments import common  # noqa: E402
+from entropy_rl import analysis
+from experiments import common
 
 
-def dynamics_spec(quick: bool, steps: int):
+def dynamics_spec(quick: bool, steps: int, preset: str = "tiny"):
   n = 6 if quick else steps
   overrides = {"num_steps": n, "eval_every": 0, "checkpoint_every": 1, "keep_checkpoints": n,
                "seed": 0}
-  return common.RunSpec(f"{'q' if quick else 'f'}_dynamics_grpo", "grpo", "tiny",
+  return common.RunSpec(f"{common.run_tag(quick, preset)}_dynamics_grpo", "grpo", preset,
                         tuple(sorted(overrides.items())))
 
 
@@ -82,7 +79,7 @@ def main():
   p = common.base_args(__doc__, "entropy_dynamics")
   p.add_argument("--steps", type=int, default=30)
   a = p.parse_args()
-  s = dynamics_spec(a.quick, a.steps)
+  s = dynamics_spec(a.quick, a.steps, a.preset)
   path = common.ensure_run(a.root, s)
   records = common.read_records(path)
   n_prompts = 16 if a.quick else 64
@@ -133,7 +130,7 @@ def main():
   frac_neg = float(np.mean(meas < 0))
   text = f"""# Study 4: entropy dynamics (EM section 3)
 
-Mode: {'quick' if a.quick else 'full'}; GRPO (configs/grpo.py:tiny) for {len(rows)} steps with a checkpoint every step;
+Mode: {'quick' if a.quick else 'full'}; GRPO (configs/grpo.py:{a.preset}) for {len(rows)} steps with a checkpoint every step;
 probe = {n_prompts} eval prompts x 8 responses sampled once from the starting policy (teacher-forced at each
 checkpoint).
 

@@ -6,29 +6,26 @@ The law R = -a exp(H) + b is fitted on (entropy, rollout accuracy) pairs: on raw
 10-step means, and on the first 15% of steps only, which then predicts the rest (EM: RMSE ~1%).
 Also the early-stopping hint: the law's ceiling -a + b re-fitted as points accumulate.
 
-  python experiments/study_entropy_law.py --quick     # minutes
-  python experiments/study_entropy_law.py             # GRPO x 3 seeds (shared with study 2)
+  python -m experiments.study_entropy_law --quick     # minutes
+  python -m experiments.study_entropy_law             # GRPO x 3 seeds (shared with study 2)
 """
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from entropy_rl import analysis  # noqa: E402
-from experiments import common  # noqa: E402
+from entropy_rl import analysis
+from experiments import common
 
 REWARD_KEY = "acc"
 ENTROPY_KEY = "entropy/token_mean"
 
 
-def grpo_specs(quick: bool, seeds: int, steps: int):
+def grpo_specs(quick: bool, seeds: int, steps: int, preset: str = "tiny"):
   settings = common.run_settings(quick, steps)
-  tag = "q" if quick else "f"
-  return [common.RunSpec(f"{tag}_grpo_s{s}", "grpo", "tiny",
+  tag = common.run_tag(quick, preset)
+  return [common.RunSpec(f"{tag}_grpo_s{s}", "grpo", preset,
                          tuple(sorted({**settings, "seed": s}.items()))) for s in range(seeds)]
 
 
@@ -120,7 +117,7 @@ def main():
   p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
-  specs = grpo_specs(a.quick, seeds, a.steps)
+  specs = grpo_specs(a.quick, seeds, a.steps, a.preset)
   runs = {}
   for s in specs:
     runs[s.name] = common.read_records(common.ensure_run(a.root, s))
@@ -183,8 +180,8 @@ def main():
   halved = [float(rw[3]) <= 0.5 for rw in rows]
   text = f"""# Study 1: entropy collapse and the entropy-performance law (EM section 2)
 
-Mode: {'quick' if a.quick else 'full'}; GRPO (configs/grpo.py:tiny), {seeds} seed(s), {specs[0].config_overrides()['num_steps']} steps,
-shared warm start (seed {common.WARM_SEED}). Reward for the law = per-step rollout accuracy (`acc`, 32 prompts x 8
+Mode: {'quick' if a.quick else 'full'}; GRPO (configs/grpo.py:{a.preset}), {seeds} seed(s), {specs[0].config_overrides()['num_steps']} steps,
+one shared warm start. Reward for the law = per-step rollout accuracy (`acc`, 32 prompts x 8
 samples); entropy = `entropy/token_mean` of the rollouts.
 
 ## Entropy and accuracy per run

@@ -7,46 +7,44 @@ Also: token-entropy percentiles of the starting policy (HE: p80 = 0.672 on Qwen3
 frequent high-entropy tokens, and the overlap of the top-20% entropy positions of the starting
 policy with those of later checkpoints on the same responses (HE Table 1).
 
-  python experiments/study_forking_tokens.py --quick
-  python experiments/study_forking_tokens.py
+  python -m experiments.study_forking_tokens --quick
+  python -m experiments.study_forking_tokens
 """
 from __future__ import annotations
 
 import collections
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from entropy_rl import analysis  # noqa: E402
-from experiments import common  # noqa: E402
+from entropy_rl import analysis
+from experiments import common
 
 H, R = "entropy/token_mean", "acc"
 
 
-def forking_specs(quick: bool, seeds: int, steps: int, study2_steps: int, rho_sweep: bool):
+def forking_specs(quick: bool, seeds: int, steps: int, study2_steps: int, rho_sweep: bool,
+                  preset: str = "tiny"):
   settings = common.run_settings(quick, steps)
-  tag = "q" if quick else "f"
+  tag = common.run_tag(quick, preset)
   out = {}
   for s in range(seeds):
     base = {**settings, "seed": s}
     study2 = {**common.run_settings(quick, study2_steps), "seed": s}
     runs = {
-        "all tokens (rho 1.0)": common.RunSpec(f"{tag}_clip_higher_s{s}", "clip_higher", "tiny",
+        "all tokens (rho 1.0)": common.RunSpec(f"{tag}_clip_higher_s{s}", "clip_higher", preset,
                                                tuple(sorted(study2.items()))),
-        "top 20%": common.RunSpec(f"{tag}_top20_s{s}", "top_entropy", "tiny,top",
+        "top 20%": common.RunSpec(f"{tag}_top20_s{s}", "top_entropy", f"{preset},top",
                                   tuple(sorted(base.items()))),
-        "bottom 80%": common.RunSpec(f"{tag}_bottom80_s{s}", "top_entropy", "tiny,bottom",
+        "bottom 80%": common.RunSpec(f"{tag}_bottom80_s{s}", "top_entropy", f"{preset},bottom",
                                      tuple(sorted(base.items()))),
-        "random 20%": common.RunSpec(f"{tag}_random20_s{s}", "top_entropy", "tiny,random",
+        "random 20%": common.RunSpec(f"{tag}_random20_s{s}", "top_entropy", f"{preset},random",
                                      tuple(sorted(base.items()))),
     }
     if s == 0 and rho_sweep:
       for rho in (0.1, 0.5):
         runs[f"top {rho:g}"] = common.RunSpec(
-            f"{tag}_top{int(rho * 100)}_s{s}", "top_entropy", "tiny,top",
+            f"{tag}_top{int(rho * 100)}_s{s}", "top_entropy", f"{preset},top",
             tuple(sorted({**base, "loss.token_mask_rho": rho}.items())))
     out[s] = runs
   return out
@@ -88,7 +86,7 @@ def main():
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
   steps = common.run_settings(a.quick, a.steps)["num_steps"]
-  specs = forking_specs(a.quick, seeds, a.steps, a.study2_steps, a.rho_sweep)
+  specs = forking_specs(a.quick, seeds, a.steps, a.study2_steps, a.rho_sweep, a.preset)
   runs = collections.defaultdict(list)
   for s in range(seeds):
     for label, sp in specs[s].items():
@@ -148,7 +146,7 @@ def main():
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) for the four masks, one seed for the rho sweep; {num_steps} steps
 (the all-tokens run is study 2's clip-higher run truncated to {num_steps} steps; its checkpoints are study 2's);
-configs/top_entropy.py:tiny,MASK (DAPO clip-higher eps_high = 0.28, selection per micro-batch). The
+configs/top_entropy.py:{a.preset},MASK (DAPO clip-higher eps_high = 0.28, selection per micro-batch). The
 all-tokens run is configs/clip_higher.py (the same loss with rho = 1.0), shared with study 2.
 
 ## Token masks and rho
