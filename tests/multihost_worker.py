@@ -16,7 +16,7 @@ jax.config.update("jax_threefry_partitionable", True)
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from entropy_rl import checkpoint, distributed, sharding, trainer  # noqa: E402
+from entropy_rl import checkpoint, distributed, policy, sharding  # noqa: E402
 from entropy_rl import data as data_lib  # noqa: E402
 from entropy_rl.data import tasks  # noqa: E402
 
@@ -33,7 +33,7 @@ def main(workdir: str) -> None:
 
   # Written once by process 0, then read by process 1.
   calls = []
-  tokenizer = trainer.process_zero_first("tokenizer", lambda: calls.append(pid) or
+  tokenizer = policy.process_zero_first("tokenizer", lambda: calls.append(pid) or
                                          data_lib.build_tokenizer(os.path.join(workdir, "tok")))
   assert calls == [pid] and len(tokenizer) > 3
 
@@ -44,19 +44,19 @@ def main(workdir: str) -> None:
   whole = data_lib.make_source(_task_cfg(), seed=0, task=task).next_batch(2 * B)
   for step in range(2):
     local = data_lib.encode_prompts(tokenizer, [e.prompt for e in source.next_batch(B // 2)], 32)[0]
-    global_BxP = trainer.to_global(local, mesh)
-    np.testing.assert_array_equal(trainer.to_local(global_BxP), local)
+    global_BxP = distributed.to_global(local, mesh)
+    np.testing.assert_array_equal(distributed.to_local(global_BxP), local)
     got = multihost_utils.process_allgather(global_BxP, tiled=True)
     want = data_lib.encode_prompts(tokenizer, [e.prompt for e in whole[step * B:(step + 1) * B]],
                                    32)[0]
     np.testing.assert_array_equal(np.asarray(got), want)
-  np.testing.assert_array_equal(trainer.gather(np.array([pid, 10 + pid])), [0, 10, 1, 11])
-  states = trainer.gather_states(source.get_state())
+  np.testing.assert_array_equal(distributed.gather(np.array([pid, 10 + pid])), [0, 10, 1, 11])
+  states = distributed.gather_states(source.get_state())
   assert sorted(states) == ["0", "1"] and states["0"] == states["1"], states
   assert states["0"]["consumed"] == 2 * B
 
   # A checkpoint of arrays sharded over both processes, in the shared workdir.
-  x = trainer.to_global(np.arange(pid * 16, pid * 16 + 16, dtype=np.float32).reshape(4, 4), mesh)
+  x = distributed.to_global(np.arange(pid * 16, pid * 16 + 16, dtype=np.float32).reshape(4, 4), mesh)
   state = {"x": x, "step": np.int32(2)}
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(2, state, {"data": states})
@@ -65,7 +65,7 @@ def main(workdir: str) -> None:
   ckpt.close()
   assert meta["data"] == states and meta["step"] == 2
   assert restored["x"].sharding == x.sharding
-  np.testing.assert_array_equal(trainer.to_local(restored["x"]), trainer.to_local(x))
+  np.testing.assert_array_equal(distributed.to_local(restored["x"]), distributed.to_local(x))
   multihost_utils.sync_global_devices("done")
   print(f"process {pid}: ok", flush=True)
 
