@@ -231,8 +231,3 @@ def under_mesh(jitted, mesh: Mesh, rules: Rules):
 
   call.lower = lower
   return call
-
-
-# The names INTERFACES.md uses.
-logical_to_sharding = logical_to_mesh_sharding
-data_sharding = batch_sharding

@@ -308,7 +308,8 @@ class Decoder(nn.Module):
 
   def unembed(self, h_BxTxD):
     """Float32 logits_BxTxV from final-normed hidden states."""
-    unembed_DxV = self.embed.T if self.config.tie_word_embeddings else self.lm_head
+    unembed_DxV = unembedding({"embed": self.embed, "lm_head": getattr(self, "lm_head", None)},
+                              self.config)
     dtype = self.config.jnp_dtype
     return jnp.einsum("btd,dv->btv", h_BxTxD.astype(dtype), unembed_DxV.astype(dtype),
                       preferred_element_type=jnp.float32)
