@@ -2,8 +2,8 @@
 
 RL needs a starting policy that behaves like a base LLM: often wrong, sometimes right, diverse.
 Training on demonstrations of which a fraction `corrupt_prob` are wrong (a wrong intermediate step
-or a wrong final answer) gives one; DESIGN.md section 8 sizes it so that at temperature 1 the
-eval pass@1 is 0.10-0.40 and pass@16 0.55-0.85 (an easier base leaves RL little diversity to lose).
+or a wrong final answer) gives one, sized so that at temperature 1 the eval pass@1 is 0.10-0.40
+and pass@16 0.55-0.85 (an easier base leaves RL little diversity to lose).
 
 The result is cached in `workdir` (params in Hugging Face format via `save_hf`, plus
 `warm_start.json` with the settings and the measured pass@1 / pass@16) and reused whenever the

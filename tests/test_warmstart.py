@@ -114,7 +114,7 @@ def test_warm_start_is_cached_and_reused(tokenizer, tmp_path, monkeypatch, capsy
 
 @pytest.mark.slow
 def test_warm_start_lands_in_the_base_window(tmp_path):
-  """DESIGN.md section 8: pass@1 in [0.10, 0.40] and pass@16 in [0.55, 0.85] at T = 1, within
+  """The base window: pass@1 in [0.10, 0.40] and pass@16 in [0.55, 0.85] at T = 1, within
   5 minutes on 2 CPU cores, for the default model and task of the embedded config."""
   from entropy_rl import config_lib
   from entropy_rl import data
