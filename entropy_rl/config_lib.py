@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae
   c.rl.qae_quantile = 0.4  # QAE's K (rl.advantage = 'qae'), in [0, 1]
   c.rl.num_minibatches = 4
-  c.rl.num_microbatches = 1
+  c.rl.num_microbatches = 1  # 0 = derived: rl.microbatch_rows_per_device rows on each device
+  c.rl.microbatch_rows_per_device = 1  # with rl.num_microbatches = 0 (see resolve_microbatches)
   c.rl.ppo_epochs = 1
   c.rl.recompute_old_logp = False
   c.rl.dynamic_sampling = False
@@ -149,7 +150,8 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.task.max_prompt_len = 1024
   c.reward.name = "math"
   c.rollout.temperature = 1.0
-  c.rl.num_microbatches = 16
+  c.rl.num_microbatches = 0  # derived from the slice: one sequence per device per micro-batch
+  c.rl.microbatch_rows_per_device = 1
   c.rl.fused_chunk_size = 16384
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 0
@@ -217,7 +219,7 @@ _CHOICES = {
     "rl.filter_groups_metric": ("acc", "reward"),
 }
 _POSITIVE = ("num_steps", "rollout.prompts_per_step", "rollout.num_samples", "rollout.max_new_tokens",
-             "rl.num_minibatches", "rl.num_microbatches", "rl.ppo_epochs", "optim.lr",
+             "rl.num_minibatches", "rl.microbatch_rows_per_device", "rl.ppo_epochs", "optim.lr",
              "eval.num_samples", "rl.fused_chunk_size", "max_nonfinite_steps", "reward.num_workers",
              "checkpoint_every", "keep_checkpoints", "task.max_prompt_len", "reward.timeout_s")
 
@@ -226,6 +228,31 @@ def _get(c, dotted):
   for part in dotted.split("."):
     c = c[part]
   return c
+
+
+def resolve_microbatches(c: ml_collections.ConfigDict, num_devices: int
+                         ) -> ml_collections.ConfigDict:
+  """`c` as a run on `num_devices` uses it (the trainer and `plan` call this after `validate`):
+  rl.num_microbatches = 0 becomes the count that gives each data-parallel device (mesh.data x
+  mesh.fsdp) rl.microbatch_rows_per_device sequences per micro-batch."""
+  if c.rl.num_microbatches:
+    return c
+  sizes = [c.mesh[a] for a in ("data", "fsdp", "tensor")]
+  fixed = 1
+  for s in sizes:
+    fixed *= s if s != -1 else 1
+  data, fsdp = (s if s != -1 else num_devices // fixed for s in sizes[:2])
+  rows = c.rollout.prompts_per_step * c.rollout.num_samples // c.rl.num_minibatches
+  per_micro = c.rl.microbatch_rows_per_device * data * fsdp
+  if rows % per_micro:
+    raise ConfigError(
+        f"config.rl.num_microbatches=0 derives micro-batches of config.rl.microbatch_rows_per_device"
+        f"={c.rl.microbatch_rows_per_device} sequences on each of {data * fsdp} data-parallel "
+        f"devices ({per_micro} sequences), which must divide the mini-batch of {rows}; change "
+        "config.rl.microbatch_rows_per_device or set config.rl.num_microbatches")
+  out = c.copy_and_resolve_references()
+  out.rl.num_microbatches = rows // per_micro
+  return out
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -261,9 +288,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"config.rl.num_minibatches={mb} must divide config.rollout.prompts_per_step="
                      f"{c.rollout.prompts_per_step} (a mini-batch holds whole groups)")
   micro = c.rl.num_microbatches
-  if (n // mb) % micro:
+  if micro < 0 or (micro and (n // mb) % micro):
     raise ConfigError(f"config.rl.num_microbatches={micro} must divide the mini-batch of "
-                     f"{n // mb} sequences")
+                     f"{n // mb} sequences (or be 0: derived from the slice)")
   sizes = {a: c.mesh[a] for a in ("data", "fsdp", "tensor")}
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
@@ -281,6 +308,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} must be a "
                      f"multiple of the {batch_shards} data-parallel devices (config.mesh.data x "
                      "config.mesh.fsdp): prompts are sharded over them")
+  micro = micro or resolve_microbatches(c, num_devices).rl.num_microbatches
   if (n // mb // micro) % batch_shards:
     raise ConfigError(f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
                      f"sequences does not split over {batch_shards} data-parallel devices "

@@ -516,9 +516,11 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
   import functools
   rules = sharding.default_rules()
   model = models.Decoder(model_cfg)
-  updates = c.num_steps * c.rl.num_minibatches * c.rl.ppo_epochs
-  optimizer = step_lib.make_optimizer(c.optim, updates)
-  schedule = step_lib.lr_schedule(c.optim, updates)
+  run = config_lib.typed(c)
+  upd_cfg = run.update
+  updates = c.num_steps * upd_cfg.num_minibatches * upd_cfg.ppo_epochs
+  optimizer = step_lib.make_optimizer(run.optim, updates)
+  schedule = step_lib.lr_schedule(run.optim, updates)
   params = jax.eval_shape(functools.partial(models.init_params, model_cfg), jax.random.key(0))
   param_shardings = sharding.logical_to_mesh_sharding(
       models.param_logical_axes(model_cfg), mesh, rules, params)
@@ -529,12 +531,13 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=replicated)
   batch = update_batch(c, mesh)
-  update = step_lib.make_update(model, model_cfg, c, optimizer, schedule, mesh, shardings, rules)
+  update = step_lib.make_update(model, model_cfg, upd_cfg, optimizer, schedule, mesh, shardings,
+                                rules)
   out = [compile_program("update", update.lower(_abstract(abstract, shardings), batch, key))]
-  if c.loss.kl_ref_coef > 0:
+  if upd_cfg.loss.kl_ref_coef > 0:
     ref = sharding.under_mesh(jax.jit(lambda p, b: step_lib.logprobs_in_chunks(
-        model, model_cfg, p, b, c.rl.num_microbatches * c.rl.num_minibatches,
-        c.rollout.temperature, c.rl.fused_chunk_size)[0]), mesh, rules)
+        model, model_cfg, p, b, upd_cfg.num_microbatches * upd_cfg.num_minibatches,
+        upd_cfg.temperature, upd_cfg.fused_chunk_size)[0]), mesh, rules)
     out.append(compile_program("reference", ref.lower(_abstract(params, param_shardings), batch)))
   return out
 
@@ -551,15 +554,19 @@ def model_flops(c, model_cfg) -> float:
   return 6.0 * n * tokens * c.rl.ppo_epochs
 
 
-def advice(c, program: Program, limit: float) -> str:
-  """The config fields to change so that `program` fits under `limit` bytes per chip."""
+def advice(c, program: Program, limit: float, derived: bool = False) -> str:
+  """The config fields to change so that `program` fits under `limit` bytes per chip (`c` with
+  its micro-batches resolved; `derived`: from rl.microbatch_rows_per_device)."""
   over = (program.peak_bytes - limit) / GiB
   fields = []
   if program.temp_bytes > program.argument_bytes:
     micro, rows = c.rl.num_microbatches, (c.rollout.prompts_per_step * c.rollout.num_samples
                                           // c.rl.num_minibatches)
     larger = [m for m in range(micro + 1, rows + 1) if rows % m == 0]
-    if larger:
+    per_device = c.rl.microbatch_rows_per_device
+    if derived and per_device > 1:
+      fields.append(f"config.rl.microbatch_rows_per_device={per_device} -> {per_device // 2}")
+    elif larger and not derived:
       fields.append(f"config.rl.num_microbatches={micro} -> {larger[0]} or more (divisors of "
                     f"the {rows}-row mini-batch)")
     if not c.model.remat:
@@ -622,6 +629,8 @@ def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
     with checked.unlocked():
       checked.task.source = "tfds"
   config_lib.validate(checked, len(devices))
+  derived = not c.rl.num_microbatches
+  c = config_lib.resolve_microbatches(c, len(devices))
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
   rows = sharding.batch_sharding(mesh)
   prompt_rows = distributed.rows_by_process(c.rollout.prompts_per_step, rows)
@@ -629,7 +638,7 @@ def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
   model_cfg = model_config(c)
   programs = training_programs(c, mesh, model_cfg)
   limit = (1.0 - headroom) * topo.chip.hbm_bytes
-  problems = [advice(c, p, limit) for p in programs if p.peak_bytes > limit]
+  problems = [advice(c, p, limit, derived) for p in programs if p.peak_bytes > limit]
   first = next(iter(prompt_rows.values()))
   report = (f"mesh {dict(mesh.shape)} over {len(prompt_rows)} hosts; each host feeds "
             f"{first.stop - first.start} of {c.rollout.prompts_per_step} prompts per step\n"

@@ -45,6 +45,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with interrupt.StopFlag() as stop:
     distributed.maybe_initialize(config.distributed)
     config_lib.validate(config, jax.device_count())
+    config = config_lib.resolve_microbatches(config, jax.device_count())
     config_lib.check_inputs(config)
     fileio.makedirs(workdir)
     primary = jax.process_index() == 0

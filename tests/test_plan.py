@@ -177,3 +177,19 @@ def test_plan_cli_on_a_multi_host_slice():
   assert "over 2 hosts; each host feeds 16 of 32 prompts" in out.stdout
   assert re.search(r"^update +1 +[\d.]+ +[\d.]+ +[\d.]+ +95 ", out.stdout, re.M), out.stdout
   assert "MFU bound" in out.stdout
+
+
+@pytest.mark.parametrize("devices, micro", [(16, 16), (32, 8), (64, 4)])
+def test_the_em_preset_derives_its_micro_batches_from_the_slice(devices, micro):
+  c = config_lib.get_config_for("qwen2_5_7b", config_lib.ppo_method(0.2))
+  config_lib.validate(c, devices)
+  assert config_lib.resolve_microbatches(c, devices).rl.num_microbatches == micro
+  assert c.rl.num_microbatches == 0  # the config itself is left as written
+
+
+def test_derived_micro_batches_that_do_not_divide_the_mini_batch_name_the_fields():
+  c = config_lib.get_config_for("qwen2_5_7b", config_lib.ppo_method(0.2))
+  c.rl.microbatch_rows_per_device = 3
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config.rl.microbatch_rows_per_device=3 .* of 32 data-parallel"):
+    config_lib.validate(c, 32)
