@@ -210,12 +210,10 @@ copy_repo() {
 }
 
 cmd_setup() {
-  local jax_version jax_req py
-  jax_version="$(sed -n 's/^jax==\([^ ;#]*\).*/\1/p' "$REPO_ROOT/requirements.txt")"
-  jax_req="jax[tpu]${jax_version:+==$jax_version}"
+  local py
   py="$(shq "$TPU_PYTHON")"
   copy_repo
-  tpu_ssh all "set -e; if ! ${py} -c 'import ensurepip, venv' 2>/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${py} ${py}-venv; fi; ${py} -m venv ${REMOTE_VENV}; ${REMOTE_VENV}/bin/pip install -q -U pip; cd ${REMOTE_DIR} && ${REMOTE_VENV}/bin/pip install -q -r requirements.txt $(shq "$jax_req")"
+  tpu_ssh all "set -e; if ! ${py} -c 'import ensurepip, venv' 2>/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q ${py} ${py}-venv; fi; ${py} -m venv ${REMOTE_VENV}; ${REMOTE_VENV}/bin/pip install -q -U pip; cd ${REMOTE_DIR} && ${REMOTE_VENV}/bin/pip install -q -r requirements-tpu.txt"
 }
 
 # Starts the run detached on every worker; the wrapper forwards SIGTERM to it and records its

@@ -107,10 +107,12 @@ def test_dry_run_runs_nothing_and_prints_each_command(fake):
   assert lines[0].startswith("+ tar -czf ") and f"-C {ROOT} ." in lines[0]
   assert lines[1].startswith("+ gcloud compute tpus tpu-vm scp ") and "--worker=all" in lines[1]
   assert "tar -xzf $HOME/entropy_rl.tgz -C $HOME/entropy_rl" in lines[2]
+  assert "--worker=all" in lines[3] and "pip install -q -r requirements-tpu.txt' " in lines[3]
   jax_pin = next(l for l in (ROOT / "requirements.txt").read_text().splitlines()
                  if l.startswith("jax=="))
-  assert "--worker=all" in lines[3] and "pip install -q -r requirements.txt" in lines[3]
-  assert f"jax[tpu]=={jax_pin[5:]}" in lines[3]
+  tpu_requirements = (ROOT / "requirements-tpu.txt").read_text().splitlines()
+  assert "-r requirements.txt" in tpu_requirements  # the same pins as the CPU install
+  assert f"jax[tpu]=={jax_pin[5:]}" in tpu_requirements
 
   lines, proc = _dry(env, "--workdir=gs://b/r", "run", "--config=configs/grpo.py:tiny",
                      "--env", "HF_HOME=/h f", "--config.num_steps=3")
