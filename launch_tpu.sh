@@ -269,6 +269,10 @@ shared nor kept after a preemption), got '$TPU_WORKDIR'"
       [[ $rc != 0 ]] || { note "run finished"; break 2; }
       state="$(tpu_state)"
       [[ $state == READY ]] || { note "TPU $TPU_NAME is $state: preempted, restarting"; break; }
+      if [[ $rc == 130 || $rc == 143 ]]; then  # 128 + SIGINT / SIGTERM: checkpointed and stopped
+        note "run stopped by a signal (status $rc) after checkpointing; the same run command resumes"
+        exit "$rc"
+      fi
       [[ $rc == 255 ]] || die "run exited with status $rc on a READY TPU (not a preemption); \
 not restarting. See '$0 logs' and $local_log"
       note "lost the SSH connection; re-attaching"
