@@ -46,11 +46,13 @@ def exists(path) -> bool:
 
 
 def makedirs(path) -> None:
-  if is_uri(path):
-    fs, p = _fs(path)
-    fs.makedirs(p, exist_ok=True)
-  else:
+  """Creates a local directory (and file:// ones); object stores have none to create."""
+  if not is_uri(path):
     os.makedirs(path, exist_ok=True)
+    return
+  fs, p = _fs(path)
+  if "file" in fs.protocol:
+    fs.makedirs(p, exist_ok=True)
 
 
 def read_bytes(path) -> bytes:
