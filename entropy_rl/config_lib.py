@@ -2,11 +2,15 @@
 
 `configs/<family>.py` files start from `base_config()`, set their method, and apply a preset chosen
 by `get_config(arg)`. `validate(config)` runs before anything is compiled and raises one
-`ConfigError` naming the offending key.
+`ConfigError` naming the offending key; `typed(config)` then builds the frozen dataclasses
+(`RunConfig`: loss, rollout, evaluation, update, optimizer, mesh) that the layers below the trainer
+take. `LossConfig`'s defaults are the loss block's.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import ml_collections
 
@@ -18,6 +22,202 @@ from entropy_rl.errors import ConfigError
 PAPER_MODELS = ("qwen2_5_7b", "qwen2_5_32b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
 BENCHMARKS = ("math500.jsonl", "aime24.jsonl", "amc23.jsonl", "minerva_math.jsonl",
               "olympiadbench.jsonl", "gsm8k_test.jsonl")
+
+
+# ----------------------------------------------------------------------------- typed configs
+# `typed(config)` builds these once, after `validate`; the layers below the trainer take them.
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The policy loss, `config.loss` (each option is described in `losses`).
+
+  The defaults are GRPO's (eps_low = eps_high = 0.2, token-mean, all tokens) and those of
+  `base_config().loss`. Every instance is valid: construction raises one ValueError naming the
+  field, e.g. `config.loss.token_mask_rho`.
+  """
+  name: str = "ppo"
+  clip_ratio_low: float = 0.2
+  clip_ratio_high: float = 0.2
+  clip_ratio_c: float = 3.0
+  clip_cov_ratio: float = 2e-4
+  clip_cov_lb: float = 1.0
+  clip_cov_ub: float = 5.0
+  kl_cov_ratio: float = 2e-3
+  kl_cov_coef: float = 1.0
+  loss_agg_mode: str = "token-mean"
+  token_mask: str = "all"
+  token_mask_rho: float = 0.2
+  selection_scope: str = "microbatch"
+  kl_ref_coef: float = 0.0
+  kl_ref_estimator: str = "k3"
+  entropy_coef: float = 0.0  # with adaptive_entropy: the initial coefficient c_0
+  adaptive_entropy: bool = False
+  entropy_target: float = 0.2  # TRL's defaults for target, delta, min, max
+  entropy_coef_delta: float = 0.005
+  entropy_coef_min: float = 0.0
+  entropy_coef_max: float = 1.0
+  entropy_adv_alpha: float = 0.0  # 0 disables entropy-shaped advantages
+  entropy_adv_kappa: float = 2.0
+  positive_adv_weight: float = 1.0  # W-REINFORCE lambda; 1 disables
+  archer_entropy_quantile: float = 0.8
+  archer_high_clip_ratio_low: float = 0.5
+  archer_high_clip_ratio_high: float = 0.5
+  entropy_quantile_scope: str = "selection"
+
+  def __post_init__(self):
+    def fail(key, what):
+      raise ValueError(f"config.loss.{key} must be {what}; got {getattr(self, key)!r}")
+
+    def choice(key, options):
+      if getattr(self, key) not in options:
+        fail(key, f"one of {tuple(options)}")
+
+    def real(key, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+      x = getattr(self, key)
+      ok = _is_real(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+      if not ok:
+        fail(key, f"a real number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+    choice("name", losses.LOSS_NAMES)
+    real("clip_ratio_low", 0.0, 1.0)
+    real("clip_ratio_high", 0.0)
+    real("clip_ratio_c", 1.0, lo_open=True)
+    real("clip_cov_ratio", 0.0, 1.0, lo_open=True)
+    real("clip_cov_lb")
+    real("clip_cov_ub")
+    if not self.clip_cov_lb < self.clip_cov_ub:
+      fail("clip_cov_ub", f"greater than config.loss.clip_cov_lb = {self.clip_cov_lb!r}")
+    real("kl_cov_ratio", 0.0, 1.0, lo_open=True)
+    real("kl_cov_coef", 0.0)
+    choice("loss_agg_mode", losses.AGG_MODES)
+    choice("token_mask", tuple(losses.TOKEN_MASKS))
+    real("token_mask_rho", 0.0, 1.0, lo_open=True)
+    choice("selection_scope", losses.SELECTION_SCOPES)
+    real("kl_ref_coef", 0.0)
+    choice("kl_ref_estimator", losses.KL_ESTIMATORS)
+    real("entropy_coef")
+    real("entropy_target", 0.0)
+    real("entropy_coef_delta", 0.0)
+    real("entropy_coef_min", 0.0)
+    real("entropy_coef_max", self.entropy_coef_min)
+    if (self.adaptive_entropy
+        and not self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max):
+      fail("entropy_coef", "in [config.loss.entropy_coef_min, config.loss.entropy_coef_max] = "
+           f"[{self.entropy_coef_min}, {self.entropy_coef_max}] with adaptive_entropy")
+    real("entropy_adv_alpha", 0.0)
+    real("entropy_adv_kappa", 0.0, lo_open=True)
+    real("positive_adv_weight", 0.0)
+    real("archer_entropy_quantile", 0.0, 1.0)
+    real("archer_high_clip_ratio_low", 0.0, 1.0)
+    real("archer_high_clip_ratio_high", 0.0)
+    choice("entropy_quantile_scope", losses.ENTROPY_QUANTILE_SCOPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """What sampling a training rollout reads: `config.rollout`, `task.max_prompt_len`, DAPO's
+  dynamic sampling (`rl.dynamic_sampling`, `rl.dynamic_sampling_max_draws`,
+  `rl.filter_groups_metric`) and `reward.timeout_s` (named in warnings)."""
+  prompts_per_step: int
+  num_samples: int
+  max_new_tokens: int
+  temperature: float
+  top_p: float
+  top_k: int
+  max_rows_in_flight: int  # sampler slots (KV cache rows); 0 = every (prompt, sample) pair
+  max_prompt_len: int
+  dynamic_sampling: bool
+  dynamic_sampling_max_draws: int
+  filter_groups_metric: str
+  reward_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """How an evaluation samples, `config.eval` (which examples it reads stays with the data)."""
+  num_samples: int
+  temperature: float
+  max_new_tokens: int  # -1 = rollout.max_new_tokens
+  max_rows_in_flight: int  # -1 = as many as a training rollout, 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateConfig:
+  """What `step.update` reads: the loss, `config.rl`'s splits and `rollout.temperature` (the
+  trainer's log-probs are those of the sampler's temperature-scaled distribution)."""
+  loss: LossConfig
+  num_minibatches: int
+  num_microbatches: int
+  ppo_epochs: int
+  recompute_old_logp: bool
+  fused_chunk_size: int
+  temperature: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with global-norm clipping on a warmup + constant / cosine schedule, `config.optim`."""
+  lr: float
+  schedule: str
+  warmup_steps: int
+  weight_decay: float
+  b1: float
+  b2: float
+  grad_clip: float
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes, `config.mesh`; one may be -1 (the remaining devices)."""
+  data: int
+  fsdp: int
+  tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """The typed parts of a run's config (the model's is `models.ModelConfig`, built with the
+  policy). Frozen and hashable, so any part can be a static argument of `jax.jit`."""
+  rollout: RolloutConfig
+  eval: EvalConfig
+  update: UpdateConfig
+  optim: OptimConfig
+  mesh: MeshConfig
+
+
+def _from_block(cls, block, **extra):
+  """`cls` from the fields of ConfigDict `block` that `extra` does not give."""
+  return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name not in extra},
+             **extra)
+
+
+def loss_config(block) -> LossConfig:
+  """The LossConfig of a `config.loss` ConfigDict; raises ValueError naming a bad or unknown key."""
+  known = [f.name for f in dataclasses.fields(LossConfig)]
+  for key in block.keys():
+    if key not in known:
+      raise ValueError(f"config.loss.{key} is not a loss option; known: {sorted(known)}")
+  return LossConfig(**block.to_dict())
+
+
+def typed(c: ml_collections.ConfigDict) -> RunConfig:
+  """The RunConfig of a validated config (see `validate`)."""
+  return RunConfig(
+      rollout=_from_block(RolloutConfig, c.rollout, max_prompt_len=c.task.max_prompt_len,
+                          dynamic_sampling=c.rl.dynamic_sampling,
+                          dynamic_sampling_max_draws=c.rl.dynamic_sampling_max_draws,
+                          filter_groups_metric=c.rl.filter_groups_metric,
+                          reward_timeout_s=c.reward.timeout_s),
+      eval=_from_block(EvalConfig, c.eval),
+      update=_from_block(UpdateConfig, c.rl, loss=loss_config(c.loss),
+                         temperature=c.rollout.temperature),
+      optim=_from_block(OptimConfig, c.optim),
+      mesh=_from_block(MeshConfig, c.mesh))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -99,7 +299,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.filter_groups_metric = "acc"  # dynamic sampling drops groups where this agrees (DAPO: acc)
   c.rl.fused_chunk_size = 4096
 
-  c.loss = losses.default_loss_config()
+  c.loss = ml_collections.ConfigDict(
+      {f.name: f.default for f in dataclasses.fields(LossConfig)})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-5
@@ -279,7 +480,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
                      f">= 0 (0 = all rows at once)")
   try:
-    losses.validate_loss_config(c.loss, prefix="config.loss")
+    loss_config(c.loss)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   n = c.rollout.prompts_per_step * c.rollout.num_samples

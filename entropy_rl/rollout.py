@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from entropy_rl import sampling, sharding
+from entropy_rl import config_lib, sampling, sharding
 from entropy_rl import data as data_lib
 from entropy_rl import rewards as rewards_lib
 from entropy_rl.distributed import gather, to_global, to_local
@@ -55,7 +55,8 @@ class RewardCounts:
 class Rollouts:
   """Sampling and scoring G responses per prompt with the current parameters."""
 
-  def __init__(self, config, policy, reward_fn, mesh, shard: tuple[int, int] = (0, 1)):
+  def __init__(self, config: config_lib.RolloutConfig, policy, reward_fn, mesh,
+               shard: tuple[int, int] = (0, 1)):
     self.config, self.policy, self.reward_fn, self.mesh = config, policy, reward_fn, mesh
     # This host feeds block shard[0] of shard[1] equal row blocks of every global prompt batch.
     self.shard_index, self.num_shards = shard
@@ -64,17 +65,17 @@ class Rollouts:
   def generate(self, params, examples, key, *, num_samples, temperature, max_new_tokens,
                greedy=False, max_rows_in_flight=None) -> Rollout:
     """Samples and scores `num_samples` responses per example, `max_rows_in_flight` rows at a
-    time (default: `config.rollout.max_rows_in_flight`; 0 = all)."""
+    time (default: `config.max_rows_in_flight`; 0 = all)."""
     c, pol = self.config, self.policy
     if max_rows_in_flight is None:
-      max_rows_in_flight = c.rollout.max_rows_in_flight
+      max_rows_in_flight = c.max_rows_in_flight
     prompt_BxP, pmask_BxP = data_lib.encode_prompts(
-        pol.tokenizer, [ex.prompt for ex in examples], c.task.max_prompt_len)
+        pol.tokenizer, [ex.prompt for ex in examples], c.max_prompt_len)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.default_rules()):
       out = sampling.sample(
           pol.model, params, to_global(prompt_BxP, self.mesh), to_global(pmask_BxP, self.mesh),
           key, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-          top_p=c.rollout.top_p, top_k=c.rollout.top_k, greedy=greedy, stop_ids=pol.stop_ids,
+          top_p=c.top_p, top_k=c.top_k, greedy=greedy, stop_ids=pol.stop_ids,
           pad_id=pol.pad_id, return_entropy=True,
           max_rows_in_flight=max_rows_in_flight)
     tokens, mask = to_local(out.tokens_NxL), to_local(out.mask_NxL)
@@ -96,7 +97,7 @@ class Rollouts:
     self.faults.errors += errors
     if timeouts:
       log.warning("%d answers took longer than config.reward.timeout_s=%g s to verify and scored "
-                  "0", timeouts, self.config.reward.timeout_s)
+                  "0", timeouts, self.config.reward_timeout_s)
     if errors:
       first = (info.get("error_messages") or ["(no message)"])[0]
       log.warning("the reward function failed on %d answers, which scored 0; first error: %s",
@@ -105,38 +106,38 @@ class Rollouts:
   def collect(self, params, source, key, check_stop=None) -> tuple[Rollout, Rollout, int]:
     """One step's rollout (this host's rows), every response drawn, and the number of draws.
 
-    With dynamic sampling (DAPO), groups whose `config.rl.filter_groups_metric` (accuracy by
+    With dynamic sampling (DAPO), groups whose `config.filter_groups_metric` (accuracy by
     default, as DAPO's `filter_groups.metric: acc`) is the same for every response are replaced
     by groups from further draws, up to `dynamic_sampling_max_draws`. `check_stop()` runs before
     every draw after the first.
     """
     c = self.config
-    b = c.rollout.prompts_per_step // self.num_shards
-    g = c.rollout.num_samples
+    b = c.prompts_per_step // self.num_shards
+    g = c.num_samples
     draws, kept, spare, drawn = 0, [], [], []
     while True:
       if draws and check_stop is not None:
         check_stop()
       examples = source.next_batch(b)
       out = self.generate(params, examples, jax.random.fold_in(key, draws), num_samples=g,
-                          temperature=c.rollout.temperature,
-                          max_new_tokens=c.rollout.max_new_tokens)
+                          temperature=c.temperature, max_new_tokens=c.max_new_tokens)
       draws += 1
       drawn.append(out)
-      metric_N = out.correct if c.rl.filter_groups_metric == "acc" else out.rewards
+      metric_N = out.correct if c.filter_groups_metric == "acc" else out.rewards
       for i in range(b):
         informative = np.ptp(metric_N[i * g:(i + 1) * g]) > 0
-        (kept if informative or not c.rl.dynamic_sampling else spare).append(
+        (kept if informative or not c.dynamic_sampling else spare).append(
             out.rows(i * g, (i + 1) * g))
-      if not c.rl.dynamic_sampling:
+      if not c.dynamic_sampling:
         break
       enough = int(np.min(gather(np.array([len(kept) >= b], np.int32))))
-      if enough or draws >= c.rl.dynamic_sampling_max_draws:
+      if enough or draws >= c.dynamic_sampling_max_draws:
         break
     return Rollout.concat((kept + spare)[:b]), Rollout.concat(drawn), draws
 
 
-def evaluate(rollouts: Rollouts, params, eval_examples, key, c, check_stop=None) -> dict:
+def evaluate(rollouts: Rollouts, params, eval_examples, key, c: config_lib.RunConfig,
+             check_stop=None) -> dict:
   """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy.
 
   `eval_examples` is the whole list on every host, evaluated in global chunks of
@@ -178,7 +179,7 @@ def evaluate(rollouts: Rollouts, params, eval_examples, key, c, check_stop=None)
   }
 
 
-def eval_rows_in_flight(c) -> int:
+def eval_rows_in_flight(c: config_lib.RunConfig) -> int:
   """Global rows an evaluation samples at once: `config.eval.max_rows_in_flight`, where -1 means
   as many as a training rollout holds (so evaluation never needs more KV memory) and 0 all."""
   if c.eval.max_rows_in_flight >= 0:

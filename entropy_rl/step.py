@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from entropy_rl import losses, models, sharding, stats
+from entropy_rl import config_lib, losses, models, sharding, stats
 
 
 @flax.struct.dataclass
 class TrainState:
-  """The run state. The entropy-control fields are None unless `config.loss.adaptive_entropy`."""
+  """The run state. The entropy-control fields are None unless `loss_cfg.adaptive_entropy`."""
   step: jax.Array  # RL steps done (one per rollout)
   params: Any
   opt_state: Any
@@ -37,7 +37,7 @@ class TrainState:
   entropy_last: Any = None
 
   @classmethod
-  def create(cls, params, opt_state, loss_cfg) -> TrainState:
+  def create(cls, params, opt_state, loss_cfg: config_lib.LossConfig) -> TrainState:
     """Step 0; with `loss_cfg.adaptive_entropy`, c_0 = `loss_cfg.entropy_coef` and no entropy yet."""
     step = jnp.zeros((), jnp.int32)
     if not loss_cfg.adaptive_entropy:
@@ -46,7 +46,7 @@ class TrainState:
                entropy_last=jnp.asarray(jnp.inf, jnp.float32))
 
 
-def lr_schedule(optim_cfg, total_updates: int) -> optax.Schedule:
+def lr_schedule(optim_cfg: config_lib.OptimConfig, total_updates: int) -> optax.Schedule:
   """Linear warmup over `warmup_steps` optimizer updates, then constant or cosine decay to 0."""
   warmup = optax.linear_schedule(0.0, optim_cfg.lr, max(optim_cfg.warmup_steps, 1))
   if optim_cfg.schedule == "constant":
@@ -58,7 +58,8 @@ def lr_schedule(optim_cfg, total_updates: int) -> optax.Schedule:
   return optax.join_schedules([warmup, after], [optim_cfg.warmup_steps])
 
 
-def make_optimizer(optim_cfg, total_updates: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: config_lib.OptimConfig,
+                   total_updates: int) -> optax.GradientTransformation:
   """Global-norm gradient clipping, then AdamW on the schedule."""
   return optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
@@ -108,9 +109,9 @@ def merge_rows(tree):
   return jax.tree.map(f, tree)
 
 
-def update(state: TrainState, batch: dict, rng: jax.Array, *, model, model_cfg, config,
-           optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-           rules=()) -> tuple[TrainState, dict]:
+def update(state: TrainState, batch: dict, rng: jax.Array, *, model, model_cfg,
+           config: config_lib.UpdateConfig, optimizer: optax.GradientTransformation,
+           schedule: optax.Schedule, rules=()) -> tuple[TrainState, dict]:
   """One RL update over a rollout.
 
   batch: `tokens` [N, S] (left-padded prompt then response), `attn_mask` [N, S], `response_mask`,
@@ -122,18 +123,17 @@ def update(state: TrainState, batch: dict, rng: jax.Array, *, model, model_cfg, 
 
 
 def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule):
-  loss_cfg, rl = config.loss, config.rl
+  loss_cfg = config.loss
   response_len = batch["response_mask"].shape[1]
+  temperature, chunk_size = config.temperature, config.fused_chunk_size
   forward = functools.partial(response_logprobs, model, model_cfg, response_len=response_len,
-                              temperature=config.rollout.temperature,
-                              chunk_size=rl.fused_chunk_size)
-  num_micro = rl.num_microbatches
+                              temperature=temperature, chunk_size=chunk_size)
+  num_micro = config.num_microbatches
   forward_all = functools.partial(logprobs_in_chunks, model, model_cfg, num_chunks=num_micro,
-                                  temperature=config.rollout.temperature,
-                                  chunk_size=rl.fused_chunk_size)
+                                  temperature=temperature, chunk_size=chunk_size)
 
   sampler_logp = batch["old_logp"]
-  if rl.recompute_old_logp:
+  if config.recompute_old_logp:
     batch = dict(batch, old_logp=forward_all(state.params, batch)[0])
 
   archer = loss_cfg.name == "archer"  # its KL (low-entropy tokens only) is inside policy_loss
@@ -208,10 +208,10 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
                    lr=schedule(count))
     return new, metrics
 
-  num_mini = rl.num_minibatches
+  num_mini = config.num_minibatches
   start = state
   epoch_metrics = []
-  for epoch in range(rl.ppo_epochs):
+  for epoch in range(config.ppo_epochs):
     keys = jax.random.split(jax.random.fold_in(rng, epoch), num_mini)
     state, metrics = jax.lax.scan(minibatch_step, state, (split_rows(batch, num_mini), keys))
     epoch_metrics.append(metrics)
@@ -225,7 +225,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     out.update(entropy_coef=state.entropy_coef, entropy_last=state.entropy_last)
   # Sampler vs trainer log-probs at the same parameters: the recomputed old log-probs, or else the
   # first mini-batch of the first epoch (evaluated before any optimizer step).
-  if rl.recompute_old_logp:
+  if config.recompute_old_logp:
     out["mismatch_logp"] = stats.masked_mean(jnp.abs(batch["old_logp"] - sampler_logp),
                                              batch["response_mask"])
   else:
@@ -247,8 +247,8 @@ def state_shardings(state: TrainState, optimizer, mesh, param_shardings) -> Trai
                     entropy_last=jax.tree.map(lambda _: replicated, state.entropy_last))
 
 
-def make_update(model, model_cfg, config, optimizer, schedule, mesh, shardings: TrainState,
-                rules=()):
+def make_update(model, model_cfg, config: config_lib.UpdateConfig, optimizer, schedule, mesh,
+                shardings: TrainState, rules=()):
   """`update` jitted over the mesh (batch rows over ('data', 'fsdp'), the state donated) and
   traced under it, so the model's activation sharding constraints apply."""
   fn = functools.partial(update, model=model, model_cfg=model_cfg, config=config,

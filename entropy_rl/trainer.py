@@ -46,19 +46,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.maybe_initialize(config.distributed)
     config_lib.validate(config, jax.device_count())
     config = config_lib.resolve_microbatches(config, jax.device_count())
+    run = config_lib.typed(config)
     config_lib.check_inputs(config)
     fileio.makedirs(workdir)
     primary = jax.process_index() == 0
     with fileio.WorkdirLock(workdir) if primary else contextlib.nullcontext():
-      return _train(config, workdir, stop)
+      return _train(config, run, workdir, stop)
 
 
-def _train(c, workdir: str, stop: interrupt.StopFlag) -> dict:
+def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag) -> dict:
+  """The loop: `c` for its own settings, the typed `run` for the layers below."""
   def check_stop(step=None):
     if distributed.any_process(stop.requested):  # every host stops together
       raise interrupt.Interrupted(stop.signum or signal.SIGTERM, step)
 
-  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
   rules = sharding.default_rules()
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
   policy, params = policy_lib.build_policy(c, workdir, task, check_stop)
@@ -71,24 +73,25 @@ def _train(c, workdir: str, stop: interrupt.StopFlag) -> dict:
       format_coef=c.reward.format_coef, max_response_len=c.rollout.max_new_tokens,
       overlong_buffer=c.reward.overlong_buffer, overlong_penalty=c.reward.overlong_penalty)
 
-  total_updates = c.num_steps * c.rl.num_minibatches * c.rl.ppo_epochs
-  schedule = step_lib.lr_schedule(c.optim, total_updates)
-  optimizer = step_lib.make_optimizer(c.optim, total_updates)
+  upd_cfg, loss_cfg = run.update, run.update.loss
+  total_updates = c.num_steps * upd_cfg.num_minibatches * upd_cfg.ppo_epochs
+  schedule = step_lib.lr_schedule(run.optim, total_updates)
+  optimizer = step_lib.make_optimizer(run.optim, total_updates)
   param_shardings = sharding.logical_to_mesh_sharding(
       models.param_logical_axes(policy.model_cfg), mesh, rules, params)
   params = jax.device_put(params, param_shardings)
-  ref_params = params if c.loss.kl_ref_coef > 0 else None
-  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), c.loss)
+  ref_params = params if loss_cfg.kl_ref_coef > 0 else None
+  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), loss_cfg)
   abstract = jax.eval_shape(init, params)
   shardings = step_lib.state_shardings(abstract, optimizer, mesh, param_shardings)
   state = jax.jit(init, out_shardings=shardings)(params)
-  update_fn = step_lib.make_update(policy.model, policy.model_cfg, c, optimizer, schedule, mesh,
-                                   shardings, rules)
+  update_fn = step_lib.make_update(policy.model, policy.model_cfg, upd_cfg, optimizer, schedule,
+                                   mesh, shardings, rules)
   ref_fn = None
   if ref_params is not None:
     ref_fn = sharding.under_mesh(jax.jit(lambda p, b: step_lib.logprobs_in_chunks(
-        policy.model, policy.model_cfg, p, b, c.rl.num_microbatches * c.rl.num_minibatches,
-        c.rollout.temperature, c.rl.fused_chunk_size)[0]), mesh, rules)
+        policy.model, policy.model_cfg, p, b, upd_cfg.num_microbatches * upd_cfg.num_minibatches,
+        upd_cfg.temperature, upd_cfg.fused_chunk_size)[0]), mesh, rules)
 
   ckpt = checkpoint.Checkpointer(fileio.join(workdir, "checkpoints"),
                                  max_to_keep=c.keep_checkpoints)
@@ -106,8 +109,8 @@ def _train(c, workdir: str, stop: interrupt.StopFlag) -> dict:
   writer = metrics.MetricsWriter(workdir, first_step=start + 1 if start else 0)
   bar = metrics.ProgressBar(total=c.num_steps, initial=start)
   base_key = jax.random.key(c.seed)
-  rollouts = rollout_lib.Rollouts(c, policy, reward_fn, mesh, shard)
-  band = jnp.array([c.loss.clip_cov_lb, c.loss.clip_cov_ub], jnp.float32)
+  rollouts = rollout_lib.Rollouts(run.rollout, policy, reward_fn, mesh, shard)
+  band = jnp.array([loss_cfg.clip_cov_lb, loss_cfg.clip_cov_ub], jnp.float32)
   last: dict = {}
 
   def save(step: int):
@@ -118,7 +121,7 @@ def _train(c, workdir: str, stop: interrupt.StopFlag) -> dict:
   try:
     if start == 0 and c.eval_every > 0 and c.eval.at_start:  # the starting policy, as step 0
       writer.write(0, rollout_lib.evaluate(rollouts, state.params, eval_examples,
-                                           jax.random.fold_in(base_key, 2**32 - 1), c,
+                                           jax.random.fold_in(base_key, 2**32 - 1), run,
                                            check_stop))  # no step uses this key
     for step in range(start, c.num_steps):
       check_stop(step)
@@ -166,7 +169,7 @@ def _train(c, workdir: str, stop: interrupt.StopFlag) -> dict:
         carry["nonfinite_streak"], carry["last_good_step"] = 0, done
       carry["law_points"].append([m["entropy/token_mean"], m["acc"]])
       if c.eval_every > 0 and (done % c.eval_every == 0 or done == c.num_steps):
-        m.update(rollout_lib.evaluate(rollouts, state.params, eval_examples, eval_key, c))
+        m.update(rollout_lib.evaluate(rollouts, state.params, eval_examples, eval_key, run))
         m.update(law_hint(carry["law_points"], done))
       writer.write(done, m)
       bar.update(done, m)

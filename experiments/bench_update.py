@@ -48,7 +48,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import clip_cov  # noqa: E402
-from entropy_rl import advantages, models, sharding, stats, step as step_lib  # noqa: E402
+from entropy_rl import advantages, config_lib, models, sharding, stats  # noqa: E402
+from entropy_rl import step as step_lib  # noqa: E402
 from entropy_rl.models import hf  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
@@ -240,16 +241,17 @@ def run(args) -> dict:
   # Ours on a 1-device mesh.
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   rules = sharding.default_rules()
-  optimizer = step_lib.make_optimizer(config.optim, 1000)
-  schedule = step_lib.lr_schedule(config.optim, 1000)
+  run_cfg = config_lib.typed(config)
+  optimizer = step_lib.make_optimizer(run_cfg.optim, 1000)
+  schedule = step_lib.lr_schedule(run_cfg.optim, 1000)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
-  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), config.loss)
+  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), run_cfg.update.loss)
   shardings = step_lib.state_shardings(jax.eval_shape(init, params), optimizer, mesh, pshard)
   state = jax.jit(init, out_shardings=shardings)(jax.device_put(params, pshard))
   gbatch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()},
                           sharding.batch_sharding(mesh))
-  update = step_lib.make_update(models.Decoder(cfg), cfg, config, optimizer, schedule, mesh,
-                                shardings, rules)
+  update = step_lib.make_update(models.Decoder(cfg), cfg, run_cfg.update, optimizer, schedule,
+                                mesh, shardings, rules)
   rng0 = jax.random.key(0)
   compile_s, update = _timed(lambda: update.lower(state, gbatch, rng0).compile())
 

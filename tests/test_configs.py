@@ -1,4 +1,5 @@
 """Every config file and preset builds and validates; every tiny preset runs an update step."""
+import dataclasses
 import importlib
 
 import jax
@@ -70,6 +71,35 @@ def test_method_settings(arg):
   assert (q.rl.advantage, q.rl.qae_quantile) == ("qae", 0.4)
 
 
+def test_typed_config_carries_every_value_it_reads():
+  c = _get("top_entropy", "qwen3_8b")
+  c.loss.clip_cov_lb = 2  # an override as the CLI gives it
+  run = config_lib.typed(c)
+  assert dataclasses.asdict(run.update.loss) == c.loss.to_dict()
+  assert run.update.loss.clip_cov_lb == 2.0
+  assert dataclasses.asdict(run.optim) == c.optim.to_dict()
+  assert dataclasses.asdict(run.mesh) == c.mesh.to_dict()
+  rollout = dataclasses.asdict(run.rollout)
+  assert {k: rollout[k] for k in c.rollout} == c.rollout.to_dict()
+  assert (run.rollout.max_prompt_len, run.rollout.dynamic_sampling,
+          run.rollout.dynamic_sampling_max_draws, run.rollout.filter_groups_metric,
+          run.rollout.reward_timeout_s) == (1024, True, 3, "acc", 5.0)
+  assert dataclasses.asdict(run.eval) == {k: c.eval[k] for k in dataclasses.asdict(run.eval)}
+  update = dataclasses.asdict(run.update)
+  assert {k: update[k] for k in update if k in c.rl} == {k: c.rl[k] for k in update if k in c.rl}
+  assert run.update.temperature == c.rollout.temperature and run.update.num_minibatches == 16
+  assert hash(run) == hash(config_lib.typed(c))  # usable as a static jit argument
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    run.optim.lr = 1.0
+
+
+def test_unknown_loss_option_is_a_config_error():
+  c = config_lib.base_config()
+  c.loss.clip_ratio = 0.2
+  with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.clip_ratio is not a loss option"):
+    config_lib.validate(c, num_devices=8)
+
+
 def _tiny(family, arg="tiny"):
   c = _get(family, arg)
   small = test_step._config()
@@ -109,17 +139,19 @@ def _adaptive_update(c, mesh):
   """(initial state, jitted update, abstract state) with the entropy-control fields."""
   model, cfg, params = test_step._model()
   rules = sharding.default_rules()
-  optimizer = step_lib.make_optimizer(c.optim, 10)
-  schedule = step_lib.lr_schedule(c.optim, 10)
+  run = config_lib.typed(c)
+  optimizer = step_lib.make_optimizer(run.optim, 10)
+  schedule = step_lib.lr_schedule(run.optim, 10)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
   params = jax.device_put(params, pshard)
-  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), c.loss)
+  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), run.update.loss)
   abstract = jax.eval_shape(init, params)
   replicated = NamedSharding(mesh, P())
   shardings = step_lib.state_shardings(abstract, optimizer, mesh, pshard).replace(
       entropy_coef=replicated, entropy_last=replicated)
   state = jax.jit(init, out_shardings=shardings)(params)
-  update = step_lib.make_update(model, cfg, c, optimizer, schedule, mesh, shardings, rules)
+  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings,
+                                rules)
   return state, update, jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 

@@ -8,13 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from entropy_rl import losses
+from entropy_rl import config_lib, losses
 
 
 def make_cfg(**overrides):
-  cfg = losses.default_loss_config()
-  cfg.update(overrides)
-  return cfg
+  return config_lib.LossConfig(**overrides)
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -92,9 +90,9 @@ def _loss_and_grad(b, cfg, **kw):
 # ----------------------------------------------------------------------------- config validation
 
 
-def test_default_config_is_valid():
-  cfg = losses.default_loss_config()
-  losses.validate_loss_config(cfg)
+def test_default_config_is_grpo_and_the_config_files_loss_block():
+  cfg = config_lib.LossConfig()
+  assert config_lib.loss_config(config_lib.base_config().loss) == cfg
   assert cfg.name == "ppo" and cfg.clip_ratio_low == cfg.clip_ratio_high == 0.2
   assert cfg.clip_ratio_c == 3.0 and cfg.clip_cov_ratio == 2e-4 and cfg.kl_cov_ratio == 2e-3
   assert cfg.loss_agg_mode == "token-mean" and cfg.token_mask == "all"
@@ -112,28 +110,23 @@ def test_default_config_is_valid():
     ("positive_adv_weight", -0.1), ("archer_entropy_quantile", 1.5),
     ("archer_high_clip_ratio_low", 1.5), ("archer_high_clip_ratio_high", -0.5),
     ("entropy_quantile_scope", "batch")])
-def test_bad_config_names_the_field(batch, field, value):
-  cfg = make_cfg(**{field: value})
+def test_bad_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=rf"config\.loss\.{field}\b"):
-    losses.validate_loss_config(cfg)
-  with pytest.raises(ValueError, match=rf"config\.loss\.{field}\b"):
-    losses.policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"], cfg,
-                       rng=jax.random.key(0))
+    make_cfg(**{field: value})
 
 
 def test_adaptive_entropy_initial_coef_must_lie_in_its_bounds():
-  cfg = make_cfg(adaptive_entropy=True, entropy_coef=0.5, entropy_coef_max=0.1)
   with pytest.raises(ValueError, match=r"config\.loss\.entropy_coef\b"):
-    losses.validate_loss_config(cfg)
-  losses.validate_loss_config(make_cfg(entropy_coef=0.5, entropy_coef_max=0.1))  # not adaptive
+    make_cfg(adaptive_entropy=True, entropy_coef=0.5, entropy_coef_max=0.1)
+  make_cfg(entropy_coef=0.5, entropy_coef_max=0.1)  # not adaptive
 
 
 def test_bad_arguments_raise_before_tracing(batch):
   b = batch
-  cfg = losses.default_loss_config()
-  cfg.unknown = 1
+  block = config_lib.base_config().loss
+  block.unknown = 1
   with pytest.raises(ValueError, match=r"config\.loss\.unknown"):
-    losses.validate_loss_config(cfg)
+    config_lib.loss_config(block)
   with pytest.raises(ValueError, match="old_logp_BxT"):
     losses.policy_loss(b["logp"], b["old"][:, 1:], b["adv"], b["mask"], make_cfg())
   with pytest.raises(ValueError, match="rng"):

@@ -13,7 +13,7 @@ def _config(metric):
   c.rollout.prompts_per_step, c.rollout.num_samples = 2, 2
   c.rl.dynamic_sampling, c.rl.dynamic_sampling_max_draws = True, 2
   c.rl.filter_groups_metric = metric
-  return c
+  return config_lib.typed(c).rollout
 
 
 class _Source:

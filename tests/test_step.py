@@ -48,8 +48,9 @@ def _batch(seed=0):
 def _run(c, mesh, batch, steps=1):
   model, cfg, params = _model()
   rules = sharding.default_rules()
-  optimizer = step_lib.make_optimizer(c.optim, 10)
-  schedule = step_lib.lr_schedule(c.optim, 10)
+  run = config_lib.typed(c)
+  optimizer = step_lib.make_optimizer(run.optim, 10)
+  schedule = step_lib.lr_schedule(run.optim, 10)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
   params = jax.device_put(params, pshard)
   abstract = jax.eval_shape(lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p,
@@ -57,7 +58,8 @@ def _run(c, mesh, batch, steps=1):
   shardings = step_lib.state_shardings(abstract, optimizer, mesh, pshard)
   state = jax.jit(lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
                   out_shardings=shardings)(params)
-  update = step_lib.make_update(model, cfg, c, optimizer, schedule, mesh, shardings, rules)
+  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings,
+                                rules)
   gbatch = jax.device_put(batch, sharding.batch_sharding(mesh))
   metrics = None
   for i in range(steps):
