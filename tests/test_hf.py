@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import json
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import transformers
 
 from entropy_rl.models import ModelConfig, init_params, param_logical_axes
 from entropy_rl.models.decoder import rope_inv_freq
+from entropy_rl.models import hf as hf_lib
 from entropy_rl.models.hf import load_config, load_hf, load_tokenizer, save_hf
 
 TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -130,12 +132,53 @@ def test_sharded_index_and_shardings(root, tmp_path):
       lambda names: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
           *[dict(rules).get(n) for n in names])),
       param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-  model, params = load_hf(path, shardings=shardings)
+  reads = []  # (tensor name, shape of the block read)
+
+  class Recorded:
+    def __init__(self, handle):
+      self.handle = handle
+
+    def get_slice(self, name):
+      part = self.handle.get_slice(name)
+
+      class Slice:
+        get_shape = part.get_shape
+
+        def __getitem__(self, index):
+          block = part[index]
+          reads.append((name, block.shape))
+          return block
+      return Slice()
+
+  opened = hf_lib._open_tensors
+  with mock.patch.object(hf_lib, "_open_tensors",
+                         lambda p: {k: Recorded(v) for k, v in opened(p).items()}):
+    model, params = load_hf(path, shardings=shardings)
+  q_reads = [shape for name, shape in reads if name == "model.layers.0.self_attn.q_proj.weight"]
+  assert q_reads == [(16, 16)] * 4  # [N*H, D] = [32, 32] over tensor x fsdp: four quarters
   q_proj = params["layers"]["attn"]["q_proj"]
   assert q_proj.sharding == shardings["layers"]["attn"]["q_proj"]
   assert q_proj.addressable_shards[0].data.shape == (2, 16, 2, 8)
   _, plain = load_hf(path)
   jax.tree.map(np.testing.assert_array_equal, params, plain)
+
+  def no_full_copy(x, sharding):  # each device holds its shard only, read straight into it
+    full = sharding.is_fully_replicated
+    for shard in x.addressable_shards:
+      assert shard.data.shape == sharding.shard_shape(x.shape)
+      assert full or shard.data.shape != x.shape
+  jax.tree.map(no_full_copy, params, shardings)
+  assert not shardings["layers"]["mlp"]["down_proj"].is_fully_replicated
+
+
+def test_load_from_a_uri(root):
+  from entropy_rl import fileio
+  _, path = hf_checkpoint("qwen3", root)
+  uri = "memory://entropy_rl_test_hf/qwen3"
+  fileio.upload_dir(path, uri)
+  _, params = load_hf(uri)
+  _, local = load_hf(path)
+  jax.tree.map(np.testing.assert_array_equal, params, local)
 
 
 def test_errors(root, tmp_path):
