@@ -7,6 +7,7 @@ like a local one: libraries that write local directories work on a staged copy t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from entropy_rl import config_lib, fileio, models
+from entropy_rl import config_lib, fileio, models, sharding
 from entropy_rl import data as data_lib
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,24 @@ class Policy:
   pad_id: int
 
 
-def build_policy(config, workdir: str, task, check_stop=None) -> tuple[Policy, Any]:
-  """(Policy, params). `check_stop()` is called during the warm start and may raise."""
+def param_shardings(model_cfg: models.ModelConfig, mesh, rules):
+  """The params' NamedShardings on `mesh` by the logical-axis `rules` (no params are built)."""
+  shapes = jax.eval_shape(functools.partial(models.init_params, model_cfg), jax.random.key(0))
+  return sharding.logical_to_mesh_sharding(models.param_logical_axes(model_cfg), mesh, rules,
+                                           shapes)
+
+
+def build_policy(config, workdir: str, task, check_stop=None, mesh=None,
+                 rules=()) -> tuple[Policy, Any]:
+  """(Policy, params). `check_stop()` is called during the warm start and may raise. With a
+  `mesh`, a checkpoint's params are read straight into their shardings by `rules`."""
   if config.model.source == "hf":
     from entropy_rl.models import hf  # pylint: disable=g-import-not-at-top
-    model, params = hf.load_hf(config.model.hf_path, dtype=config.model.dtype,
-                               param_dtype=config.model.param_dtype, remat=config.model.remat)
+    dtypes = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                  remat=config.model.remat)
+    shardings = None if mesh is None else param_shardings(
+        hf.load_config(config.model.hf_path, **dtypes), mesh, rules)
+    model, params = hf.load_hf(config.model.hf_path, shardings=shardings, **dtypes)
     tokenizer = hf.load_tokenizer(config.model.hf_path)
     model_cfg = model.config
   else:

@@ -63,7 +63,7 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
   mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
   rules = sharding.default_rules()
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
-  policy, params = policy_lib.build_policy(c, workdir, task, check_stop)
+  policy, params = policy_lib.build_policy(c, workdir, task, check_stop, mesh, rules)
   shard = distributed.process_shard(c.rollout.prompts_per_step, sharding.batch_sharding(mesh))
   source = data_lib.make_source(c.task, seed=c.seed, task=task, tokenizer=policy.tokenizer,
                                 shard_index=shard[0], num_shards=shard[1])

@@ -230,3 +230,15 @@ def test_tokenizer_with_chat_template(tmp_path):
   assert loaded("user : hi there")["input_ids"] == [4, 5, 2, 3]
   text = loaded.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=False)
   assert text == "user : hi there "
+
+
+def test_policy_param_shardings_place_a_checkpoint_over_the_mesh(root):
+  from entropy_rl import policy, sharding
+  _, path = hf_checkpoint("qwen2", root)
+  mesh = sharding.make_mesh(2, -1, 2)
+  shardings = policy.param_shardings(load_config(path), mesh, sharding.default_rules())
+  _, params = load_hf(path, shardings=shardings)
+  down = params["layers"]["mlp"]["down_proj"]  # [layers, mlp, embed] over (tensor, fsdp)
+  assert down.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+  assert down.addressable_shards[0].data.shape == (2, 24, 16)
+  jax.tree.map(np.testing.assert_array_equal, params, load_hf(path)[1])

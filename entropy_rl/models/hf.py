@@ -104,12 +104,12 @@ def _set(tree, path, value):
 
 
 def load_config(path: str, **overrides) -> ModelConfig:
-  """ModelConfig from `path/config.json`; `overrides` set e.g. dtype, param_dtype, remat."""
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(file):
+  """ModelConfig from `path/config.json` (local or a URI); `overrides` set e.g. dtype,
+  param_dtype, remat."""
+  file = fileio.join(path, CONFIG_FILE)
+  if not fileio.exists(file) or os.path.isdir(file):
     raise ValueError(f"missing {file}")
-  with open(file) as f:
-    return ModelConfig.from_hf(json.load(f), **overrides)
+  return ModelConfig.from_hf(json.loads(fileio.read_text(file)), **overrides)
 
 
 def _open_tensors(path: str) -> dict[str, Any]:
