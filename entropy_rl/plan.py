@@ -474,6 +474,7 @@ class Program:
   code_bytes: int
   costs: Costs
   hlo_text: str = dataclasses.field(repr=False)  # the compiled, partitioned module
+  compiled: bool = True  # False: XLA:TPU refused it (temporaries over the chip's HBM)
 
   @property
   def peak_bytes(self) -> int:
@@ -485,8 +486,27 @@ class Program:
     return max(self.costs.flops / chip.flops_per_s, self.costs.hbm_bytes / chip.hbm_bytes_per_s)
 
 
-def compile_program(name: str, lowered, calls: int = 1) -> Program:
-  compiled = lowered.compile()
+def _shard_bytes(tree) -> int:
+  """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+  def one(x):
+    key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return math.prod(x.sharding.shard_shape(x.shape)) * (8 if key else np.dtype(x.dtype).itemsize)
+  return sum(one(x) for x in jax.tree.leaves(tree))
+
+
+def compile_program(name: str, lowered, args=(), calls: int = 1) -> Program:
+  """`lowered` compiled by XLA:TPU. When the compiler refuses it for want of HBM, the program
+  comes back uncompiled: the temporaries it asked for (from the compiler's message), the
+  arguments (`args`, the abstract inputs) and no costs."""
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    need = re.search(r"RESOURCE_EXHAUSTED:.*?temporaries \(([\d.]+)([KMGT])\)", str(e))
+    if not need:
+      raise
+    temp = float(need.group(1)) * 2 ** (10 * (1 + "KMGT".index(need.group(2))))
+    return Program(name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "",
+                   compiled=False)
   mem, text = compiled.memory_analysis(), compiled.as_text()
   return Program(name, calls, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                  mem.alias_size_in_bytes, mem.temp_size_in_bytes,
@@ -533,12 +553,14 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
   batch = update_batch(c, mesh)
   update = step_lib.make_update(model, model_cfg, upd_cfg, optimizer, schedule, mesh, shardings,
                                 rules)
-  out = [compile_program("update", update.lower(_abstract(abstract, shardings), batch, key))]
+  args = (_abstract(abstract, shardings), batch, key)
+  out = [compile_program("update", update.lower(*args), args)]
   if upd_cfg.loss.kl_ref_coef > 0:
     ref = sharding.under_mesh(jax.jit(lambda p, b: step_lib.logprobs_in_chunks(
         model, model_cfg, p, b, upd_cfg.num_microbatches * upd_cfg.num_minibatches,
         upd_cfg.temperature, upd_cfg.fused_chunk_size)[0]), mesh, rules)
-    out.append(compile_program("reference", ref.lower(_abstract(params, param_shardings), batch)))
+    args = (_abstract(params, param_shardings), batch)
+    out.append(compile_program("reference", ref.lower(*args), args))
   return out
 
 
@@ -593,14 +615,16 @@ def table(programs: list[Program], topology: Topology, mfu_flops: float | None) 
   for p in programs:
     s = p.seconds(chip)
     total += s * p.calls
+    costs = (f"{p.costs.flops / 1e12:>9.2f} {p.costs.hbm_bytes / 1e9:>9.2f} "
+             f"{p.costs.ici_bytes / 1e9:>8.2f} {s:>11.3f}" if p.compiled else
+             f"{'XLA:TPU refused it: out of HBM':>40}")
     lines.append(
         f"{p.name:<10} {p.calls:>5} {p.argument_bytes / GiB:>8.2f} {p.temp_bytes / GiB:>8.2f} "
-        f"{p.peak_bytes / GiB:>8.2f} {chip.hbm_bytes / GiB:>6.0f} {p.costs.flops / 1e12:>9.2f} "
-        f"{p.costs.hbm_bytes / 1e9:>9.2f} {p.costs.ici_bytes / 1e9:>8.2f} {s:>11.3f}")
+        f"{p.peak_bytes / GiB:>8.2f} {chip.hbm_bytes / GiB:>6.0f} {costs}")
   lines.append(f"{'step':<10} {'':>5} {'':>8} {'':>8} {'':>8} {'':>6} {'':>9} {'':>9} {'':>8} "
                f"{total:>11.3f}")
   update = next((p for p in programs if p.name == "update"), None)
-  if mfu_flops and update is not None:
+  if mfu_flops and update is not None and update.compiled:
     bound = mfu_flops / (topology.num_chips * chip.flops_per_s * update.seconds(chip))
     lines.append(f"update MFU bound (6 x params x tokens at the roofline time): {bound:.1%}")
   unknown = sum(p.costs.unknown_trip_counts for p in programs)

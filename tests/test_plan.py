@@ -193,3 +193,14 @@ def test_derived_micro_batches_that_do_not_divide_the_mini_batch_name_the_fields
   with pytest.raises(config_lib.ConfigError,
                      match=r"config.rl.microbatch_rows_per_device=3 .* of 32 data-parallel"):
     config_lib.validate(c, 32)
+
+
+def test_plan_reports_a_program_xla_refuses_for_want_of_hbm():
+  pytest.importorskip("libtpu")
+  c = _tiny_config()
+  c.rollout.max_new_tokens, c.rl.num_microbatches = 8192, 1  # [heads, T, T] scores of 8 rows
+  result = plan.plan(c, "v5e-4")
+  (update,) = result.programs
+  assert not update.compiled and update.temp_bytes > 16 * plan.GiB
+  assert "XLA:TPU refused it" in result.report
+  assert len(result.problems) == 1 and "config.rl.num_microbatches=1 -> 2" in result.problems[0]
