@@ -206,7 +206,7 @@ def loss_config(block) -> LossConfig:
 
 
 def typed(c: ml_collections.ConfigDict) -> RunConfig:
-  """The RunConfig of a validated config (see `validate`)."""
+  """The RunConfig of a config after `validate` and `resolve_microbatches`."""
   return RunConfig(
       rollout=_from_block(RolloutConfig, c.rollout, max_prompt_len=c.task.max_prompt_len,
                           dynamic_sampling=c.rl.dynamic_sampling,
