@@ -304,9 +304,9 @@ def test_evaluation_never_holds_more_rows_than_a_training_rollout(monkeypatch, t
   from entropy_rl import rollout, sampling
   c = tiny_config(num_steps=1)
   c.eval.num_samples = 8  # 8 prompts x 8 samples: twice a training rollout's 8 x 4 rows
-  assert rollout.eval_rows_in_flight(c) == 32
+  assert rollout.eval_rows_in_flight(config_lib.typed(c)) == 32
   c.eval.max_rows_in_flight = 0
-  assert rollout.eval_rows_in_flight(c) == 0
+  assert rollout.eval_rows_in_flight(config_lib.typed(c)) == 0
   c.eval.max_rows_in_flight, c.eval.at_start = -1, False
   seen = []
   sample = sampling.sample
