@@ -593,6 +593,9 @@ def advice(c, program: Program, limit: float, derived: bool = False) -> str:
                     f"the {rows}-row mini-batch)")
     if not c.model.remat:
       fields.append("config.model.remat=True")
+    if c.mesh.tensor == 1:
+      fields.append("config.mesh.tensor=4 or 8 (attention heads over chips: each holds that "
+                    "fraction of the [heads, T, T] scores)")
     fields.append(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens} (lower)")
   else:
     if c.mesh.data != 1:
