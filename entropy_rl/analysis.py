@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
+from scipy import stats as stats_lib
 
 from entropy_rl import stats
 
@@ -125,29 +126,110 @@ def moving_average(x, window: int) -> np.ndarray:
   return (c[idx] - c[lo]) / (idx - lo)
 
 
-def detect_plateau(steps, values, window: int = 20, rel_tol: float = 0.1) -> dict:
-  """Where a rising curve stops rising, or None if it is still rising at the end.
+def _runs(steps, values) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(steps, values) of each run with its finite points, in step order: `values` is one run, a
+  [runs, points] array sharing `steps`, or a list of runs (with `steps` shared or one per run)."""
+  if np.ndim(values) == 1 and np.ndim(values[0]) == 0:
+    values = [values]
+  values = [np.asarray(v, np.float64) for v in values]
+  if np.ndim(steps) == 1 and np.ndim(steps[0]) == 0:
+    steps = [steps] * len(values)
+  if len(steps) != len(values):
+    raise ValueError(f"values: {len(values)} runs but {len(steps)} step series")
+  out = []
+  for s, v in zip(steps, values):
+    s = np.asarray(s, np.float64)
+    if s.shape != v.shape or v.ndim != 1:
+      raise ValueError(f"values: each run needs one value per step, got {v.shape} and {s.shape}")
+    keep = np.isfinite(v) & np.isfinite(s)
+    order = np.argsort(s[keep], kind="stable")
+    out.append((s[keep][order], v[keep][order]))
+  return out
 
-  The curve is smoothed with a trailing `window`-point moving average. Let G be the smoothed gain
-  (max - first). The run has plateaued if the least-squares slope over the last `window` points,
-  times `window`, is below `rel_tol * G`; the plateau step is then the first step where the smoothed
-  curve comes within `rel_tol * G` of its maximum. Returns {'step' (or None), 'gain', 'tail_rise',
-  'plateaued'}.
+
+def detect_plateau(steps, values, *, tol: float = 0.02, window_steps: float = 100.0,
+                   window: int = 2, confidence: float = 0.9, rel_tol: float | None = None) -> dict:
+  """Whether a curve (pooled over runs) has stopped moving: a two-block test on the last points.
+
+  Blocks: over the last 2W steps of the common range, L = the points in the last W steps and
+  P = the W steps before. Slope per 100 steps, pooled over the S runs (equal weight per run):
+  `100 * mean_s(mean L_s - mean P_s) / mean_s(mean step of L_s - mean step of P_s)`. Its standard
+  error uses the per-point noise sigma^2 = mean of squared second differences / 6 (a linear trend
+  cancels), pooled over runs: `var = sigma^2 / S^2 * sum_s (1 / |L_s| + 1 / |P_s|)`, scaled like the
+  slope. W is the shortest span of at least `window_steps` steps and `window` points per block
+  whose CI half-width is at most tol / 2 (the noise sets it, never the values' trend), or half the
+  range when none is. Verdict, with the two-sided `confidence` CI [lo, hi] of the slope: 'plateaued'
+  when -tol < lo and hi < tol (with confidence 0.9, two one-sided 5% tests), 'rising' when
+  lo > tol, 'falling' when hi < -tol, else 'undetermined'. The plateau step is the first step
+  whose centred W-step mean (pooled) lies within tol of the final level (the mean of L): what a
+  slope of tol per 100 steps would change in 100 steps. `tol` is absolute per 100 steps; with
+  `rel_tol` it is rel_tol * |gain|, the gain being the last minus the first `window_steps` block
+  mean (a relative tolerance makes the verdict depend on run length: prefer `tol`). The CI is that
+  of the sampling noise about the runs' own curves, not of the spread between runs.
+
+  Returns {'plateaued', 'verdict', 'step' (None unless plateaued), 'slope', 'ci', 'se', 'tol',
+  'window_steps', 'final', 'sigma', 'num_runs'}; raises ValueError when a block of W steps would hold
+  fewer than `window` points in some run.
   """
-  steps = np.asarray(steps, np.float64)
-  y = np.asarray(values, np.float64)
-  if steps.shape != y.shape or len(y) < 2 * window:
-    raise ValueError(f"values: need matching steps and at least 2 * window = {2 * window} points, "
-                     f"got {len(y)}")
-  s = moving_average(y, window)
-  gain = float(s.max() - s[0])
-  tail_slope = float(np.polyfit(steps[-window:], y[-window:], 1)[0])
-  tail_rise = tail_slope * float(steps[-1] - steps[-window])
-  if gain <= 0:
-    return {"step": float(steps[0]), "gain": gain, "tail_rise": tail_rise, "plateaued": True}
-  plateaued = tail_rise < rel_tol * gain
-  step = float(steps[np.argmax(s >= s.max() - rel_tol * gain)]) if plateaued else None
-  return {"step": step, "gain": gain, "tail_rise": tail_rise, "plateaued": bool(plateaued)}
+  runs = _runs(steps, values)
+  if not 0 < confidence < 1 or window < 2 or window_steps <= 0:
+    raise ValueError(f"need 0 < confidence < 1, window >= 2, window_steps > 0; got {confidence}, "
+                     f"{window}, {window_steps}")
+  if any(len(s) < 3 for s, _ in runs):
+    raise ValueError("values: need at least 3 finite points per run")
+  start, end = max(s[0] for s, _ in runs), min(s[-1] for s, _ in runs)
+  second = np.concatenate([np.diff(v, 2) for _, v in runs])
+  sigma = math.sqrt(float(np.mean(second ** 2)) / 6)
+  z = float(stats_lib.norm.ppf(0.5 + confidence / 2))
+  dt = float(np.median(np.concatenate([np.diff(s) for s, _ in runs])))
+
+  def blocks(w):
+    """Per run: (values of P, values of L, mean step difference), P = (end - 2w, end - w]."""
+    out = []
+    for s, v in runs:
+      last, prev = (s > end - w) & (s <= end), (s > end - 2 * w) & (s <= end - w)
+      out.append((v[prev], v[last], float(s[last].mean() - s[prev].mean())
+                  if last.any() and prev.any() else np.nan))
+    return out
+
+  def se_of(w):
+    b = blocks(w)
+    if any(min(len(p), len(l)) < window for p, l, _ in b):
+      return b, np.nan
+    gap = np.mean([g for _, _, g in b])
+    return b, 100 * sigma / len(b) * math.sqrt(sum(1 / len(p) + 1 / len(l) for p, l, _ in b)) / gap
+
+  half = (end - start + dt) / 2  # n points spaced dt span n * dt steps
+  w = max(window_steps, dt * window)
+  b, se = se_of(w)
+  if w > half or not np.isfinite(se):
+    raise ValueError(f"values: {end - start:g} steps do not hold two blocks of {w:g} steps with "
+                     f">= {window} points each in every run")
+  if rel_tol is not None:
+    first = np.mean([v[s <= start + w].mean() for s, v in runs])
+    tol = rel_tol * abs(float(np.mean([l.mean() for _, l, _ in b])) - float(first))
+  while w + dt <= half and z * se > tol / 2:
+    b_next, se_next = se_of(w + dt)
+    if not np.isfinite(se_next):
+      break
+    w, b, se = w + dt, b_next, se_next
+  final = float(np.mean([l.mean() for _, l, _ in b]))
+  slope = 100 * float(np.mean([l.mean() - p.mean() for p, l, _ in b])) / float(
+      np.mean([g for _, _, g in b]))
+  lo, hi = float(slope - z * se), float(slope + z * se)
+  verdict = ("plateaued" if -tol < lo and hi < tol else "rising" if lo > tol else
+             "falling" if hi < -tol else "undetermined")
+  step = None
+  if verdict == "plateaued":  # the centre end - w / 2 has the window L itself, so it always qualifies
+    centres = np.unique(np.concatenate([s for s, _ in runs] + [[end - w / 2]]))
+    for t in centres[(centres - w / 2 >= start) & (centres <= end - w / 2)]:
+      level = np.mean([v[(s > t - w / 2) & (s <= t + w / 2)].mean() for s, v in runs])
+      if abs(level - final) <= tol:
+        step = float(t)
+        break
+  return {"plateaued": verdict == "plateaued", "verdict": verdict, "step": step, "slope": slope,
+          "ci": (lo, hi), "se": float(se), "tol": float(tol), "window_steps": float(w),
+          "final": final, "sigma": sigma, "num_runs": len(runs)}
 
 
 def frontier_residual(ref_entropy, ref_reward, entropy, reward) -> dict:

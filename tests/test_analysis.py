@@ -69,34 +69,98 @@ def test_moving_average():
   np.testing.assert_allclose(analysis.moving_average([1.0, 3.0, 5.0, 7.0], 2), [1, 2, 4, 6])
 
 
-def test_detect_plateau_finds_the_knee():
-  steps = np.arange(300)
-  y = np.minimum(steps / 100.0, 1.0)  # rises until step 100, then flat
-  out = analysis.detect_plateau(steps, y, window=20, rel_tol=0.1)
-  assert out["plateaued"]
-  # the smoothed curve lags by ~window / 2 and stops 10% short of the top
-  assert 90 <= out["step"] <= 110
+def _plateau_draws(mean_fn, num_steps, every, sigma, num_seeds=1, draws=200, seed=0, **kwargs):
+  """detect_plateau on `draws` noisy draws of the curve mean_fn(steps) (Gaussian noise sigma)."""
+  rng = np.random.default_rng(seed)
+  steps = np.arange(0, num_steps + 1, every, dtype=np.float64)
+  shape = (num_seeds, len(steps)) if num_seeds > 1 else (len(steps),)
+  return [analysis.detect_plateau(steps, mean_fn(steps) + rng.normal(0, sigma, shape), **kwargs)
+          for _ in range(draws)]
 
 
-def test_detect_plateau_still_rising_is_none():
-  steps = np.arange(200)
-  y = steps / 200.0
-  out = analysis.detect_plateau(steps, y, window=20, rel_tol=0.1)
-  assert not out["plateaued"] and out["step"] is None
+def _rising(steps):
+  return 0.3 + 0.05 * steps / 100  # +0.05 per 100 steps: still learning
 
 
-def test_detect_plateau_noisy_plateau():
-  rng = np.random.default_rng(1)
-  steps = np.arange(400)
-  y = 0.3 + 0.4 * (1 - np.exp(-steps / 40.0)) + rng.normal(0, 0.03, 400)
-  out = analysis.detect_plateau(steps, y, window=40, rel_tol=0.1)
-  assert out["plateaued"]
-  assert 50 <= out["step"] <= 200
+def _saturating(tau):
+  return lambda steps: 0.3 + 0.3 * (1 - np.exp(-steps / tau))
+
+
+def _saturation_step(tau, tol=0.02):
+  """Where 0.3 (1 - exp(-t / tau)) comes within tol of its limit."""
+  return tau * np.log(0.3 / tol)
+
+
+@pytest.mark.parametrize("num_steps", [500, 1000])
+@pytest.mark.parametrize("every,sigma", [(10, 0.03), (10, 0.06), (25, 0.03), (25, 0.06)])
+def test_detect_plateau_rising_curve_is_rarely_plateaued(num_steps, every, sigma):
+  out = _plateau_draws(_rising, num_steps, every, sigma)
+  assert np.mean([o["plateaued"] for o in out]) < 0.1
+  assert all(o["step"] is None for o in out if not o["plateaued"])
+  # the slope is in absolute units per 100 steps, and its CI covers the truth about as promised
+  assert np.median([o["slope"] for o in out]) == pytest.approx(0.05, abs=0.01)
+  assert 0.8 < np.mean([o["ci"][0] < 0.05 < o["ci"][1] for o in out]) < 0.97
+
+
+def test_detect_plateau_a_slope_at_the_tolerance_is_not_plateaued():
+  """Two one-sided tests: a curve rising exactly `tol` per 100 steps is plateaued <= 5% of draws."""
+  out = _plateau_draws(lambda s: 0.3 + 0.02 * s / 100, 1000, 10, 0.03, draws=300)
+  assert np.mean([o["plateaued"] for o in out]) <= 0.08
+
+
+@pytest.mark.parametrize("num_steps", [500, 1000, 3000])
+def test_detect_plateau_noise_free_line_is_rising_at_any_length(num_steps):
+  steps = np.arange(0, num_steps + 1, 10.0)
+  out = analysis.detect_plateau(steps, _rising(steps))
+  assert out["verdict"] == "rising" and not out["plateaued"] and out["step"] is None
+  assert out["slope"] == pytest.approx(0.05) and out["sigma"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("num_steps,tau,every,sigma,num_seeds", [
+    (500, 40, 10, 0.03, 1), (500, 40, 10, 0.06, 3), (1000, 125, 10, 0.03, 1),
+    (1000, 125, 10, 0.06, 1), (1000, 125, 25, 0.03, 1), (1000, 125, 25, 0.06, 1)])
+def test_detect_plateau_finds_where_a_saturating_curve_saturates(num_steps, tau, every, sigma,
+                                                                 num_seeds):
+  out = _plateau_draws(_saturating(tau), num_steps, every, sigma, num_seeds=num_seeds)
+  found = [o for o in out if o["plateaued"]]
+  assert len(found) > 0.8 * len(out)
+  # the plateau step is the centre of a window_steps-wide mean, so it resolves to about half of it
+  true = _saturation_step(tau)
+  assert abs(np.median([o["step"] for o in found]) - true) < 0.25 * found[0]["window_steps"] + 25
+  assert np.median([o["final"] for o in found]) == pytest.approx(0.6, abs=0.01)
+
+
+def test_detect_plateau_pools_seeds():
+  """Three seeds resolve a plateau one seed cannot; a list of runs with their own steps (one seed
+  evaluated one step late) pools like the [seeds, points] array."""
+  one = _plateau_draws(_saturating(40), 500, 10, 0.06, draws=100, seed=1)
+  three = _plateau_draws(_saturating(40), 500, 10, 0.06, num_seeds=3, draws=100, seed=1)
+  assert np.mean([o["plateaued"] for o in three]) > np.mean([o["plateaued"] for o in one]) + 0.3
+  assert three[0]["num_runs"] == 3 and three[0]["se"] < one[0]["se"]
+  rng = np.random.default_rng(2)
+  steps = [np.arange(0, 501, 10.0), np.arange(0, 501, 10.0), np.arange(1, 502, 10.0)]
+  values = [_saturating(40)(s) + rng.normal(0, 0.03, len(s)) for s in steps]
+  out = analysis.detect_plateau(steps, values)
+  assert out["num_runs"] == 3 and out["plateaued"]
+  values[1][-5:] = np.nan  # non-finite points are dropped, the common range shrinks
+  assert analysis.detect_plateau(steps, values)["num_runs"] == 3
+
+
+def test_detect_plateau_falling_and_rel_tol():
+  steps = np.arange(0, 1001, 10.0)
+  assert analysis.detect_plateau(steps, 1.0 - 0.05 * steps / 100)["verdict"] == "falling"
+  # relative to a gain of 0.5, rel_tol = 0.2 allows 0.1 per 100 steps: the line counts as flat
+  out = analysis.detect_plateau(steps, _rising(steps), rel_tol=0.2)
+  assert out["plateaued"] and out["tol"] == pytest.approx(0.2 * 0.05 * 9, rel=0.05)
 
 
 def test_detect_plateau_bad_input():
   with pytest.raises(ValueError, match="values"):
-    analysis.detect_plateau(np.arange(10), np.arange(10.0), window=20)
+    analysis.detect_plateau(np.arange(150.0), np.arange(150.0))  # two 100-step blocks do not fit
+  with pytest.raises(ValueError, match="values"):
+    analysis.detect_plateau(np.arange(0, 1000, 100.0), np.zeros(10), window=6)
+  with pytest.raises(ValueError, match="values"):
+    analysis.detect_plateau(np.arange(10.0), np.zeros(11))
 
 
 def test_frontier_residual():
