@@ -9,7 +9,9 @@ from entropy_rl.data import tokenizer as tok_lib
 from entropy_rl.data.sources import encode_prompts
 
 TASKS = [tasks_lib.get_task("arithmetic"), tasks_lib.get_task("countdown"),
-         tasks_lib.get_task("countdown", num_numbers=4, max_number=5, max_target=60, ops="+-*/")]
+         tasks_lib.get_task("countdown_steps"),
+         tasks_lib.get_task("countdown", num_numbers=4, max_number=5, max_target=60, ops="+-*/"),
+         tasks_lib.get_task("countdown_steps", num_numbers=4, max_number=20, ops="+-*/")]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def test_demonstrations_are_right_or_wrong_as_asked(task):
   assert 0.5 < frac < 0.7
 
 
-@pytest.mark.parametrize("task", TASKS[:2], ids=lambda t: repr(t))
+@pytest.mark.parametrize("task", TASKS[:3], ids=lambda t: repr(t))
 def test_default_tasks_are_short_and_in_alphabet(task):
   rng = np.random.default_rng(0)
   alphabet = set(tasks_lib.alphabet())
@@ -117,6 +119,112 @@ def test_countdown_demonstrations_are_diverse():
   assert len(demos) >= 3
 
 
+def _worked(text):
+  """[(a, op, b, c)] of `a op b=c;...` by the standard library, the independent reference."""
+  out = []
+  for step in text.split(";"):
+    lhs, c = step.split("=")
+    op = next(o for o in "+-*/" if o in lhs)
+    a, b = lhs.split(op)
+    out.append((int(a), op, int(b), int(c)))
+  return out
+
+
+def _reference_steps_score(numbers, target, text, max_result):
+  pool = list(numbers)
+  for a, op, b, c in _worked(text):
+    value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+    if value != c or not 1 <= c <= max_result or a not in pool:
+      return 0.0
+    pool.remove(a)
+    if b not in pool:
+      return 0.0
+    pool.remove(b)
+    pool.append(c)
+  return float(pool == [target])
+
+
+def test_countdown_steps_checker_matches_a_reference_on_every_path():
+  """Every sequence of steps over the pool (both operand orders, every operator, true results and
+  results off by one) is scored as the reference scores it; each problem has a correct path."""
+  task = tasks_lib.get_task("countdown_steps", num_numbers=3, ops="+-*/")
+  for i in range(8):
+    e = task.example(0, i, "train")
+    numbers, target = e.meta["numbers"], e.meta["target"]
+
+    def paths(pool):
+      if len(pool) == 1:
+        yield []
+        return
+      for x, y in itertools.permutations(range(len(pool)), 2):
+        a, b = pool[x], pool[y]
+        rest = [v for k, v in enumerate(pool) if k not in (x, y)]
+        for op in "+-*/":
+          exact = {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op]
+          for c in {int(exact), int(exact) + 1}:
+            if c >= 1:
+              for tail in paths(rest + [c]):
+                yield [f"{a}{op}{b}={c}"] + tail
+
+    n_correct = 0
+    for path in paths(list(numbers)):
+      text = ";".join(path)
+      want = _reference_steps_score(numbers, target, text, task.max_result)
+      assert task.score(e, text) == want, (e.prompt, text)
+      n_correct += want
+    assert n_correct >= 1
+
+
+def test_countdown_steps_checker_rejects_malformed():
+  task = tasks_lib.get_task("countdown_steps", num_numbers=3)
+  e = tasks_lib.Example("3,7,9:20=", "20", {"numbers": (3, 7, 9), "target": 20})
+  assert task.score(e, "9*3=27;27-7=20") == 1.0
+  assert task.score(e, "3*9=27;27-7=20") == 1.0  # either operand order
+  for bad in ["9*3=27;27-7=20;", "9*3=27", "9*3=27;27-7=20;20-0=20", "9*3=28;28-7=21",
+              "9*3=27;7-27=20", "9*3=27;27-3=24", "9*3=027;27-7=20", "9*03=27;27-7=20",
+              "9 *3=27;27-7=20", "9*3=27,27-7=20", "", ";", "9*3=27;27-7=20=20", "7-9=-2;..."]:
+    assert task.score(e, bad) == 0.0, bad
+  e = tasks_lib.Example("2,9,12:50=", "50", {"numbers": (2, 9, 12), "target": 50})
+  assert task.score(e, "12*9=108;108/2=54") == 0.0  # 108 > max_result = 99
+  e = tasks_lib.Example("2,4,6:9=", "9", {"numbers": (2, 4, 6), "target": 9})
+  div = tasks_lib.get_task("countdown_steps", num_numbers=3, ops="+-*/")
+  assert div.score(e, "6/4=1;2+1=3") == 0.0 and div.score(e, "4/2=2;6+2=8") == 0.0
+  assert div.score(tasks_lib.Example("", "8", e.meta | {"target": 8}), "4/2=2;6+2=8") == 1.0
+
+
+def test_countdown_steps_demonstrations_fork_only_on_choices():
+  """Right and corrupted demonstrations alike are valid worked steps (true results, numbers from
+  the pool, the larger operand first); corrupted ones end off the target; right ones are diverse."""
+  task = tasks_lib.get_task("countdown_steps")
+  rng = np.random.default_rng(0)
+  for i in range(100):
+    e = task.example(0, i, "train")
+    for corrupt in (0.0, 1.0):
+      text = task.demonstration(e, rng, corrupt)
+      steps = _worked(text)
+      assert len(steps) == task.num_numbers - 1 and all(a >= b for a, _, b, _ in steps)
+      assert all(1 <= c <= task.max_result for *_, c in steps)
+      assert _reference_steps_score(e.meta["numbers"], steps[-1][3], text, task.max_result) == 1.0
+      assert (steps[-1][3] == e.meta["target"]) == (corrupt == 0.0)
+  e = max((task.example(0, i, "train") for i in range(50)),
+          key=lambda e: len(tasks_lib._worked_steps(e.meta["numbers"], task.ops, task.max_result)
+                            [e.meta["target"]]))
+  assert len({task.demonstration(e, rng, 0.0) for _ in range(50)}) >= 3
+
+
+def test_countdown_steps_targets_and_options():
+  task = tasks_lib.get_task("countdown_steps", num_numbers=3, max_number=6, max_target=30)
+  targets = [task.example(0, i, "train").meta["target"] for i in range(300)]
+  assert 1 <= min(targets) and max(targets) <= 30 and len(set(targets)) > 20
+  e = task.example(0, 0, "train")
+  assert e.prompt == ",".join(map(str, e.meta["numbers"])) + f":{e.meta['target']}="
+  assert list(e.meta["numbers"]) == sorted(e.meta["numbers"]) and max(e.meta["numbers"]) <= 6
+  from entropy_rl import config_lib  # pylint: disable=import-outside-toplevel
+  options = config_lib.base_config().task.options.countdown_steps
+  assert dict(options) == {"eval_fraction": 0.1, "num_numbers": 3, "max_number": 12,
+                           "max_target": 99, "max_result": 99, "ops": "+-*"}
+
+
 def test_bad_knobs():
   with pytest.raises(ValueError, match="num_terms"):
     tasks_lib.get_task("arithmetic", num_terms=1)
@@ -128,6 +236,12 @@ def test_bad_knobs():
     tasks_lib.get_task("sudoku")
   with pytest.raises(ValueError, match="reachable"):
     tasks_lib.get_task("countdown", ops="-", num_numbers=2, max_number=1).example(0, 0, "train")
+  with pytest.raises(ValueError, match="countdown_steps.num_numbers"):
+    tasks_lib.get_task("countdown_steps", num_numbers=6)
+  with pytest.raises(ValueError, match="countdown_steps.max_result"):
+    tasks_lib.get_task("countdown_steps", max_result=50)
+  with pytest.raises(ValueError, match="reachable"):
+    tasks_lib.get_task("countdown_steps", ops="-", num_numbers=2, max_number=1).example(0, 0, "train")
 
 
 def test_tokenizer_round_trip(tokenizer, tmp_path):

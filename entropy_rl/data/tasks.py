@@ -228,6 +228,101 @@ def _apply(op, a, b):
   return a + b if op == "+" else a - b if op == "-" else a * b if op == "*" else a / b
 
 
+_STEP_RE = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CountdownSteps(Task):
+  """`3,7,9:20=` answered by worked steps that use each number once, e.g. `9*3=27;27-7=20`.
+
+  Each step `a op b=c` combines two numbers of the pool (the given numbers, then the results) into
+  c, an integer in [1, `max_result`]; after `num_numbers - 1` steps the one number left must be the
+  target. Once the operands and the operator are written the rest of a step is determined, so only
+  the choice tokens fork (HE-like entropy). Demonstrations write the larger operand first; the
+  checker accepts either order. Difficulty knobs: `num_numbers` drawn from [1, `max_number`],
+  operators `ops`, targets drawn uniformly from the reachable values in [1, `max_target`].
+  Corrupted demonstrations are valid worked steps over the same numbers that end off the target.
+  """
+  num_numbers: int = 3
+  max_number: int = 12
+  max_target: int = 99
+  max_result: int = 99
+  ops: str = "+-*"
+
+  name = "countdown_steps"
+  alphabet = "0123456789+-*/,:;="
+
+  def __post_init__(self):
+    super().__post_init__()
+    if not 2 <= self.num_numbers <= 5:
+      raise ValueError(f"countdown_steps.num_numbers must be in [2, 5], got {self.num_numbers}")
+    if not self.ops or set(self.ops) - set(_PRECEDENCE):
+      raise ValueError(f"countdown_steps.ops must be a non-empty subset of '+-*/', got {self.ops!r}")
+    if self.max_result < max(self.max_number, self.max_target):
+      raise ValueError(f"countdown_steps.max_result must be >= max_number and max_target, got "
+                       f"{self.max_result}")
+
+  def _generate(self, rng):
+    for _ in range(1000):
+      numbers = tuple(sorted(rng.integers(1, self.max_number + 1, size=self.num_numbers).tolist()))
+      paths = _worked_steps(numbers, self.ops, self.max_result)
+      reachable = sorted(v for v in paths if v <= self.max_target)
+      if reachable:
+        target = reachable[int(rng.integers(len(reachable)))]
+        prompt = ",".join(map(str, numbers)) + f":{target}="
+        return Example(prompt, str(target), {"task": self.name, "numbers": numbers, "target": target})
+    raise ValueError(f"countdown_steps: no target in [1, max_target={self.max_target}] is "
+                     "reachable; widen the task")
+
+  def demonstration(self, example, rng, corrupt_prob):
+    paths = _worked_steps(tuple(example.meta["numbers"]), self.ops, self.max_result)
+    target = example.meta["target"]
+    wrong = rng.random() < corrupt_prob and len(paths) > 1
+    pool = sorted(p for v, texts in paths.items() if (v != target) == wrong for p in texts)
+    return pool[int(rng.integers(len(pool)))]
+
+  def score(self, example, response):
+    pool = list(example.meta["numbers"])
+    steps = response.split(";")
+    if len(steps) != len(pool) - 1:
+      return 0.0
+    for step in steps:
+      m = _STEP_RE.fullmatch(step)
+      if not m or any(len(t) > 1 and t[0] == "0" for t in m.group(1, 3, 4)):
+        return 0.0
+      a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+      for x in (a, b):
+        if x not in pool:
+          return 0.0
+        pool.remove(x)
+      if op == "/" and a % b or _apply(op, a, b) != c or not 1 <= c <= self.max_result:
+        return 0.0
+      pool.append(c)
+    return float(pool == [example.meta["target"]])
+
+
+@functools.lru_cache(maxsize=4096)
+def _worked_steps(pool: tuple[int, ...], ops: str, max_result: int) -> dict[int, tuple[str, ...]]:
+  """Final value -> the distinct worked-step texts that reach it from the sorted `pool`, each step
+  `a op b=c` with a >= b and c in [1, max_result]."""
+  if len(pool) == 1:
+    return {pool[0]: ("",)}
+  out: dict[int, set[str]] = {}
+  for i, j in itertools.combinations(range(len(pool)), 2):
+    b, a = pool[i], pool[j]  # sorted, so a >= b
+    rest = pool[:i] + pool[i + 1:j] + pool[j + 1:]
+    for op in ops:
+      if op == "/" and a % b:
+        continue
+      c = int(_apply(op, a, b))
+      if not 1 <= c <= max_result:
+        continue
+      step = f"{a}{op}{b}={c}"
+      for value, texts in _worked_steps(tuple(sorted(rest + (c,))), ops, max_result).items():
+        out.setdefault(value, set()).update(step + (";" + t if t else "") for t in texts)
+  return {v: tuple(sorted(t)) for v, t in out.items()}
+
+
 _TOKEN_RE = re.compile(r"\d+|[-+*/()]")
 
 
@@ -282,11 +377,12 @@ def _evaluate(text: str):
     return None, []
 
 
-TASKS = {"arithmetic": ArithmeticChain, "countdown": Countdown}
+TASKS = {"arithmetic": ArithmeticChain, "countdown": Countdown,
+         "countdown_steps": CountdownSteps}
 
 
 def get_task(name: str, **kwargs) -> Task:
-  """A task family by name ('arithmetic' or 'countdown') with its difficulty knobs."""
+  """A task family by name (a key of TASKS) with its difficulty knobs."""
   if name not in TASKS:
     raise ValueError(f"task.name must be one of {sorted(TASKS)}, got {name!r}")
   return TASKS[name](**kwargs)
