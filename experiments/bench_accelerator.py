@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from entropy_rl import models
+from experiments import machine
 
 try:
   from entropy_rl.stats import fused_logprobs_and_entropy
@@ -243,12 +244,15 @@ def report(r: dict) -> str:
       f"{d['kv_bytes'] / 1e9:.2f} GB per step",
       f"  decode bandwidth          {d['bandwidth'] / 1e9:8.1f} GB/s = "
       f"{100 * r['decode_bandwidth_vs_copy']:.1f} % of copy",
+      machine.describe(r["machine"]),
   ])
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  m = machine.begin()
   results = run(args)
+  results["machine"] = machine.end(m)
   print(report(results))
   print(json.dumps(results))
   if args.out:

@@ -13,7 +13,6 @@ tokens, against a plain log-prob+entropy pass over the same tokens at vocabulary
   python -m experiments.bench_logprob_entropy [--rounds 3] [--chunk_size 4096]
 """
 import argparse
-import os
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from entropy_rl import losses, stats
+from experiments import machine
 
 MIB = 2.0 ** 20
 
@@ -138,13 +138,13 @@ def main():
   parser.add_argument("--skip_fused", action="store_true")
   parser.add_argument("--skip_selections", action="store_true")
   args = parser.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+  m = machine.begin()
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}")
   if not args.skip_fused:
     bench_fused_vs_plain(args)
   if not args.skip_selections:
     bench_selections(args)
-  print(f"\nload average {os.getloadavg()[0]:.2f} at end")
+  print("\n" + machine.describe(machine.end(m)))
 
 
 if __name__ == "__main__":

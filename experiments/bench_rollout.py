@@ -32,6 +32,7 @@ import numpy as np
 
 from entropy_rl import sampling
 from entropy_rl.models import Decoder, ModelConfig, init_params
+from experiments import machine
 
 STATIC_COMMIT = "15874e0"  # the last static sampler
 CONFIG = ModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=512, num_layers=4,
@@ -126,6 +127,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args()
+  m = machine.begin()
   static = load_static_sampler()
   params = bigram_params()
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -160,6 +162,7 @@ def main():
   print(f"uniform, equal KV (R = {ROWS} rows): continuous / static = "
         f"{ratio('uni_cont', 'uni_static'):.2f}x; all {n_uniform} rows: continuous / static = "
         f"{ratio('uni_cont_all', 'uni_static_all'):.2f}x")
+  print(machine.describe(machine.end(m)))
 
 
 if __name__ == "__main__":

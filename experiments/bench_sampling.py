@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 from entropy_rl import sampling  # noqa: E402
 from entropy_rl.models import Decoder, ModelConfig, init_params  # noqa: E402
 from entropy_rl.models.hf import save_hf  # noqa: E402
+from experiments import machine  # noqa: E402
 
 CONFIG = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=6,
                      num_heads=4, num_kv_heads=2, head_dim=64, model_type="qwen2")
@@ -76,6 +77,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  m = machine.begin()
 
   params = init_params(CONFIG, jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -95,6 +97,7 @@ def main():
   print(f"| transformers generate (KV cache) | {hf_time:.2f} | {new_tokens / hf_time:,.0f} |")
   print(f"| entropy_rl.sampling | {ours_time:.2f} | {new_tokens / ours_time:,.0f} |")
   print(f"speed-up: {hf_time / ours_time:.2f}x; our compile time: {compile_time:.1f} s")
+  print(machine.describe(machine.end(m)))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from configs import clip_cov  # noqa: E402
 from entropy_rl import advantages, config_lib, models, sharding, stats  # noqa: E402
 from entropy_rl import step as step_lib  # noqa: E402
 from entropy_rl.models import hf  # noqa: E402
+from experiments import machine  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
@@ -314,7 +315,6 @@ def run(args) -> dict:
       "matmul_n": n,
       "threads": {"cpus": threads, "torch": torch.get_num_threads(),
                   "jax_devices": jax.device_count()},
-      "load_average": list(os.getloadavg()),  # at the end of the run
       "fused_chunk_size": config.rl.fused_chunk_size,
       "compile_s": compile_s, "ours_first_step_s": jax_first_s,
       "torch_first_step_s": torch_first_s,
@@ -347,7 +347,7 @@ def format_table(r: dict) -> str:
       f"{r['tokens_per_step']} tokens ({r['valid_tokens_per_step']} non-pad, "
       f"{r['response_tokens_per_step']} response); model FLOPs/step "
       f"{r['model_flops_per_step'] / 1e9:.4g} G = {r['flops_formula']}",
-      f"threads: {r['threads']}; load average at the end {', '.join(f'{x:.2f}' for x in r['load_average'])}",
+      f"threads: {r['threads']}",
       f"trace + compile {r['compile_s']:.1f} s; first step: ours {r['ours_first_step_s']:.2f} s, "
       f"torch {r['torch_first_step_s']:.2f} s",
       "check after one step from the same state (ours, torch): "
@@ -375,13 +375,16 @@ def format_table(r: dict) -> str:
       "",
       f"speedup (median of per-round torch/ours): {r['speedup']:.2f}x (target 1.5x); "
       f"ours vs {r['matmul_n']}^3 fp32 matmul: {100 * r['matmul_fraction']:.1f}% (target 40%)",
+      machine.describe(r["machine"]),
   ]
   return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  m = machine.begin()
   r = run(args)
+  r["machine"] = machine.end(m)
   print(format_table(r))
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(r, indent=2))

@@ -38,7 +38,9 @@ def test_tiny_run(tmp_path, capsys):
   out = tmp_path / "bench.json"
   r = bench.main(["--tiny", "--out", str(out)])
   assert json.loads(out.read_text()) == json.loads(json.dumps(r))
-  assert "MFU vs measured peak" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "MFU vs measured peak" in printed and "machine: " in printed
+  assert r["machine"]["load_after"] and r["machine"]["idle"] == (r["machine"]["warning"] is None)
   cfg, u, d = bench.TINY, r["update"], r["decode"]
   # Random init: near-uniform predictions, loss about log V (less 1e-3 of the entropy).
   assert abs(u["loss"] - 0.999 * math.log(cfg.vocab_size)) < 0.1

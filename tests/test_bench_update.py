@@ -71,6 +71,8 @@ def test_tiny_run(tmp_path, capsys):
   assert json.loads(out.read_text()) == json.loads(json.dumps(r))
   printed = capsys.readouterr().out
   assert "speedup (median of per-round torch/ours)" in printed and "| ours (jax jit) |" in printed
+  assert printed.rstrip().splitlines()[-1 if r["machine"]["idle"] else -2].startswith("machine: ")
+  assert ("WARNING: the machine was not idle" in printed) is not r["machine"]["idle"]
   sz = bench.SIZES["tiny"]
   b, s = sz["batch"], sz["prompt_len"] + sz["response_len"]
   flops = bench.model_flops(bench.TINY, b, s, sz["response_len"])

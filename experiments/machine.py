@@ -1,0 +1,69 @@
+"""The machine a benchmark ran on: CPU model, cores, and the load average before and after.
+
+Every benchmark calls `begin()` before measuring and `end(info)` after, stores the returned dict
+(JSON-able) with its results and prints `describe(info)` last. A 1-minute load average above
+`IDLE_LOAD` before or after means other jobs shared the cores: the numbers are then not comparable
+with an idle machine's, and `describe` says so in a WARNING line.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+IDLE_LOAD = 0.5  # 1-minute load average above which the machine was not idle
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_model() -> str:
+  """The CPU's model name (x86 'model name', Arm 'Hardware' / 'Model'), else `platform`'s."""
+  try:
+    with open(CPUINFO) as f:
+      fields = dict(line.split(":", 1) for line in f if ":" in line)
+  except OSError:
+    fields = {}
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  for key in ("model name", "Hardware", "Model"):
+    if fields.get(key):
+      return fields[key]
+  return platform.processor() or platform.machine() or "unknown"
+
+
+def _warning(info: dict) -> str | None:
+  loads = {"before": info["load_before"][0]}
+  if "load_after" in info:
+    loads["after"] = info["load_after"][0]
+  high = {k: v for k, v in loads.items() if v > IDLE_LOAD}
+  if not high:
+    return None
+  when = " and ".join(f"{v:.2f} {k}" for k, v in high.items())
+  return (f"WARNING: the machine was not idle (1-minute load average {when} the measurement, "
+          f"above {IDLE_LOAD}): these numbers are not comparable with an idle machine's; rerun "
+          "on an idle machine")
+
+
+def begin() -> dict:
+  """The machine and its load before the measurement; prints them (and the warning if loaded)."""
+  info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+          "usable_cores": len(os.sched_getaffinity(0)), "idle_load_threshold": IDLE_LOAD,
+          "load_before": list(os.getloadavg())}
+  info["warning"] = _warning(info)
+  print(describe(info), flush=True)
+  return info
+
+
+def end(info: dict) -> dict:
+  """`info` with the load after the measurement, `idle` and `warning` (None when idle)."""
+  info = dict(info, load_after=list(os.getloadavg()))
+  info["warning"] = _warning(info)
+  info["idle"] = info["warning"] is None
+  return info
+
+
+def describe(info: dict) -> str:
+  """One line on the machine and its load (1, 5, 15 minutes), then the WARNING if not idle."""
+  fmt = lambda loads: ", ".join(f"{x:.2f}" for x in loads)
+  line = (f"machine: {info['cpu_model']}, {info['cpu_count']} cores ({info['usable_cores']} "
+          f"usable); load average (1, 5, 15 min) before {fmt(info['load_before'])}")
+  if "load_after" in info:
+    line += f", after {fmt(info['load_after'])}"
+  return line + (f"\n{info['warning']}" if info["warning"] else "")
