@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from entropy_rl import losses, stats
+from entropy_rl import config_lib, losses, stats
 from experiments import machine
 
 MIB = 2.0 ** 20
@@ -87,15 +87,11 @@ def bench_selections(args):
   entropy = jnp.abs(jax.random.normal(keys[3], (b, t)))
   rng = keys[4]
 
-  cfg = losses.default_loss_config
   rules = {
-      "clip_cov (r=2e-4)": cfg().copy_and_resolve_references(),
-      "kl_cov (kappa=2e-3)": cfg().copy_and_resolve_references(),
-      "top_entropy (rho=0.2)": cfg().copy_and_resolve_references(),
+      "clip_cov (r=2e-4)": config_lib.LossConfig(name="clip_cov"),
+      "kl_cov (kappa=2e-3)": config_lib.LossConfig(name="kl_cov"),
+      "top_entropy (rho=0.2)": config_lib.LossConfig(token_mask="top_entropy"),
   }
-  rules["clip_cov (r=2e-4)"].name = "clip_cov"
-  rules["kl_cov (kappa=2e-3)"].name = "kl_cov"
-  rules["top_entropy (rho=0.2)"].token_mask = "top_entropy"
   compiled = {}
   for name, c in rules.items():
     compiled[name] = _compile(
