@@ -168,7 +168,8 @@ def _split_instruction(line: str):
   if not m:
     return None
   rest, depth = line[m.end():], 0
-  for i, ch in enumerate(rest):  # the shape: an array type, or a (possibly nested) tuple
+  # The shape: an array type, or a (possibly nested) tuple; i is read after the loop.
+  for i, ch in enumerate(rest):  # noqa: B007
     depth += ch == "("
     depth -= ch == ")"
     if ch == " " and depth == 0:

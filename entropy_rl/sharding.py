@@ -42,7 +42,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   rest = [name for name, size in sizes.items() if size == -1]
   if len(rest) > 1:
     raise ValueError(
-        f"only one of config.mesh.{{data,fsdp,tensor}} may be -1, got -1 for "
+        "only one of config.mesh.{data,fsdp,tensor} may be -1, got -1 for "
         + ", ".join(f"config.mesh.{name}" for name in rest))
   fixed = math.prod(size for size in sizes.values() if size != -1)
   desc = ", ".join(f"config.mesh.{k}={v}" for k, v in sizes.items())

@@ -290,7 +290,8 @@ def run(args) -> dict:
   per_round = []
   for i in range(1, rounds + 1):
     key = jax.random.key(i)
-    ours_s, (state, m) = _timed(lambda: jax.block_until_ready(update(state, gbatch, key)))
+    ours_s, (state, m) = _timed(
+        lambda state=state, key=key: jax.block_until_ready(update(state, gbatch, key)))
     torch_s, _ = _timed(lambda: torch_step(tmodel, topt, tb, config))
     mm_s = _best_matmul(lambda: jax.block_until_ready(mm(a, w)))
     tmm_s = _best_matmul(lambda: torch.mm(ta, tw))

@@ -44,7 +44,7 @@ def probe_dynamics(path: str, num_prompts: int):
   logits = common.response_logits(probe, params, batch)
   V = logits.shape[-1]
   rows = []
-  for prev_step, step in zip(steps[:-1], steps[1:]):
+  for step in steps[1:]:
     new = common.response_logits(probe, common.checkpoint_params(path, step), batch)
     h_old = analysis.entropy_of_logits(logits.reshape(-1, V)).reshape(mask.shape)
     h_new = analysis.entropy_of_logits(new.reshape(-1, V)).reshape(mask.shape)

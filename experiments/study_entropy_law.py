@@ -91,7 +91,7 @@ def plot_law(runs: dict, fits: dict, out_png: str):
   axes[0].set_ylabel("rollout accuracy")
   axes[0].legend(fontsize=6)
   axes[0].set_title("R = -a exp(H) + b", fontsize=8)
-  for i, (name, rec) in enumerate(runs.items()):
+  for i, rec in enumerate(runs.values()):
     s, h = common.series(rec, ENTROPY_KEY)
     _, r = common.series(rec, REWARD_KEY)
     axes[1].plot(s, analysis.moving_average(h, 5), color=f"C{i}", lw=1)

@@ -172,7 +172,8 @@ def _load_local(local: str, path: str, shardings, overrides) -> tuple[Decoder, d
     handles = [tensor(n, layout) for n in names]  # shapes checked before anything is read
     blocks = {}
 
-    def block(index, handles=handles, layout=layout, layered=layered, shape=shape):
+    def block(index, handles=handles, layout=layout, layered=layered, shape=shape,
+              blocks=blocks):
       bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
       if bounds not in blocks:  # devices holding the same block (replicas) share one read
         index = tuple(slice(*b) for b in bounds)
