@@ -6,6 +6,7 @@ applied at the next step only if H <= target. Paper models: target 0.2, delta 0.
 from c_0 = 0 (TRL's defaults). Tiny: GRPO's entropy falls 0.57 -> 0.12 in 500 steps here, so the
 target is 0.3 with delta 5e-4 and c_max 0.05 (an entropy bonus of 0.01 kept 1.10x GRPO's entropy).
 """
+
 from entropy_rl import config_lib
 
 

@@ -4,6 +4,7 @@ Per response, tokens with entropy >= the 0.8 quantile (the top 20%) are high-ent
 eps = 0.5 and no KL; the other tokens: clip eps = 0.2 plus a k3 KL to the reference policy with
 weight 0.001. Dual-clip c = 3 as in GRPO.
 """
+
 from entropy_rl import config_lib
 
 

@@ -4,6 +4,7 @@ Every token keeps its gradient; only the IS weight is clipped. The paper bounds 
 above only: eps_low = 1 (lower bound 0, as verl's example's eps_low = 10), eps_high = 0.2 (verl's
 example `run_cispo_qwen2_5_0_5b_gsm8k.sh`), token-mean.
 """
+
 from entropy_rl import config_lib
 
 

@@ -6,6 +6,7 @@ preset scales r up: r = 0.02 with band (0.5, 10) detaches ~9 tokens per mini-bat
 1.23x GRPO's entropy after 100 steps; r = 0.1 (1.87x at 100 steps) diverged after ~80 steps in
 experiments/results/covariance_methods.
 """
+
 from entropy_rl import config_lib
 
 

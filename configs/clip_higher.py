@@ -1,4 +1,5 @@
 """Clip-higher (DAPO): PPO with eps_low = 0.2, eps_high = 0.28 (EM Table 2's second baseline)."""
+
 from entropy_rl import config_lib
 
 

@@ -1,4 +1,5 @@
 """The embedded default: GRPO on a tiny policy and a synthetic verifiable task (2 CPU cores)."""
+
 from configs import grpo
 
 

@@ -2,6 +2,7 @@
 
 alpha = 0.4, kappa = 2 (the shaping is at most half of |A|, so it never flips a sign), on GRPO.
 """
+
 from entropy_rl import config_lib
 
 

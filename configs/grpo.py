@@ -2,6 +2,7 @@
 
 Presets: `tiny` (default) or a paper model: qwen2_5_7b, qwen2_5_32b, qwen3_8b, qwen3_14b, qwen3_32b.
 """
+
 from entropy_rl import config_lib
 
 

@@ -3,6 +3,7 @@
 Per token the ratio is `sg(s_i) * pi / sg(pi)` (log clamped at 10), clipped to [1 - 3e-4, 1 + 4e-4]
 (the paper's eps, used at every scale), averaged seq-mean-token-mean as verl's `gspo` always does.
 """
+
 from entropy_rl import config_lib
 
 

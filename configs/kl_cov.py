@@ -3,6 +3,7 @@
 Paper runs: kappa = 2e-3 (7B) / 2e-4 (32B), beta = 1. KL-Cov acts through off-policy drift only
 (mini-batches, epochs). The tiny preset scales kappa to its ~1e3-token selection sets.
 """
+
 from entropy_rl import config_lib
 
 

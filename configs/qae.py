@@ -4,6 +4,7 @@
 With binary rewards and success rate p, Q_K = 0 when p <= 1 - K (only successes are pushed up) and
 1 otherwise (only failures pushed down). K = 0.4, on GRPO's loss.
 """
+
 from entropy_rl import config_lib
 
 

@@ -5,10 +5,15 @@ method), `bottom` (the bottom 80%: HE's control that collapses), `random` (a ran
 `quantile` (TRL's threshold variant, denominator = all valid tokens). HE runs the DAPO recipe, so
 clip-higher (eps_high = 0.28) is on.
 """
+
 from entropy_rl import config_lib
 
-MASKS = {"top": "top_entropy", "bottom": "bottom_entropy", "random": "random",
-         "quantile": "top_quantile"}
+MASKS = {
+    "top": "top_entropy",
+    "bottom": "bottom_entropy",
+    "random": "random",
+    "quantile": "top_quantile",
+}
 
 
 def get_config(arg=None):

@@ -3,6 +3,7 @@
 The paper's objective is lambda * PSR + NSR with rewards +-1 and no baseline; here lambda
 multiplies the positive advantages of any estimator (GRPO's by default), on GRPO's loss.
 """
+
 from entropy_rl import config_lib
 
 

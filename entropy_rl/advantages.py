@@ -3,6 +3,7 @@
 A group of one has mean 0 and std 1 (as in verl): its advantage is its reward (GRPO: / (1 + eps));
 QAE's baseline of a group of one is likewise 0.
 """
+
 import math
 
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ def qae_advantages(rewards_PxG, quantile=0.4, eps=1e-6):
     baseline_Px1 = jnp.zeros_like(rewards_PxG)
   else:
     rank = max(math.ceil(round(quantile * g, 9)), 1)  # K * G snapped: 0.4 * 5 is 2, not 2.0000001
-    baseline_Px1 = jnp.sort(rewards_PxG, axis=1)[:, rank - 1:rank]
+    baseline_Px1 = jnp.sort(rewards_PxG, axis=1)[:, rank - 1 : rank]
   return (rewards_PxG - baseline_Px1) / (_group_std(rewards_PxG) + eps)
 
 

@@ -11,6 +11,7 @@ covariance are the trainer's own (`stats.top_count`, `stats.kept_count`, `stats.
 - Covariance tail (EM Table 1): mean token covariance of the top 0.02%, 0.2%, 2%, 20%, 50% and all
   valid tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ def _finite_pairs(x, y, name_x="entropy", name_y="reward"):
   x = np.asarray(x, np.float64).ravel()
   y = np.asarray(y, np.float64).ravel()
   if x.shape != y.shape:
-    raise ValueError(f"{name_x} and {name_y} must have the same length, got {x.shape} and {y.shape}")
+    raise ValueError(
+        f"{name_x} and {name_y} must have the same length, got {x.shape} and {y.shape}"
+    )
   keep = np.isfinite(x) & np.isfinite(y)
   return x[keep], y[keep]
 
@@ -61,8 +64,14 @@ def fit_law(entropy, reward) -> dict:
   p0, *_ = np.linalg.lstsq(design, r, rcond=None)
   (a, b), _ = optimize.curve_fit(law, h, r, p0=p0)
   residual = r - law(h, a, b)
-  return {"a": float(a), "b": float(b), "r2": r_squared(r, law(h, a, b)),
-          "rmse": float(np.sqrt(np.mean(residual ** 2))), "ceiling": float(b - a), "n": int(len(h))}
+  return {
+      "a": float(a),
+      "b": float(b),
+      "r2": r_squared(r, law(h, a, b)),
+      "rmse": float(np.sqrt(np.mean(residual**2))),
+      "ceiling": float(b - a),
+      "n": int(len(h)),
+  }
 
 
 def window_means(x, window: int) -> np.ndarray:
@@ -70,7 +79,7 @@ def window_means(x, window: int) -> np.ndarray:
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window}")
   x = np.asarray(x, np.float64)
-  return np.array([x[i:i + window].mean() for i in range(0, len(x), window)])
+  return np.array([x[i : i + window].mean() for i in range(0, len(x), window)])
 
 
 def noise_r2_ceiling(reward, window: int) -> dict:
@@ -88,13 +97,17 @@ def noise_r2_ceiling(reward, window: int) -> dict:
     r = np.asarray(run, np.float64)
     r = r[np.isfinite(r)]
     if len(r) < 2 * window:
-      raise ValueError(f"need at least {2 * window} finite rewards for {window}-step means; "
-                       f"got {len(r)}")
+      raise ValueError(
+          f"need at least {2 * window} finite rewards for {window}-step means; " f"got {len(r)}"
+      )
     sigma2s.append(np.var(np.diff(r)) / 2)
     means.append(window_means(r, window))
   sigma2 = float(np.mean(sigma2s))
-  return {"sigma": math.sqrt(sigma2), "sigma_mean": math.sqrt(sigma2 / window),
-          "ceiling": 1.0 - sigma2 / window / float(np.var(np.concatenate(means)))}
+  return {
+      "sigma": math.sqrt(sigma2),
+      "sigma_mean": math.sqrt(sigma2 / window),
+      "ceiling": 1.0 - sigma2 / window / float(np.var(np.concatenate(means))),
+  }
 
 
 def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:
@@ -111,8 +124,13 @@ def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:
     raise ValueError(f"entropy: {len(h)} points leave nothing to predict after fitting {n_fit}")
   fit = fit_law(h[:n_fit], r[:n_fit])
   err = law(h[n_fit:], fit["a"], fit["b"]) - r[n_fit:]
-  return {**fit, "rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err))),
-          "n_fit": n_fit, "n_pred": int(len(err))}
+  return {
+      **fit,
+      "rmse": float(np.sqrt(np.mean(err**2))),
+      "mae": float(np.mean(np.abs(err))),
+      "n_fit": n_fit,
+      "n_pred": int(len(err)),
+  }
 
 
 def moving_average(x, window: int) -> np.ndarray:
@@ -147,8 +165,16 @@ def _runs(steps, values) -> list[tuple[np.ndarray, np.ndarray]]:
   return out
 
 
-def detect_plateau(steps, values, *, tol: float = 0.02, window_steps: float = 100.0,
-                   window: int = 2, confidence: float = 0.9, rel_tol: float | None = None) -> dict:
+def detect_plateau(
+    steps,
+    values,
+    *,
+    tol: float = 0.02,
+    window_steps: float = 100.0,
+    window: int = 2,
+    confidence: float = 0.9,
+    rel_tol: float | None = None,
+) -> dict:
   """Whether a curve (pooled over runs) has stopped moving: a two-block test on the last points.
 
   Blocks: over the last 2W steps of the common range, L = the points in the last W steps and
@@ -173,13 +199,15 @@ def detect_plateau(steps, values, *, tol: float = 0.02, window_steps: float = 10
   """
   runs = _runs(steps, values)
   if not 0 < confidence < 1 or window < 2 or window_steps <= 0:
-    raise ValueError(f"need 0 < confidence < 1, window >= 2, window_steps > 0; got {confidence}, "
-                     f"{window}, {window_steps}")
+    raise ValueError(
+        f"need 0 < confidence < 1, window >= 2, window_steps > 0; got {confidence}, "
+        f"{window}, {window_steps}"
+    )
   if any(len(s) < 3 for s, _ in runs):
     raise ValueError("values: need at least 3 finite points per run")
   start, end = max(s[0] for s, _ in runs), min(s[-1] for s, _ in runs)
   second = np.concatenate([np.diff(v, 2) for _, v in runs])
-  sigma = math.sqrt(float(np.mean(second ** 2)) / 6)
+  sigma = math.sqrt(float(np.mean(second**2)) / 6)
   z = float(stats_lib.norm.ppf(0.5 + confidence / 2))
   dt = float(np.median(np.concatenate([np.diff(s) for s, _ in runs])))
 
@@ -188,8 +216,13 @@ def detect_plateau(steps, values, *, tol: float = 0.02, window_steps: float = 10
     out = []
     for s, v in runs:
       last, prev = (s > end - w) & (s <= end), (s > end - 2 * w) & (s <= end - w)
-      out.append((v[prev], v[last], float(s[last].mean() - s[prev].mean())
-                  if last.any() and prev.any() else np.nan))
+      out.append(
+          (
+              v[prev],
+              v[last],
+              float(s[last].mean() - s[prev].mean()) if last.any() and prev.any() else np.nan,
+          )
+      )
     return out
 
   def se_of(w):
@@ -203,8 +236,10 @@ def detect_plateau(steps, values, *, tol: float = 0.02, window_steps: float = 10
   w = max(window_steps, dt * window)
   b, se = se_of(w)
   if w > half or not np.isfinite(se):
-    raise ValueError(f"values: {end - start:g} steps do not hold two blocks of {w:g} steps with "
-                     f">= {window} points each in every run")
+    raise ValueError(
+        f"values: {end - start:g} steps do not hold two blocks of {w:g} steps with "
+        f">= {window} points each in every run"
+    )
   if rel_tol is not None:
     first = np.mean([v[s <= start + w].mean() for s, v in runs])
     tol = rel_tol * abs(float(np.mean([l.mean() for _, l, _ in b])) - float(first))
@@ -214,22 +249,44 @@ def detect_plateau(steps, values, *, tol: float = 0.02, window_steps: float = 10
       break
     w, b, se = w + dt, b_next, se_next
   final = float(np.mean([l.mean() for _, l, _ in b]))
-  slope = 100 * float(np.mean([l.mean() - p.mean() for p, l, _ in b])) / float(
-      np.mean([g for _, _, g in b]))
+  slope = (
+      100
+      * float(np.mean([l.mean() - p.mean() for p, l, _ in b]))
+      / float(np.mean([g for _, _, g in b]))
+  )
   lo, hi = float(slope - z * se), float(slope + z * se)
-  verdict = ("plateaued" if -tol < lo and hi < tol else "rising" if lo > tol else
-             "falling" if hi < -tol else "undetermined")
+  verdict = (
+      "plateaued"
+      if -tol < lo and hi < tol
+      else "rising"
+      if lo > tol
+      else "falling"
+      if hi < -tol
+      else "undetermined"
+  )
   step = None
-  if verdict == "plateaued":  # the centre end - w / 2 has the window L itself, so it always qualifies
+  if (
+      verdict == "plateaued"
+  ):  # the centre end - w / 2 has the window L itself, so it always qualifies
     centres = np.unique(np.concatenate([s for s, _ in runs] + [[end - w / 2]]))
     for t in centres[(centres - w / 2 >= start) & (centres <= end - w / 2)]:
       level = np.mean([v[(s > t - w / 2) & (s <= t + w / 2)].mean() for s, v in runs])
       if abs(level - final) <= tol:
         step = float(t)
         break
-  return {"plateaued": verdict == "plateaued", "verdict": verdict, "step": step, "slope": slope,
-          "ci": (lo, hi), "se": float(se), "tol": float(tol), "window_steps": float(w),
-          "final": final, "sigma": sigma, "num_runs": len(runs)}
+  return {
+      "plateaued": verdict == "plateaued",
+      "verdict": verdict,
+      "step": step,
+      "slope": slope,
+      "ci": (lo, hi),
+      "se": float(se),
+      "tol": float(tol),
+      "window_steps": float(w),
+      "final": final,
+      "sigma": sigma,
+      "num_runs": len(runs),
+  }
 
 
 def frontier_residual(ref_entropy, ref_reward, entropy, reward) -> dict:
@@ -243,8 +300,12 @@ def frontier_residual(ref_entropy, ref_reward, entropy, reward) -> dict:
   res = r - law(h, ref["a"], ref["b"])
   lo, hi = np.nanmin(ref_entropy), np.nanmax(ref_entropy)
   inside = float(np.mean((h >= lo) & (h <= hi))) if len(h) else float("nan")
-  return {"ref": ref, "residuals": res, "mean": float(res.mean()) if len(res) else float("nan"),
-          "frac_inside": inside}
+  return {
+      "ref": ref,
+      "residuals": res,
+      "mean": float(res.mean()) if len(res) else float("nan"),
+      "frac_inside": inside,
+  }
 
 
 def covariance_by_top_fraction(cov, mask, fractions: Sequence[float] = TOP_FRACTIONS) -> dict:
@@ -271,8 +332,9 @@ def covariance_by_top_fraction(cov, mask, fractions: Sequence[float] = TOP_FRACT
 def token_covariance(logp, adv, mask) -> np.ndarray:
   """EM Eq. 10 (`stats.token_covariance`) on NumPy arrays: (A - mean A)(logp - mean logp) over
   valid tokens, 0 elsewhere; computed in float32, returned as float64."""
-  return np.asarray(stats.token_covariance(np.asarray(logp), np.asarray(adv), np.asarray(mask)),
-                    np.float64)
+  return np.asarray(
+      stats.token_covariance(np.asarray(logp), np.asarray(adv), np.asarray(mask)), np.float64
+  )
 
 
 def top_fraction_mask(scores, mask, rho: float) -> np.ndarray:

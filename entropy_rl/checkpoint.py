@@ -9,6 +9,7 @@ wrong, when the latest is damaged (a missing or unreadable file, `state/_METADAT
 and refuses with one message when the saved shapes differ from the requested ones. A save that
 fails in the background is reported by `check()` as one `CheckpointSaveError` naming the step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,16 +93,19 @@ def check_shapes(saved_tree, abstract_state) -> None:
     if name not in saved:
       raise CheckpointShapeError(
           f"checkpoint has no entry {name!r} (shape {shape}) of the state being restored: the "
-          "checkpoint was written by a different model or optimizer configuration")
+          "checkpoint was written by a different model or optimizer configuration"
+      )
     if saved[name] != shape:
       raise CheckpointShapeError(
           f"checkpoint shape mismatch for {name!r}: checkpoint has {saved[name]}, the current "
-          f"config expects {shape}; resuming with another model shape is not possible")
+          f"config expects {shape}; resuming with another model shape is not possible"
+      )
   extra = sorted(set(saved) - set(wanted))
   if extra:
     raise CheckpointShapeError(
         f"checkpoint has entries the state being restored lacks, e.g. {extra[0]!r} (shape "
-        f"{saved[extra[0]]}): it was written by a different model or optimizer configuration")
+        f"{saved[extra[0]]}): it was written by a different model or optimizer configuration"
+    )
 
 
 def _json_default(x):
@@ -127,8 +131,9 @@ def _abstract(x, default_sharding):
   sharding = getattr(x, "sharding", None)
   if sharding is None:
     sharding = default_sharding
-  return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
-                              sharding=sharding)
+  return jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x), sharding=sharding
+  )
 
 
 class _OneLineOrbaxErrors(logging.Filter):
@@ -156,13 +161,17 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
     self.directory = fileio.resolve(directory)  # orbax needs an absolute path
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=max_to_keep, cleanup_tmp_directories=True, enable_async_checkpointing=async_save
+    )
     self._saving = None  # the step of the last save started
     self._mngr = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "metadata": ocp.JsonCheckpointHandler()})
+        self.directory,
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "metadata": ocp.JsonCheckpointHandler(),
+        },
+    )
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -187,16 +196,22 @@ class Checkpointer:
     self._finish()  # orbax would wait for the previous save anyway; its failure is its own
     self._saving = step
     try:
-      return self._mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)))
+      return self._mngr.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+          ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointSaveError(self._save_failure(step, e)) from e
 
   def _save_failure(self, step, e) -> str:
     intact = [s for s in self._mngr.all_steps() if s != step]
     kept = f"the last complete checkpoint is step {max(intact)}" if intact else "none is complete"
-    return (f"saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: "
-            f"{str(e)[:300]}); {kept}")
+    return (
+        f"saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: "
+        f"{str(e)[:300]}); {kept}"
+    )
 
   def check(self) -> None:
     """Raises CheckpointSaveError if the last background save has ended in a failure.
@@ -221,11 +236,17 @@ class Checkpointer:
       saved = self._mngr.item_metadata(step)["state"]
       saved = getattr(saved, "tree", saved)
       if not jax.tree.leaves(saved) and jax.tree.leaves(abstract_state):
-        raise FileNotFoundError(f"checkpoint {step} has no readable state/_METADATA (the array "
-                                "metadata of an incomplete or damaged write)")
+        raise FileNotFoundError(
+            f"checkpoint {step} has no readable state/_METADATA (the array "
+            "metadata of an incomplete or damaged write)"
+        )
       check_shapes(saved, abstract_state)
-    restored = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
+    restored = self._mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()
+        ),
+    )
     if restored["metadata"] is None:
       raise FileNotFoundError(f"checkpoint {step} has no metadata")
     return restored["state"], dict(restored["metadata"])
@@ -240,8 +261,9 @@ class Checkpointer:
     """
     self.wait_until_finished()
     if abstract_state is not None:
-      mesh = jax.make_mesh((jax.device_count(),), ("all",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+      mesh = jax.make_mesh(
+          (jax.device_count(),), ("all",), axis_types=(jax.sharding.AxisType.Auto,)
+      )
       replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
       abstract_state = jax.tree.map(lambda x: _abstract(x, replicated), abstract_state)
     if step is not None:
@@ -260,10 +282,14 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except
         errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-        log.warning("checkpoint %d in %s is damaged (%s: %s); trying the previous one",
-                    s, self.directory, type(e).__name__, str(e).splitlines()[0][:300])
-    raise FileNotFoundError(
-        f"no intact checkpoint in {self.directory}:\n" + "\n".join(errors))
+        log.warning(
+            "checkpoint %d in %s is damaged (%s: %s); trying the previous one",
+            s,
+            self.directory,
+            type(e).__name__,
+            str(e).splitlines()[0][:300],
+        )
+    raise FileNotFoundError(f"no intact checkpoint in {self.directory}:\n" + "\n".join(errors))
 
   def wait_until_finished(self) -> None:
     """Blocks until the pending save is on disk; CheckpointSaveError if it failed."""

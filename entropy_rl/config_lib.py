@@ -6,6 +6,7 @@ by `get_config(arg)`. `validate(config)` runs before anything is compiled and ra
 (`RunConfig`: loss, rollout, evaluation, update, optimizer, mesh) that the layers below the trainer
 take. `LossConfig`'s defaults are the loss block's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,14 @@ from entropy_rl.errors import ConfigError
 
 # The papers' models. Sizes matter only for presets; weights come from `model.hf_path`.
 PAPER_MODELS = ("qwen2_5_7b", "qwen2_5_32b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
-BENCHMARKS = ("math500.jsonl", "aime24.jsonl", "amc23.jsonl", "minerva_math.jsonl",
-              "olympiadbench.jsonl", "gsm8k_test.jsonl")
+BENCHMARKS = (
+    "math500.jsonl",
+    "aime24.jsonl",
+    "amc23.jsonl",
+    "minerva_math.jsonl",
+    "olympiadbench.jsonl",
+    "gsm8k_test.jsonl",
+)
 
 
 # ----------------------------------------------------------------------------- typed configs
@@ -40,6 +47,7 @@ class LossConfig:
   `base_config().loss`. Every instance is valid: construction raises one ValueError naming the
   field, e.g. `config.loss.token_mask_rho`.
   """
+
   name: str = "ppo"
   clip_ratio_low: float = 0.2
   clip_ratio_high: float = 0.2
@@ -105,10 +113,15 @@ class LossConfig:
     real("entropy_coef_delta", 0.0)
     real("entropy_coef_min", 0.0)
     real("entropy_coef_max", self.entropy_coef_min)
-    if (self.adaptive_entropy
-        and not self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max):
-      fail("entropy_coef", "in [config.loss.entropy_coef_min, config.loss.entropy_coef_max] = "
-           f"[{self.entropy_coef_min}, {self.entropy_coef_max}] with adaptive_entropy")
+    if (
+        self.adaptive_entropy
+        and not self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max
+    ):
+      fail(
+          "entropy_coef",
+          "in [config.loss.entropy_coef_min, config.loss.entropy_coef_max] = "
+          f"[{self.entropy_coef_min}, {self.entropy_coef_max}] with adaptive_entropy",
+      )
     real("entropy_adv_alpha", 0.0)
     real("entropy_adv_kappa", 0.0, lo_open=True)
     real("positive_adv_weight", 0.0)
@@ -123,6 +136,7 @@ class RolloutConfig:
   """What sampling a training rollout reads: `config.rollout`, `task.max_prompt_len`, DAPO's
   dynamic sampling (`rl.dynamic_sampling`, `rl.dynamic_sampling_max_draws`,
   `rl.filter_groups_metric`) and `reward.timeout_s` (named in warnings)."""
+
   prompts_per_step: int
   num_samples: int
   max_new_tokens: int
@@ -140,6 +154,7 @@ class RolloutConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """How an evaluation samples, `config.eval` (which examples it reads stays with the data)."""
+
   num_samples: int
   temperature: float
   max_new_tokens: int  # -1 = rollout.max_new_tokens
@@ -150,6 +165,7 @@ class EvalConfig:
 class UpdateConfig:
   """What `step.update` reads: the loss, `config.rl`'s splits and `rollout.temperature` (the
   trainer's log-probs are those of the sampler's temperature-scaled distribution)."""
+
   loss: LossConfig
   num_minibatches: int
   num_microbatches: int
@@ -162,6 +178,7 @@ class UpdateConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with global-norm clipping on a warmup + constant / cosine schedule, `config.optim`."""
+
   lr: float
   schedule: str
   warmup_steps: int
@@ -174,6 +191,7 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh axis sizes, `config.mesh`; one may be -1 (the remaining devices)."""
+
   data: int
   fsdp: int
   tensor: int
@@ -183,6 +201,7 @@ class MeshConfig:
 class RunConfig:
   """The typed parts of a run's config (the model's is `models.ModelConfig`, built with the
   policy). Frozen and hashable, so any part can be a static argument of `jax.jit`."""
+
   rollout: RolloutConfig
   eval: EvalConfig
   update: UpdateConfig
@@ -192,8 +211,9 @@ class RunConfig:
 
 def _from_block(cls, block, **extra):
   """`cls` from the fields of ConfigDict `block` that `extra` does not give."""
-  return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name not in extra},
-             **extra)
+  return cls(
+      **{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name not in extra}, **extra
+  )
 
 
 def loss_config(block) -> LossConfig:
@@ -208,16 +228,22 @@ def loss_config(block) -> LossConfig:
 def typed(c: ml_collections.ConfigDict) -> RunConfig:
   """The RunConfig of a config after `validate` and `resolve_microbatches`."""
   return RunConfig(
-      rollout=_from_block(RolloutConfig, c.rollout, max_prompt_len=c.task.max_prompt_len,
-                          dynamic_sampling=c.rl.dynamic_sampling,
-                          dynamic_sampling_max_draws=c.rl.dynamic_sampling_max_draws,
-                          filter_groups_metric=c.rl.filter_groups_metric,
-                          reward_timeout_s=c.reward.timeout_s),
+      rollout=_from_block(
+          RolloutConfig,
+          c.rollout,
+          max_prompt_len=c.task.max_prompt_len,
+          dynamic_sampling=c.rl.dynamic_sampling,
+          dynamic_sampling_max_draws=c.rl.dynamic_sampling_max_draws,
+          filter_groups_metric=c.rl.filter_groups_metric,
+          reward_timeout_s=c.reward.timeout_s,
+      ),
       eval=_from_block(EvalConfig, c.eval),
-      update=_from_block(UpdateConfig, c.rl, loss=loss_config(c.loss),
-                         temperature=c.rollout.temperature),
+      update=_from_block(
+          UpdateConfig, c.rl, loss=loss_config(c.loss), temperature=c.rollout.temperature
+      ),
       optim=_from_block(OptimConfig, c.optim),
-      mesh=_from_block(MeshConfig, c.mesh))
+      mesh=_from_block(MeshConfig, c.mesh),
+  )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -257,8 +283,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.task.max_prompt_len = 32
   # The synthetic tasks' difficulty knobs, per task: --config.task.options.countdown.max_target=50
   c.task.options = ml_collections.ConfigDict(
-      {name: {f.name: f.default for f in dataclasses.fields(cls)}
-       for name, cls in tasks_lib.TASKS.items()})
+      {
+          name: {f.name: f.default for f in dataclasses.fields(cls)}
+          for name, cls in tasks_lib.TASKS.items()
+      }
+  )
 
   c.reward = ml_collections.ConfigDict()
   c.reward.name = "task"  # task | math | format
@@ -299,8 +328,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.filter_groups_metric = "acc"  # dynamic sampling drops groups where this agrees (DAPO: acc)
   c.rl.fused_chunk_size = 4096
 
-  c.loss = ml_collections.ConfigDict(
-      {f.name: f.default for f in dataclasses.fields(LossConfig)})
+  c.loss = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(LossConfig)})
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-5
@@ -389,11 +417,13 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
 
 def ppo_method(clip_ratio_high: float):
   """GRPO's loss (eps_low = 0.2, dual-clip) with the given eps_high: 0.2 GRPO, 0.28 clip-higher."""
+
   def method(c, model):
     del model
     c.loss.name = "ppo"
     c.loss.clip_ratio_low = 0.2
     c.loss.clip_ratio_high = clip_ratio_high
+
   return method
 
 
@@ -419,10 +449,24 @@ _CHOICES = {
     "task.answer_format": ("auto", "raw", "boxed", "gsm8k"),
     "rl.filter_groups_metric": ("acc", "reward"),
 }
-_POSITIVE = ("num_steps", "rollout.prompts_per_step", "rollout.num_samples", "rollout.max_new_tokens",
-             "rl.num_minibatches", "rl.microbatch_rows_per_device", "rl.ppo_epochs", "optim.lr",
-             "eval.num_samples", "rl.fused_chunk_size", "max_nonfinite_steps", "reward.num_workers",
-             "checkpoint_every", "keep_checkpoints", "task.max_prompt_len", "reward.timeout_s")
+_POSITIVE = (
+    "num_steps",
+    "rollout.prompts_per_step",
+    "rollout.num_samples",
+    "rollout.max_new_tokens",
+    "rl.num_minibatches",
+    "rl.microbatch_rows_per_device",
+    "rl.ppo_epochs",
+    "optim.lr",
+    "eval.num_samples",
+    "rl.fused_chunk_size",
+    "max_nonfinite_steps",
+    "reward.num_workers",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "task.max_prompt_len",
+    "reward.timeout_s",
+)
 
 
 def _get(c, dotted):
@@ -431,8 +475,9 @@ def _get(c, dotted):
   return c
 
 
-def resolve_microbatches(c: ml_collections.ConfigDict, num_devices: int
-                         ) -> ml_collections.ConfigDict:
+def resolve_microbatches(
+    c: ml_collections.ConfigDict, num_devices: int
+) -> ml_collections.ConfigDict:
   """`c` as a run on `num_devices` uses it (the trainer and `plan` call this after `validate`):
   rl.num_microbatches = 0 becomes the count that gives each data-parallel device (mesh.data x
   mesh.fsdp) rl.microbatch_rows_per_device sequences per micro-batch."""
@@ -450,7 +495,8 @@ def resolve_microbatches(c: ml_collections.ConfigDict, num_devices: int
         f"config.rl.num_microbatches=0 derives micro-batches of config.rl.microbatch_rows_per_device"
         f"={c.rl.microbatch_rows_per_device} sequences on each of {data * fsdp} data-parallel "
         f"devices ({per_micro} sequences), which must divide the mini-batch of {rows}; change "
-        "config.rl.microbatch_rows_per_device or set config.rl.num_microbatches")
+        "config.rl.microbatch_rows_per_device or set config.rl.num_microbatches"
+    )
   out = c.copy_and_resolve_references()
   out.rl.num_microbatches = rows // per_micro
   return out
@@ -467,8 +513,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if not 0 <= c.rl.qae_quantile <= 1:
     raise ConfigError(f"config.rl.qae_quantile={c.rl.qae_quantile}: must be in [0, 1]")
   if c.eval.max_rows_in_flight < -1:
-    raise ConfigError(f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight}: must be >= -1 "
-                      "(-1 = as many as a training rollout, 0 = all at once)")
+    raise ConfigError(
+        f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight}: must be >= -1 "
+        "(-1 = as many as a training rollout, 0 = all at once)"
+    )
   if c.eval_every < 0:
     raise ConfigError(f"config.eval_every={c.eval_every}: must be >= 0 (0 = no evaluation)")
   _validate_task(c)
@@ -477,8 +525,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if not 0 < c.rollout.top_p <= 1:
     raise ConfigError(f"config.rollout.top_p={c.rollout.top_p}: must be in (0, 1]")
   if c.rollout.max_rows_in_flight < 0:
-    raise ConfigError(f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
-                     f">= 0 (0 = all rows at once)")
+    raise ConfigError(
+        f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
+        f">= 0 (0 = all rows at once)"
+    )
   try:
     loss_config(c.loss)
   except ValueError as e:
@@ -486,12 +536,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   n = c.rollout.prompts_per_step * c.rollout.num_samples
   mb = c.rl.num_minibatches
   if c.rollout.prompts_per_step % mb:
-    raise ConfigError(f"config.rl.num_minibatches={mb} must divide config.rollout.prompts_per_step="
-                     f"{c.rollout.prompts_per_step} (a mini-batch holds whole groups)")
+    raise ConfigError(
+        f"config.rl.num_minibatches={mb} must divide config.rollout.prompts_per_step="
+        f"{c.rollout.prompts_per_step} (a mini-batch holds whole groups)"
+    )
   micro = c.rl.num_microbatches
   if micro < 0 or (micro and (n // mb) % micro):
-    raise ConfigError(f"config.rl.num_microbatches={micro} must divide the mini-batch of "
-                     f"{n // mb} sequences (or be 0: derived from the slice)")
+    raise ConfigError(
+        f"config.rl.num_microbatches={micro} must divide the mini-batch of "
+        f"{n // mb} sequences (or be 0: derived from the slice)"
+    )
   sizes = {a: c.mesh[a] for a in ("data", "fsdp", "tensor")}
   rest = [a for a, s in sizes.items() if s == -1]
   if len(rest) > 1:
@@ -504,24 +558,31 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if num_devices % fixed or (not rest and fixed != num_devices):
     raise ConfigError(f"config.mesh={sizes} does not fit {num_devices} devices")
   batch_shards = (sizes["data"] if sizes["data"] != -1 else num_devices // fixed) * (
-      sizes["fsdp"] if sizes["fsdp"] != -1 else num_devices // fixed)
+      sizes["fsdp"] if sizes["fsdp"] != -1 else num_devices // fixed
+  )
   if c.rollout.prompts_per_step % batch_shards:
-    raise ConfigError(f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} must be a "
-                     f"multiple of the {batch_shards} data-parallel devices (config.mesh.data x "
-                     "config.mesh.fsdp): prompts are sharded over them")
+    raise ConfigError(
+        f"config.rollout.prompts_per_step={c.rollout.prompts_per_step} must be a "
+        f"multiple of the {batch_shards} data-parallel devices (config.mesh.data x "
+        "config.mesh.fsdp): prompts are sharded over them"
+    )
   micro = micro or resolve_microbatches(c, num_devices).rl.num_microbatches
   if (n // mb // micro) % batch_shards:
-    raise ConfigError(f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
-                     f"sequences does not split over {batch_shards} data-parallel devices "
-                     "(config.mesh.data x config.mesh.fsdp)")
+    raise ConfigError(
+        f"config.rl.num_microbatches={micro}: a micro-batch of {n // mb // micro} "
+        f"sequences does not split over {batch_shards} data-parallel devices "
+        "(config.mesh.data x config.mesh.fsdp)"
+    )
   if c.model.source == "hf" and not c.model.hf_path:
     raise ConfigError("config.model.hf_path: required when config.model.source='hf'")
   if c.task.source in ("jsonl", "tfds") and not c.task.path:
     raise ConfigError(f"config.task.path: required when config.task.source={c.task.source!r}")
   if c.warm_start.enabled and c.task.source != "synthetic":
-    raise ConfigError("config.warm_start.enabled: the warm start trains on synthetic "
-                     "demonstrations; disable it for config.task.source="
-                     f"{c.task.source!r}")
+    raise ConfigError(
+        "config.warm_start.enabled: the warm start trains on synthetic "
+        "demonstrations; disable it for config.task.source="
+        f"{c.task.source!r}"
+    )
   if c.reward.name == "task" and c.task.source != "synthetic":
     raise ConfigError("config.reward.name='task' needs config.task.source='synthetic'; use 'math'")
   if c.loss.kl_ref_coef < 0 or c.loss.entropy_coef < 0:
@@ -531,7 +592,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
 def _validate_task(c) -> None:
   if c.task.source == "synthetic":
     if c.task.name not in tasks_lib.TASKS:
-      raise ConfigError(f"config.task.name={c.task.name!r}: expected one of {sorted(tasks_lib.TASKS)}")
+      raise ConfigError(
+          f"config.task.name={c.task.name!r}: expected one of {sorted(tasks_lib.TASKS)}"
+      )
     try:
       tasks_lib.get_task(c.task.name, **c.task.options[c.task.name])
     except (TypeError, ValueError) as e:
@@ -541,7 +604,8 @@ def _validate_task(c) -> None:
     raise ConfigError(
         "config.task.template is empty, which means the tokenizer's chat template, but the tiny "
         "model's character tokenizer has none: set config.task.template to 'he', 'instruction', "
-        "'plain' or a str.format string with {question}")
+        "'plain' or a str.format string with {question}"
+    )
 
 
 def check_inputs(c) -> None:
@@ -553,5 +617,6 @@ def check_inputs(c) -> None:
   for name in c.eval.files:
     path = fileio.join(c.eval.data_dir, name)
     if not fileio.exists(path):
-      raise ConfigError(f"config.eval.files: {path} does not exist (config.eval.data_dir="
-                        f"{c.eval.data_dir!r})")
+      raise ConfigError(
+          f"config.eval.files: {path} does not exist (config.eval.data_dir=" f"{c.eval.data_dir!r})"
+      )

@@ -5,6 +5,7 @@ its own devices. `process_rows` says which rows of the global batch those are, s
 only its shard of the prompts, and `make_global_batch` assembles the global `jax.Array`s from the
 per-host NumPy slices.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,11 @@ def maybe_initialize(flag: str = "auto") -> tuple[int, int]:
   """
   if flag not in FLAGS:
     raise ValueError(f"config.distributed must be one of {FLAGS}, got {flag!r}")
-  reason = detect_multihost() if flag == "auto" else ("config.distributed='on'"
-                                                       if flag == "on" else None)
+  reason = (
+      detect_multihost()
+      if flag == "auto"
+      else ("config.distributed='on'" if flag == "on" else None)
+  )
   if reason is not None and not jax.distributed.is_initialized():
     kwargs = {}
     num, pid = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
@@ -81,12 +85,12 @@ def maybe_initialize(flag: str = "auto") -> tuple[int, int]:
       raise RuntimeError(
           f"jax.distributed.initialize() failed ({reason}): {e}. Outside Cloud TPU/SLURM/Open "
           "MPI set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or "
-          "use config.distributed='off' for one process") from e
+          "use config.distributed='off' for one process"
+      ) from e
   return jax.process_index(), jax.process_count()
 
 
-def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding,
-                 devices=None) -> slice:
+def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding, devices=None) -> slice:
   """Rows of a global batch (leading dimension under `sharding`) that `devices` hold.
 
   `devices` defaults to this process's devices. The rows must be contiguous, which holds for
@@ -97,21 +101,25 @@ def process_rows(global_batch_size: int, sharding: jax.sharding.Sharding,
   try:
     index_map = sharding.devices_indices_map(shape)
   except ValueError as e:
-    raise ValueError(f"global batch size {global_batch_size} cannot be split by {sharding}: "
-                     f"{e}") from None
+    raise ValueError(
+        f"global batch size {global_batch_size} cannot be split by {sharding}: " f"{e}"
+    ) from None
   devices = sharding.addressable_devices if devices is None else devices
   spans = sorted({index_map[d][0].indices(global_batch_size)[:2] for d in devices})
   start, stop = spans[0]
   for s, e in spans[1:]:
     if s != stop:
-      raise ValueError(f"the rows these devices hold are not contiguous ({spans}); build the "
-                       "mesh with sharding.make_mesh, which gives each host one block of rows")
+      raise ValueError(
+          f"the rows these devices hold are not contiguous ({spans}); build the "
+          "mesh with sharding.make_mesh, which gives each host one block of rows"
+      )
     stop = e
   return slice(start, stop)
 
 
-def rows_by_process(global_batch_size: int, sharding: jax.sharding.Sharding,
-                    devices=None) -> dict[int, slice]:
+def rows_by_process(
+    global_batch_size: int, sharding: jax.sharding.Sharding, devices=None
+) -> dict[int, slice]:
   """`process_rows` for every process owning some of `devices` (default: all of the sharding's).
 
   Checks what a multi-host start needs: each process feeds one contiguous block, all blocks have
@@ -119,18 +127,23 @@ def rows_by_process(global_batch_size: int, sharding: jax.sharding.Sharding,
   """
   devices = list(sharding.device_set) if devices is None else list(devices)
   hosts = sorted({d.process_index for d in devices})
-  rows = {p: process_rows(global_batch_size, sharding,
-                          [d for d in devices if d.process_index == p]) for p in hosts}
+  rows = {
+      p: process_rows(global_batch_size, sharding, [d for d in devices if d.process_index == p])
+      for p in hosts
+  }
   sizes = {r.stop - r.start for r in rows.values()}
   covered = set().union(*(range(r.start, r.stop) for r in rows.values()))
   if len(sizes) != 1 or len(covered) != global_batch_size:
-    raise ValueError(f"the processes' rows of a global batch of {global_batch_size} are not equal "
-                     f"blocks that cover it: {rows}")
+    raise ValueError(
+        f"the processes' rows of a global batch of {global_batch_size} are not equal "
+        f"blocks that cover it: {rows}"
+    )
   return rows
 
 
-def process_shard(global_batch_size: int, sharding: jax.sharding.Sharding,
-                  devices=None) -> tuple[int, int]:
+def process_shard(
+    global_batch_size: int, sharding: jax.sharding.Sharding, devices=None
+) -> tuple[int, int]:
   """(shard_index, num_shards): `devices` (default: this process's) feed block shard_index of the
   global batch cut into num_shards equal blocks of rows, the blocks a sharded data source reads."""
   rows = process_rows(global_batch_size, sharding, devices)
@@ -149,9 +162,9 @@ def make_global_batch(local_tree, sharding: jax.sharding.Sharding, global_batch_
       raise ValueError(
           f"batch leaf {jax.tree_util.keystr(path)} has shape {x.shape}; this process feeds "
           f"rows {rows.start}:{rows.stop} of {global_batch_size}, so its leading dimension "
-          f"must be {n_local}")
-    return jax.make_array_from_process_local_data(sharding, x,
-                                                  (global_batch_size,) + x.shape[1:])
+          f"must be {n_local}"
+      )
+    return jax.make_array_from_process_local_data(sharding, x, (global_batch_size,) + x.shape[1:])
 
   return jax.tree_util.tree_map_with_path(one, local_tree)
 

@@ -5,6 +5,7 @@ events, tokenizer, warm start, plots, summary) goes through these helpers, which
 URIs (gcsfs for gs://). Libraries that only read and write local directories (a tokenizer's
 `save_pretrained`, safetensors) work on a local staging copy: `download_dir` and `upload_dir`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -35,6 +36,7 @@ def join(path, *parts) -> str:
 
 def _fs(path):
   import fsspec  # pylint: disable=g-import-not-at-top
+
   return fsspec.core.url_to_fs(str(path))
 
 
@@ -113,7 +115,7 @@ def download_dir(path, local_dir) -> bool:
     return False
   p = p.rstrip("/")
   for src in fs.find(p):
-    rel = src[len(p):].lstrip("/")
+    rel = src[len(p) :].lstrip("/")
     dst = os.path.join(local_dir, *rel.split("/"))
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     with open(dst, "wb") as f:
@@ -177,10 +179,19 @@ class WorkdirLock:
       raise ConfigError(
           f"--workdir={self.workdir} is in use by another run (pid {info.get('pid')} on "
           f"{info.get('host')}, started {info.get('started')}): wait for it to finish, stop it, "
-          "or choose another --workdir") from None
+          "or choose another --workdir"
+      ) from None
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    os.write(
+        fd,
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        ).encode(),
+    )
     self._fd = fd
     return self
 

@@ -7,6 +7,7 @@ once (KeyboardInterrupt). The CLI exits with 128 + the signal number (130 for SI
 SIGTERM), as shells report a process killed by that signal, so a launcher can tell an early stop
 from a finished run (exit 0).
 """
+
 from __future__ import annotations
 
 import signal
@@ -18,8 +19,11 @@ class Interrupted(Exception):
   def __init__(self, signum: int, step: int | None = None):
     self.signum, self.step = signum, step
     name = signal.Signals(signum).name
-    where = (f"checkpointed step {step}; rerun the same command to resume" if step is not None
-             else "nothing to checkpoint yet")
+    where = (
+        f"checkpointed step {step}; rerun the same command to resume"
+        if step is not None
+        else "nothing to checkpoint yet"
+    )
     super().__init__(f"stopped by {name}: {where}")
 
   @property

@@ -32,6 +32,7 @@ Selections happen over whatever arrays `select_tokens` is given (a micro-batch, 
 batch when the trainer uses `selection_scope='global'` and passes `selections` slices in).
 Every `cfg` is a `config_lib.LossConfig` (valid by construction; its defaults are GRPO's).
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -40,8 +41,13 @@ from entropy_rl import stats
 LOSS_NAMES = ("ppo", "clip_cov", "kl_cov", "gspo", "cispo", "archer")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # config.loss.token_mask -> stats.entropy_token_mask mode.
-TOKEN_MASKS = {"all": None, "top_entropy": "top", "bottom_entropy": "bottom", "random": "random",
-               "top_quantile": "top_quantile"}
+TOKEN_MASKS = {
+    "all": None,
+    "top_entropy": "top",
+    "bottom_entropy": "bottom",
+    "random": "random",
+    "top_quantile": "top_quantile",
+}
 SELECTION_SCOPES = ("microbatch", "global")
 # Where an entropy quantile (token_mask 'top_quantile', archer's split) is taken: over each response,
 # or over the selection set (the micro-batch, or the whole update batch for selection_scope='global').
@@ -55,16 +61,24 @@ SELECTION_KEYS = ("token_mask", "cov_selected", "high_entropy")
 def _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT):
   if logp_BxT.ndim != 2:
     raise ValueError(f"logp_BxT must be [batch, time]; got shape {tuple(logp_BxT.shape)}")
-  stats.check_same_shape("logp_BxT", logp_BxT, old_logp_BxT=old_logp_BxT, adv_BxT=adv_BxT,
-                          mask_BxT=mask_BxT, entropy_BxT=entropy_BxT)
+  stats.check_same_shape(
+      "logp_BxT",
+      logp_BxT,
+      old_logp_BxT=old_logp_BxT,
+      adv_BxT=adv_BxT,
+      mask_BxT=mask_BxT,
+      entropy_BxT=entropy_BxT,
+  )
   if entropy_BxT is None and cfg.entropy_adv_alpha > 0:
     raise ValueError("entropy_BxT is required when config.loss.entropy_adv_alpha > 0")
 
 
 def _check_selection_args(cfg, entropy_BxT, rng):
   if rng is None and (cfg.name == "clip_cov" or cfg.token_mask == "random"):
-    raise ValueError("rng is required when config.loss.name is 'clip_cov' or "
-                     "config.loss.token_mask is 'random'")
+    raise ValueError(
+        "rng is required when config.loss.name is 'clip_cov' or "
+        "config.loss.token_mask is 'random'"
+    )
   if entropy_BxT is None and cfg.token_mask in ("top_entropy", "bottom_entropy", "top_quantile"):
     raise ValueError(f"entropy_BxT is required for config.loss.token_mask={cfg.token_mask!r}")
   if entropy_BxT is None and cfg.name == "archer":
@@ -83,8 +97,9 @@ def effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg):
   valid_BxT = mask_BxT > 0
   if cfg.entropy_adv_alpha > 0:
     entropy_BxT = jax.lax.stop_gradient(entropy_BxT).astype(jnp.float32)
-    shaping_BxT = jnp.minimum(cfg.entropy_adv_alpha * entropy_BxT,
-                              jnp.abs(adv_BxT) / cfg.entropy_adv_kappa)
+    shaping_BxT = jnp.minimum(
+        cfg.entropy_adv_alpha * entropy_BxT, jnp.abs(adv_BxT) / cfg.entropy_adv_kappa
+    )
     adv_BxT = jnp.where(valid_BxT, adv_BxT + shaping_BxT, adv_BxT)
   if cfg.positive_adv_weight != 1.0:
     adv_BxT = jnp.where(valid_BxT & (adv_BxT > 0), cfg.positive_adv_weight * adv_BxT, adv_BxT)
@@ -115,7 +130,8 @@ def _gspo_ratio(logp_BxT, old_logp_BxT, mask_BxT):
   valid_BxT = mask_BxT > 0
   log_ratio_BxT = _log_ratio(logp_BxT, old_logp_BxT, mask_BxT)
   seq_log_ratio_B = jnp.sum(log_ratio_BxT, axis=-1) / jnp.maximum(
-      jnp.sum(valid_BxT, axis=-1), 1).astype(jnp.float32)
+      jnp.sum(valid_BxT, axis=-1), 1
+  ).astype(jnp.float32)
   sg = jax.lax.stop_gradient
   logp_BxT = jnp.where(valid_BxT, logp_BxT, 0.0)
   log_s_BxT = logp_BxT - sg(logp_BxT) + sg(seq_log_ratio_B)[:, None]
@@ -133,7 +149,8 @@ def entropy_quantile_mask(entropy_BxT, mask_BxT, q, scope):
   valid_BxT = mask_BxT > 0
   if scope == "response":
     threshold = jax.vmap(lambda e_T, v_T: stats.masked_quantile(e_T, v_T, q))(
-        entropy_BxT, valid_BxT)[:, None]
+        entropy_BxT, valid_BxT
+    )[:, None]
   else:
     threshold = stats.masked_quantile(entropy_BxT, valid_BxT, q)
   return valid_BxT & (entropy_BxT >= threshold)
@@ -142,9 +159,11 @@ def entropy_quantile_mask(entropy_BxT, mask_BxT, q, scope):
 def adaptive_entropy_coef(coef, entropy, cfg):
   """Skywork-OR1 / TRL controller, once per optimizer step from the measured token-mean entropy H:
   `c' = min(c + delta, c_max)` if `H <= target`, else `max(c - delta, c_min)`."""
-  return jnp.where(entropy <= cfg.entropy_target,
-                   jnp.minimum(coef + cfg.entropy_coef_delta, cfg.entropy_coef_max),
-                   jnp.maximum(coef - cfg.entropy_coef_delta, cfg.entropy_coef_min))
+  return jnp.where(
+      entropy <= cfg.entropy_target,
+      jnp.minimum(coef + cfg.entropy_coef_delta, cfg.entropy_coef_max),
+      jnp.maximum(coef - cfg.entropy_coef_delta, cfg.entropy_coef_min),
+  )
 
 
 def applied_entropy_coef(coef, last_entropy, cfg):
@@ -165,8 +184,8 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
   _check_selection_args(cfg, entropy_BxT, rng)
   adv_BxT = effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg)
   logp_BxT, old_logp_BxT, adv_BxT = jax.lax.stop_gradient(
-      (logp_BxT.astype(jnp.float32), old_logp_BxT.astype(jnp.float32),
-       adv_BxT.astype(jnp.float32)))
+      (logp_BxT.astype(jnp.float32), old_logp_BxT.astype(jnp.float32), adv_BxT.astype(jnp.float32))
+  )
   valid_BxT = mask_BxT > 0
   n = jnp.sum(valid_BxT, dtype=jnp.int32)
 
@@ -174,20 +193,33 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
   if mode is None:
     token_mask_BxT = valid_BxT.astype(jnp.float32)
   elif mode == "top_quantile" and cfg.entropy_quantile_scope == "response":
-    token_mask_BxT = entropy_quantile_mask(entropy_BxT, mask_BxT, 1.0 - cfg.token_mask_rho,
-                                           "response").astype(jnp.float32)
+    token_mask_BxT = entropy_quantile_mask(
+        entropy_BxT, mask_BxT, 1.0 - cfg.token_mask_rho, "response"
+    ).astype(jnp.float32)
   else:
     scores_BxT = jnp.zeros_like(logp_BxT) if entropy_BxT is None else entropy_BxT
     token_mask_BxT = stats.entropy_token_mask(
-        scores_BxT, mask_BxT, cfg.token_mask_rho, mode,
-        None if rng is None else jax.random.fold_in(rng, 1))
+        scores_BxT,
+        mask_BxT,
+        cfg.token_mask_rho,
+        mode,
+        None if rng is None else jax.random.fold_in(rng, 1),
+    )
 
   cov_BxT = stats.token_covariance(logp_BxT, adv_BxT, mask_BxT)
   if cfg.name == "clip_cov":
-    _, l1_BxT, l2_BxT = _clip_terms(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg.clip_ratio_low,
-                                    cfg.clip_ratio_high, clamp_log_ratio=False)
-    candidates_BxT = (valid_BxT & ~(l2_BxT > l1_BxT)
-                      & (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub))
+    _, l1_BxT, l2_BxT = _clip_terms(
+        logp_BxT,
+        old_logp_BxT,
+        adv_BxT,
+        mask_BxT,
+        cfg.clip_ratio_low,
+        cfg.clip_ratio_high,
+        clamp_log_ratio=False,
+    )
+    candidates_BxT = (
+        valid_BxT & ~(l2_BxT > l1_BxT) & (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub)
+    )
     k = stats.top_count(cfg.clip_cov_ratio, n)
     scores_BxT = jax.random.uniform(jax.random.fold_in(rng, 0), valid_BxT.shape)
     selected_BxT = stats.top_k_mask(scores_BxT, candidates_BxT, k)
@@ -196,12 +228,16 @@ def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT
   else:
     selected_BxT = jnp.zeros(valid_BxT.shape, bool)
   if cfg.name == "archer":
-    high_BxT = entropy_quantile_mask(entropy_BxT, mask_BxT, cfg.archer_entropy_quantile,
-                                     cfg.entropy_quantile_scope)
+    high_BxT = entropy_quantile_mask(
+        entropy_BxT, mask_BxT, cfg.archer_entropy_quantile, cfg.entropy_quantile_scope
+    )
   else:
     high_BxT = jnp.zeros(valid_BxT.shape, bool)
-  return {"token_mask": token_mask_BxT, "cov_selected": selected_BxT.astype(jnp.float32),
-          "high_entropy": high_BxT.astype(jnp.float32)}
+  return {
+      "token_mask": token_mask_BxT,
+      "cov_selected": selected_BxT.astype(jnp.float32),
+      "high_entropy": high_BxT.astype(jnp.float32),
+  }
 
 
 def aggregate_loss(loss_BxT, mask_BxT, mode, max_len=None, *, response_mask_BxT=None):
@@ -214,8 +250,9 @@ def aggregate_loss(loss_BxT, mask_BxT, mode, max_len=None, *, response_mask_BxT=
   """
   if mode not in AGG_MODES:
     raise ValueError(f"mode must be one of {AGG_MODES}; got {mode!r}")
-  stats.check_same_shape("loss_BxT", loss_BxT, mask_BxT=mask_BxT,
-                          response_mask_BxT=response_mask_BxT)
+  stats.check_same_shape(
+      "loss_BxT", loss_BxT, mask_BxT=mask_BxT, response_mask_BxT=response_mask_BxT
+  )
   m_BxT = mask_BxT.astype(jnp.float32)
   response_BxT = mask_BxT if response_mask_BxT is None else response_mask_BxT
   lm_BxT = jnp.where(m_BxT != 0, loss_BxT.astype(jnp.float32), 0.0) * m_BxT
@@ -264,8 +301,19 @@ def _safe_div(num, den):
   return jnp.where(den != 0, num / jnp.where(den != 0, den, 1.0), 0.0)
 
 
-def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None,
-                selections=None, denominator=None, ref_logp_BxT=None):
+def policy_loss(
+    logp_BxT,
+    old_logp_BxT,
+    adv_BxT,
+    mask_BxT,
+    cfg,
+    *,
+    entropy_BxT=None,
+    rng=None,
+    selections=None,
+    denominator=None,
+    ref_logp_BxT=None,
+):
   """Per-token loss of `cfg.name`, entropy-masked and aggregated by `cfg.loss_agg_mode`.
 
   Returns (numerator / denominator, metrics): the denominator is `denominator` when given (e.g.
@@ -280,19 +328,23 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
   _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
   archer_kl = cfg.name == "archer" and cfg.kl_ref_coef > 0
   if archer_kl and ref_logp_BxT is None:
-    raise ValueError("ref_logp_BxT is required for config.loss.name='archer' with "
-                     "config.loss.kl_ref_coef > 0")
+    raise ValueError(
+        "ref_logp_BxT is required for config.loss.name='archer' with " "config.loss.kl_ref_coef > 0"
+    )
   stats.check_same_shape("logp_BxT", logp_BxT, ref_logp_BxT=ref_logp_BxT)
   if selections is None:
     _check_selection_args(cfg, entropy_BxT, rng)
-    selections = select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg,
-                               entropy_BxT=entropy_BxT, rng=rng)
+    selections = select_tokens(
+        logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, entropy_BxT=entropy_BxT, rng=rng
+    )
   elif set(selections) != set(SELECTION_KEYS):
     raise ValueError(
-        f"selections must have keys {', '.join(SELECTION_KEYS)}; got {sorted(selections)}")
+        f"selections must have keys {', '.join(SELECTION_KEYS)}; got {sorted(selections)}"
+    )
   else:
-    stats.check_same_shape("logp_BxT", logp_BxT, **{f"selections['{k}']": v
-                                                     for k, v in selections.items()})
+    stats.check_same_shape(
+        "logp_BxT", logp_BxT, **{f"selections['{k}']": v for k, v in selections.items()}
+    )
   logp_BxT = logp_BxT.astype(jnp.float32)
   old_logp_BxT = old_logp_BxT.astype(jnp.float32)
   adv_BxT = effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg)
@@ -313,8 +365,14 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
   else:
     # Clip-Cov and KL-Cov use the unclamped ratio, as in the reference.
     ratio_BxT, l1_BxT, l2_BxT = _clip_terms(
-        logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, clip_low, clip_high,
-        clamp_log_ratio=cfg.name not in ("clip_cov", "kl_cov"))
+        logp_BxT,
+        old_logp_BxT,
+        adv_BxT,
+        mask_BxT,
+        clip_low,
+        clip_high,
+        clamp_log_ratio=cfg.name not in ("clip_cov", "kl_cov"),
+    )
   zeros_BxT = jnp.zeros_like(logp_BxT)
   dual_BxT = zeros_BxT
   if cfg.name == "cispo":  # the IS weight is clipped whatever the sign of A
@@ -345,11 +403,13 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
     loss_BxT = loss_BxT + cfg.kl_ref_coef * (1.0 - high_BxT) * kl_BxT
 
   if cfg.token_mask == "top_quantile":
-    num, den = aggregate_loss(jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT,
-                              cfg.loss_agg_mode)
+    num, den = aggregate_loss(
+        jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT, cfg.loss_agg_mode
+    )
   else:
-    num, den = aggregate_loss(loss_BxT, token_mask_BxT, cfg.loss_agg_mode,
-                              response_mask_BxT=mask_BxT)
+    num, den = aggregate_loss(
+        loss_BxT, token_mask_BxT, cfg.loss_agg_mode, response_mask_BxT=mask_BxT
+    )
   loss = _safe_div(num, den if denominator is None else denominator)
 
   sg = jax.lax.stop_gradient
@@ -371,7 +431,8 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
       "cov_selected_mean": stats.masked_mean(cov_BxT, valid_BxT & (selected_BxT > 0)),
       "cov_topk_mean": stats.masked_mean(cov_BxT, top_cov_BxT),
       "cov_frac_in_band": stats.masked_mean(
-          (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub), valid_BxT),
+          (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub), valid_BxT
+      ),
       "n_high_entropy": jnp.sum(jnp.where(valid_BxT, high_BxT, 0.0)),
   }
   if archer_kl:
@@ -380,7 +441,8 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=N
     entropy_BxT = sg(entropy_BxT).astype(jnp.float32)
     metrics["entropy_mean"] = stats.masked_mean(entropy_BxT, valid_BxT)
     metrics["entropy_selected_mean"] = stats.masked_mean(
-        entropy_BxT, valid_BxT & (selected_BxT > 0))
+        entropy_BxT, valid_BxT & (selected_BxT > 0)
+    )
     metrics["entropy_token_mask_mean"] = stats.masked_mean(entropy_BxT, token_mask_BxT)
   return loss, metrics
 
@@ -393,10 +455,15 @@ def global_denominator(mask_BxT, cfg, num_microbatches):
   """
   if mask_BxT.ndim != 2:
     raise ValueError(f"mask_BxT must be [batch, time]; got shape {tuple(mask_BxT.shape)}")
-  if (not isinstance(num_microbatches, int) or num_microbatches < 1
-      or mask_BxT.shape[0] % num_microbatches):
-    raise ValueError(f"num_microbatches must be a positive divisor of the batch size "
-                     f"{mask_BxT.shape[0]}; got {num_microbatches!r}")
+  if (
+      not isinstance(num_microbatches, int)
+      or num_microbatches < 1
+      or mask_BxT.shape[0] % num_microbatches
+  ):
+    raise ValueError(
+        f"num_microbatches must be a positive divisor of the batch size "
+        f"{mask_BxT.shape[0]}; got {num_microbatches!r}"
+    )
   valid_BxT = mask_BxT > 0
   sets = 1 if cfg.selection_scope == "global" else num_microbatches
   n_S = jnp.sum(valid_BxT.reshape(sets, -1), axis=-1, dtype=jnp.int32)
@@ -407,5 +474,6 @@ def global_denominator(mask_BxT, cfg, num_microbatches):
     if cfg.token_mask == "bottom_entropy":
       kept_S = n_S - kept_S
   num_seqs = jnp.sum(jnp.any(valid_BxT, axis=-1), dtype=jnp.float32)
-  return loss_denominator(cfg.loss_agg_mode, jnp.sum(kept_S).astype(jnp.float32), num_seqs,
-                          mask_BxT.shape[-1])
+  return loss_denominator(
+      cfg.loss_agg_mode, jnp.sum(kept_S).astype(jnp.float32), num_seqs, mask_BxT.shape[-1]
+  )

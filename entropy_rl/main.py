@@ -5,6 +5,7 @@ run finished; 2 for a bad flag, config value or input (one line naming the key o
 the run failed (a checkpoint write, repeated non-finite updates); 128 + N when stopped by signal N
 (130 Ctrl-C, 143 SIGTERM) after checkpointing the last completed step.
 """
+
 import difflib
 import importlib.util
 import os
@@ -17,8 +18,9 @@ from ml_collections import config_flags
 # Config files import `configs.<family>`: make the repository root importable wherever we run from.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-config_flags.DEFINE_config_file("config", None, "ml-collections config file[:preset].",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "ml-collections config file[:preset].", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots (local or gs://).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -90,12 +92,15 @@ def main(argv):
   del argv
   import logging  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   absl_logging.set_verbosity(absl_logging.WARNING)  # jax/orbax chatter
   logging.getLogger("entropy_rl").setLevel(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top  # after flags, so XLA_FLAGS apply
+
   jax.config.update("jax_threefry_partitionable", True)
   from entropy_rl import checkpoint, interrupt, trainer  # pylint: disable=g-import-not-at-top
   from entropy_rl.errors import ConfigError  # pylint: disable=g-import-not-at-top
+
   try:
     trainer.train(flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:

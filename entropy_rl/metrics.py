@@ -1,6 +1,7 @@
 """Metrics: one JSON line per step (workdir/metrics.jsonl), TensorBoard events (workdir/tb), a
 progress bar, and end-of-run plots and a markdown summary table. Only process 0 writes.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,10 @@ def _scalar(key: str, v):
   if hasattr(v, "shape") and np.size(v) == 1 and np.ndim(v) == 0:
     a = np.asarray(v)
     return a.item() if a.dtype.kind in "biu" else float(a)
-  raise ValueError(f"metric {key!r} must be a scalar, got {type(v).__name__} "
-                   f"with shape {getattr(v, 'shape', None)}")
+  raise ValueError(
+      f"metric {key!r} must be a scalar, got {type(v).__name__} "
+      f"with shape {getattr(v, 'shape', None)}"
+  )
 
 
 def read_metrics(path) -> list[dict]:
@@ -64,8 +67,9 @@ class MetricsWriter:
   `flush()`/`close()`.
   """
 
-  def __init__(self, workdir, enabled: bool = True, first_step: int | None = None,
-               sync_secs: float = 60.0):
+  def __init__(
+      self, workdir, enabled: bool = True, first_step: int | None = None, sync_secs: float = 60.0
+  ):
     self.enabled = enabled and jax.process_index() == 0
     self._file = self._tb = self._remote = None
     self.path = self.local_dir = None
@@ -91,8 +95,10 @@ class MetricsWriter:
       os.replace(tmp, self.path)
     self._file = open(self.path, "a")
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(self.local_dir, TB_DIR), purge_step=first_step,
-                             flush_secs=30)
+
+    self._tb = SummaryWriter(
+        os.path.join(self.local_dir, TB_DIR), purge_step=first_step, flush_secs=30
+    )
 
   def write(self, step: int, metrics: Mapping) -> None:
     if not self.enabled:
@@ -139,12 +145,18 @@ class MetricsWriter:
 class ProgressBar:
   """tqdm bar over RL steps showing live reward and entropy (process 0 only)."""
 
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True,
-               keys: Mapping[str, str] | None = None):
+  def __init__(
+      self,
+      total: int,
+      initial: int = 0,
+      enabled: bool = True,
+      keys: Mapping[str, str] | None = None,
+  ):
     self.keys = dict(keys or {"reward": "reward/mean", "entropy": "entropy/token_mean"})
     self._bar = None
     if enabled and jax.process_index() == 0:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
   def update(self, step: int, metrics: Mapping) -> None:
@@ -162,8 +174,11 @@ class ProgressBar:
 
 
 def _series(records: Sequence[dict], key: str):
-  pts = [(r["step"], r[key]) for r in records
-         if isinstance(r.get(key), numbers.Real) and not isinstance(r.get(key), bool)]
+  pts = [
+      (r["step"], r[key])
+      for r in records
+      if isinstance(r.get(key), numbers.Real) and not isinstance(r.get(key), bool)
+  ]
   return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], float)
 
 
@@ -173,14 +188,14 @@ def plot_metrics(metrics_jsonl_path, keys: Sequence[str], out_png) -> str:
   Both paths may be local or URIs (gs://...).
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   if not keys:
     raise ValueError("plot_metrics: keys must name at least one metric")
   records = read_metrics(metrics_jsonl_path)
-  fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True,
-                           squeeze=False)
+  fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
   for ax, key in zip(axes[:, 0], keys):
     steps, values = _series(records, key)
     if len(steps):
@@ -212,6 +227,7 @@ def summary_table(records: Sequence[dict], keys: Sequence[str]) -> str:
       continue
     finite = values[np.isfinite(values)]
     lo, hi = (fmt(finite.min()), fmt(finite.max())) if len(finite) else ("nan", "nan")
-    lines.append(f"| {key} | {fmt(values[0])} | {fmt(values[-1])} | {lo} | {hi} | "
-                 f"{len(values)} |")
+    lines.append(
+        f"| {key} | {fmt(values[0])} | {fmt(values[-1])} | {lo} | {hi} | " f"{len(values)} |"
+    )
   return "\n".join(lines)

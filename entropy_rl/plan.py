@@ -10,6 +10,7 @@ chip, the arguments, temporaries and peak memory against the chip's HBM, the FLO
 of the compiled program (every loop iteration counted) and its roofline time. The exit status is
 non-zero, with the config fields to change, when a program leaves less than `--headroom` of HBM.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,10 +44,29 @@ CHIPS = {
     "v6e": Chip(32 * GiB, 918e12, 1640e9),
 }
 # Chips -> slice shape. v4 and v5p count TensorCores in their gcloud names (2 per chip).
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-              256: "16x16"}
+_SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
+_SHAPES_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 SINGLE_HOST_CHIPS = 8  # v5e / v6e slices up to 8 chips are one host; larger ones 4 chips a host
 
@@ -72,18 +92,21 @@ def parse_topology(name: str) -> Topology:
   m = re.fullmatch(r"(v\d[a-z]*)([-:])(\S+)", name.strip().lower())
   gen = m and _ALIASES.get(m.group(1), m.group(1))
   if not m or gen not in CHIPS:
-    raise ValueError(f"--topology={name!r}: expected e.g. v4-32, v5e-64, v5litepod-64, v5p-64, "
-                     f"v6e-16 or v5p:2x4x4 (generations {sorted(CHIPS)})")
+    raise ValueError(
+        f"--topology={name!r}: expected e.g. v4-32, v5e-64, v5litepod-64, v5p-64, "
+        f"v6e-16 or v5p:2x4x4 (generations {sorted(CHIPS)})"
+    )
   if m.group(2) == ":":
     if not re.fullmatch(r"\d+(x\d+){1,2}", m.group(3)):
       raise ValueError(f"--topology={name!r}: the shape after ':' must look like 2x4x4")
     return Topology(name, gen, m.group(3))
   count = int(m.group(3)) if m.group(3).isdigit() else -1
-  table, chips = ((_SHAPES_3D, count // 2) if gen in ("v4", "v5p") else (_SHAPES_2D, count))
+  table, chips = (_SHAPES_3D, count // 2) if gen in ("v4", "v5p") else (_SHAPES_2D, count)
   if chips not in table:
-    raise ValueError(f"--topology={name!r}: no {gen} slice of that size; known: "
-                     + ", ".join(f"{m.group(1)}-{c * 2 if table is _SHAPES_3D else c}"
-                                 for c in table))
+    raise ValueError(
+        f"--topology={name!r}: no {gen} slice of that size; known: "
+        + ", ".join(f"{m.group(1)}-{c * 2 if table is _SHAPES_3D else c}" for c in table)
+    )
   return Topology(name, gen, table[chips])
 
 
@@ -91,6 +114,7 @@ def topology_devices(topology: Topology) -> list:
   """The slice's devices (with process_index and coords) from libtpu; needs no TPU."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside any other libtpu user
   from jax.experimental import topologies
+
   kwargs = {}
   if topology.generation == "v4":
     kwargs["chip_config_name"] = "megacore"
@@ -99,7 +123,8 @@ def topology_devices(topology: Topology) -> list:
     kwargs["chips_per_host_bounds"] = (*dims, 1)
   try:
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{topology.generation}:{topology.shape}", **kwargs)
+        platform="tpu", topology_name=f"{topology.generation}:{topology.shape}", **kwargs
+    )
   except RuntimeError as e:
     raise RuntimeError(f"{e}; install libtpu with `pip install -r requirements-tpu.txt`") from e
   return list(desc.devices)
@@ -107,21 +132,61 @@ def topology_devices(topology: Topology) -> list:
 
 # config.json fields of the papers' models (Hugging Face), so a plan needs no checkpoint.
 PAPER_ARCHITECTURES = {
-    "qwen2_5_7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                       intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-                       head_dim=128, rope_theta=1e6),
-    "qwen2_5_32b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120,
-                        intermediate_size=27648, num_layers=64, num_heads=40, num_kv_heads=8,
-                        head_dim=128, rope_theta=1e6),
-    "qwen3_8b": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096,
-                     intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
-                     head_dim=128, rope_theta=1e6),
-    "qwen3_14b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120,
-                      intermediate_size=17408, num_layers=40, num_heads=40, num_kv_heads=8,
-                      head_dim=128, rope_theta=1e6),
-    "qwen3_32b": dict(model_type="qwen3", vocab_size=151936, hidden_size=5120,
-                      intermediate_size=25600, num_layers=64, num_heads=64, num_kv_heads=8,
-                      head_dim=128, rope_theta=1e6),
+    "qwen2_5_7b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        rope_theta=1e6,
+    ),
+    "qwen2_5_32b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_layers=64,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1e6,
+    ),
+    "qwen3_8b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1e6,
+    ),
+    "qwen3_14b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1e6,
+    ),
+    "qwen3_32b": dict(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_layers=64,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1e6,
+    ),
 }
 
 
@@ -132,13 +197,17 @@ def model_config(c) -> models.ModelConfig:
   if c.model.source == "hf":
     if os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
       from entropy_rl.models import hf
+
       return hf.load_config(c.model.hf_path, **dtypes)
     name = os.path.basename(os.path.normpath(c.model.hf_path))
     if name not in PAPER_ARCHITECTURES:
-      raise ValueError(f"config.model.hf_path={c.model.hf_path!r}: no config.json there and not "
-                       f"named after a paper model {sorted(PAPER_ARCHITECTURES)}")
+      raise ValueError(
+          f"config.model.hf_path={c.model.hf_path!r}: no config.json there and not "
+          f"named after a paper model {sorted(PAPER_ARCHITECTURES)}"
+      )
     return models.ModelConfig(**PAPER_ARCHITECTURES[name], **dtypes)
   from entropy_rl import data as data_lib, policy
+
   with tempfile.TemporaryDirectory() as tmp:
     vocab_size = len(data_lib.build_tokenizer(os.path.join(tmp, "tokenizer")))
   return policy.tiny_model_config(c.model, vocab_size)
@@ -146,11 +215,38 @@ def model_config(c) -> models.ModelConfig:
 
 # ----------------------------------------------------------------------------- compiled costs
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
 _ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
-               "conditional", "after-all", "partition-id", "replica-id", "opt-barrier"}
+_NO_TRAFFIC = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "call",
+    "conditional",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+}
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -167,14 +263,14 @@ def _split_instruction(line: str):
   m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
   if not m:
     return None
-  rest, depth = line[m.end():], 0
+  rest, depth = line[m.end() :], 0
   # The shape: an array type, or a (possibly nested) tuple; i is read after the loop.
   for i, ch in enumerate(rest):  # noqa: B007
     depth += ch == "("
     depth -= ch == ")"
     if ch == " " and depth == 0:
       break
-  shape, rest = rest[:i], rest[i + 1:]
+  shape, rest = rest[:i], rest[i + 1 :]
   op = re.match(r"([\w\-]+)\(", rest)
   if not op:
     return None
@@ -182,15 +278,22 @@ def _split_instruction(line: str):
   while depth and j < len(rest):
     depth += (rest[j] == "(") - (rest[j] == ")")
     j += 1
-  args = rest[op.end():j - 1]
+  args = rest[op.end() : j - 1]
   operands = re.findall(r"%([\w.\-]+)", args)
   if op.group(1) in ("constant", "parameter"):
     operands = [args]  # the literal, the parameter number
   return m.group(1), shape, op.group(1), operands, rest[j:]
 
 
-def _valid_taps(size_in: int, size_out: int, window: int, pad_lo: int, stride: int,
-                lhs_dilate: int, rhs_dilate: int) -> int:
+def _valid_taps(
+    size_in: int,
+    size_out: int,
+    window: int,
+    pad_lo: int,
+    stride: int,
+    lhs_dilate: int,
+    rhs_dilate: int,
+) -> int:
   """Window taps, summed over the output positions of one spatial dimension, that read the input
   rather than its padding (XLA:TPU writes some matmuls as padded convolutions)."""
   extent = (size_in - 1) * lhs_dilate  # the last input position of the dilated input
@@ -225,9 +328,15 @@ def _conv_flops(shape, operands, attrs, shapes) -> float:
   for d in range(sum(ch.isdigit() for ch in out_labels)):
     size_out = out[out_labels.index(str(d))]
     pad_lo = int(fields["pad"].split("x")[d].split("_")[0]) if "pad" in fields else 0
-    taps = _valid_taps(lhs[lhs_labels.index(str(d))], size_out, kernel[rhs_labels.index(str(d))],
-                       pad_lo, field("stride", d, 1), field("lhs_dilate", d, 1),
-                       field("rhs_dilate", d, 1))
+    taps = _valid_taps(
+        lhs[lhs_labels.index(str(d))],
+        size_out,
+        kernel[rhs_labels.index(str(d))],
+        pad_lo,
+        field("stride", d, 1),
+        field("lhs_dilate", d, 1),
+        field("rhs_dilate", d, 1),
+    )
     macs *= taps / size_out
   return 2.0 * math.prod(out) * macs
 
@@ -264,6 +373,7 @@ def _iterations(start: int, step: int, bound: int, direction: str) -> int | None
 @dataclasses.dataclass
 class _Module:
   """An HLO module's instructions, by computation and name, and each computation's root."""
+
   insts: dict[str, dict[str, tuple]]
   roots: dict[str, str]
 
@@ -283,8 +393,11 @@ class _Module:
 
   def state_index(self, comp: str, inst) -> int | None:
     """k when `inst` is element k of the loop state (the parameter of `comp`)."""
-    if inst and inst[2] == "get-tuple-element" and (
-        self.insts[comp].get(inst[3][0], (0, 0, ""))[2] == "parameter"):
+    if (
+        inst
+        and inst[2] == "get-tuple-element"
+        and (self.insts[comp].get(inst[3][0], (0, 0, ""))[2] == "parameter")
+    ):
       return int(re.search(r"index=(\d+)", inst[4]).group(1))
     return None
 
@@ -365,8 +478,9 @@ class _Module:
     _, shape, opcode, operands, attrs = inst
     if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
       return 0.0
-    operand_bytes = [_nbytes(self.insts[comp][o][1]) if o in self.insts[comp] else 0.0
-                     for o in operands]
+    operand_bytes = [
+        _nbytes(self.insts[comp][o][1]) if o in self.insts[comp] else 0.0 for o in operands
+    ]
     if opcode.endswith("-start"):  # its tuple holds the operand and the result
       return sum(operand_bytes) + _largest_array(shape)
     if opcode in ("dynamic-slice", "gather"):
@@ -436,8 +550,7 @@ def hlo_costs(hlo_text: str) -> Costs:
           control[body] = control.get(body, 0.0) + times * n
           control[cond] = control.get(cond, 0.0) + times * (n + 1)
         elif opcode in ("call", "conditional"):
-          called = re.findall(r"(?:to_apply|_computation|computations)=\{?([%\w.\-, ]+)\}?",
-                              attrs)
+          called = re.findall(r"(?:to_apply|_computation|computations)=\{?([%\w.\-, ]+)\}?", attrs)
           for c in re.findall(r"%([\w.\-]+)", " ".join(called)):
             control[c] = control.get(c, 0.0) + times
         elif opcode == "fusion":
@@ -445,8 +558,7 @@ def hlo_costs(hlo_text: str) -> Costs:
           fused[callee] = fused.get(callee, 0.0) + times
         if opcode in ("dot", "convolution"):
           costs.flops += times * _op_flops(opcode, shape, operands, attrs, shapes[name])
-        costs.hbm_bytes += times * module.traffic(name, (inst_name, shape, opcode, operands,
-                                                         attrs))
+        costs.hbm_bytes += times * module.traffic(name, (inst_name, shape, opcode, operands, attrs))
         if opcode.removesuffix("-start") in _COLLECTIVES:
           costs.ici_bytes += times * _largest_array(shape)
     elif name in fused:
@@ -466,6 +578,7 @@ def hlo_costs(hlo_text: str) -> Costs:
 @dataclasses.dataclass
 class Program:
   """One compiled program: per-chip memory (memory_analysis) and costs (`hlo_costs`)."""
+
   name: str
   calls: int  # per RL step
   argument_bytes: int
@@ -479,8 +592,13 @@ class Program:
 
   @property
   def peak_bytes(self) -> int:
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
-            + self.code_bytes)
+    return (
+        self.argument_bytes
+        + self.output_bytes
+        - self.alias_bytes
+        + self.temp_bytes
+        + self.code_bytes
+    )
 
   def seconds(self, chip: Chip) -> float:
     """Roofline time of one call: compute- or HBM-bound, whichever is slower."""
@@ -489,9 +607,11 @@ class Program:
 
 def _shard_bytes(tree) -> int:
   """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+
   def one(x):
     key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
     return math.prod(x.sharding.shard_shape(x.shape)) * (8 if key else np.dtype(x.dtype).itemsize)
+
   return sum(one(x) for x in jax.tree.leaves(tree))
 
 
@@ -506,35 +626,53 @@ def compile_program(name: str, lowered, args=(), calls: int = 1) -> Program:
     if not need:
       raise
     temp = float(need.group(1)) * 2 ** (10 * (1 + "KMGT".index(need.group(2))))
-    return Program(name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "",
-                   compiled=False)
+    return Program(name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "", compiled=False)
   mem, text = compiled.memory_analysis(), compiled.as_text()
-  return Program(name, calls, mem.argument_size_in_bytes, mem.output_size_in_bytes,
-                 mem.alias_size_in_bytes, mem.temp_size_in_bytes,
-                 mem.generated_code_size_in_bytes, hlo_costs(text), text)
+  return Program(
+      name,
+      calls,
+      mem.argument_size_in_bytes,
+      mem.output_size_in_bytes,
+      mem.alias_size_in_bytes,
+      mem.temp_size_in_bytes,
+      mem.generated_code_size_in_bytes,
+      hlo_costs(text),
+      text,
+  )
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                      shardings)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+  )
 
 
 def update_batch(c, mesh) -> dict:
   """Abstract update inputs of one rollout: rows over ('data', 'fsdp'), as the trainer feeds."""
-  n, p, length = (c.rollout.prompts_per_step * c.rollout.num_samples, c.task.max_prompt_len,
-                  c.rollout.max_new_tokens)
+  n, p, length = (
+      c.rollout.prompts_per_step * c.rollout.num_samples,
+      c.task.max_prompt_len,
+      c.rollout.max_new_tokens,
+  )
   rows = sharding.batch_sharding(mesh)
-  spec = {"tokens": ((n, p + length), jnp.int32), "attn_mask": ((n, p + length), jnp.int32),
-          "response_mask": ((n, length), jnp.float32), "old_logp": ((n, length), jnp.float32),
-          "advantages": ((n, length), jnp.float32)}
+  spec = {
+      "tokens": ((n, p + length), jnp.int32),
+      "attn_mask": ((n, p + length), jnp.int32),
+      "response_mask": ((n, length), jnp.float32),
+      "old_logp": ((n, length), jnp.float32),
+      "advantages": ((n, length), jnp.float32),
+  }
   if c.loss.kl_ref_coef > 0:
     spec["ref_logp"] = ((n, length), jnp.float32)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
+  return {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()
+  }
 
 
 def training_programs(c, mesh, model_cfg) -> list[Program]:
   """The update (and the reference log-probs when a KL term is on), compiled for `mesh`."""
   import functools
+
   rules = sharding.default_rules()
   model = models.Decoder(model_cfg)
   run = config_lib.typed(c)
@@ -544,22 +682,38 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
   schedule = step_lib.lr_schedule(run.optim, updates)
   params = jax.eval_shape(functools.partial(models.init_params, model_cfg), jax.random.key(0))
   param_shardings = sharding.logical_to_mesh_sharding(
-      models.param_logical_axes(model_cfg), mesh, rules, params)
-  abstract = jax.eval_shape(lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p,
-                                                          optimizer.init(p)), params)
+      models.param_logical_axes(model_cfg), mesh, rules, params
+  )
+  abstract = jax.eval_shape(
+      lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params
+  )
   shardings = step_lib.state_shardings(abstract, optimizer, mesh, param_shardings)
   replicated = sharding.replicated_sharding(mesh)
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=replicated)
+  key = jax.ShapeDtypeStruct(
+      (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated
+  )
   batch = update_batch(c, mesh)
-  update = step_lib.make_update(model, model_cfg, upd_cfg, optimizer, schedule, mesh, shardings,
-                                rules)
+  update = step_lib.make_update(
+      model, model_cfg, upd_cfg, optimizer, schedule, mesh, shardings, rules
+  )
   args = (_abstract(abstract, shardings), batch, key)
   out = [compile_program("update", update.lower(*args), args)]
   if upd_cfg.loss.kl_ref_coef > 0:
-    ref = sharding.under_mesh(jax.jit(lambda p, b: step_lib.logprobs_in_chunks(
-        model, model_cfg, p, b, upd_cfg.num_microbatches * upd_cfg.num_minibatches,
-        upd_cfg.temperature, upd_cfg.fused_chunk_size)[0]), mesh, rules)
+    ref = sharding.under_mesh(
+        jax.jit(
+            lambda p, b: step_lib.logprobs_in_chunks(
+                model,
+                model_cfg,
+                p,
+                b,
+                upd_cfg.num_microbatches * upd_cfg.num_minibatches,
+                upd_cfg.temperature,
+                upd_cfg.fused_chunk_size,
+            )[0]
+        ),
+        mesh,
+        rules,
+    )
     args = (_abstract(params, param_shardings), batch)
     out.append(compile_program("reference", ref.lower(*args), args))
   return out
@@ -572,8 +726,11 @@ def model_flops(c, model_cfg) -> float:
   """6 x parameters x tokens of one update (the usual MFU numerator; attention not counted)."""
   params = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.key(0)))
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  tokens = (c.rollout.prompts_per_step * c.rollout.num_samples
-            * (c.task.max_prompt_len + c.rollout.max_new_tokens))
+  tokens = (
+      c.rollout.prompts_per_step
+      * c.rollout.num_samples
+      * (c.task.max_prompt_len + c.rollout.max_new_tokens)
+  )
   return 6.0 * n * tokens * c.rl.ppo_epochs
 
 
@@ -583,50 +740,73 @@ def advice(c, program: Program, limit: float, derived: bool = False) -> str:
   over = (program.peak_bytes - limit) / GiB
   fields = []
   if program.temp_bytes > program.argument_bytes:
-    micro, rows = c.rl.num_microbatches, (c.rollout.prompts_per_step * c.rollout.num_samples
-                                          // c.rl.num_minibatches)
+    micro, rows = c.rl.num_microbatches, (
+        c.rollout.prompts_per_step * c.rollout.num_samples // c.rl.num_minibatches
+    )
     larger = [m for m in range(micro + 1, rows + 1) if rows % m == 0]
     per_device = c.rl.microbatch_rows_per_device
     if derived and per_device > 1:
       fields.append(f"config.rl.microbatch_rows_per_device={per_device} -> {per_device // 2}")
     elif larger and not derived:
-      fields.append(f"config.rl.num_microbatches={micro} -> {larger[0]} or more (divisors of "
-                    f"the {rows}-row mini-batch)")
+      fields.append(
+          f"config.rl.num_microbatches={micro} -> {larger[0]} or more (divisors of "
+          f"the {rows}-row mini-batch)"
+      )
     if not c.model.remat:
       fields.append("config.model.remat=True")
     if c.mesh.tensor == 1:
-      fields.append("config.mesh.tensor=4 or 8 (attention heads over chips: each holds that "
-                    "fraction of the [heads, T, T] scores)")
+      fields.append(
+          "config.mesh.tensor=4 or 8 (attention heads over chips: each holds that "
+          "fraction of the [heads, T, T] scores)"
+      )
     fields.append(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens} (lower)")
   else:
     if c.mesh.data != 1:
-      fields.append(f"config.mesh.data={c.mesh.data} -> 1 with config.mesh.fsdp=-1 (shard the "
-                    "state over every chip)")
-    fields.append(f"config.model.param_dtype={c.model.param_dtype!r}"
-                  + (" -> 'bfloat16'" if c.model.param_dtype == "float32" else ""))
-  return (f"{program.name} needs {program.peak_bytes / GiB:.2f} GiB per chip, {over:.2f} GiB "
-          f"over the {limit / GiB:.2f} GiB allowed; change " + "; or ".join(fields)
-          + ", or use a larger slice")
+      fields.append(
+          f"config.mesh.data={c.mesh.data} -> 1 with config.mesh.fsdp=-1 (shard the "
+          "state over every chip)"
+      )
+    fields.append(
+        f"config.model.param_dtype={c.model.param_dtype!r}"
+        + (" -> 'bfloat16'" if c.model.param_dtype == "float32" else "")
+    )
+  return (
+      f"{program.name} needs {program.peak_bytes / GiB:.2f} GiB per chip, {over:.2f} GiB "
+      f"over the {limit / GiB:.2f} GiB allowed; change "
+      + "; or ".join(fields)
+      + ", or use a larger slice"
+  )
 
 
 def table(programs: list[Program], topology: Topology, mfu_flops: float | None) -> str:
   chip = topology.chip
-  head = (f"{'program':<10} {'calls':>5} {'args':>8} {'temps':>8} {'peak':>8} {'HBM':>6} "
-          f"{'TFLOP':>9} {'HBM GB':>9} {'ICI GB':>8} {'roofline s':>11}")
-  lines = [f"{topology.name} ({topology.generation}:{topology.shape}, {topology.num_chips} chips): "
-           "per chip, GiB unless marked", head]
+  head = (
+      f"{'program':<10} {'calls':>5} {'args':>8} {'temps':>8} {'peak':>8} {'HBM':>6} "
+      f"{'TFLOP':>9} {'HBM GB':>9} {'ICI GB':>8} {'roofline s':>11}"
+  )
+  lines = [
+      f"{topology.name} ({topology.generation}:{topology.shape}, {topology.num_chips} chips): "
+      "per chip, GiB unless marked",
+      head,
+  ]
   total = 0.0
   for p in programs:
     s = p.seconds(chip)
     total += s * p.calls
-    costs = (f"{p.costs.flops / 1e12:>9.2f} {p.costs.hbm_bytes / 1e9:>9.2f} "
-             f"{p.costs.ici_bytes / 1e9:>8.2f} {s:>11.3f}" if p.compiled else
-             f"{'XLA:TPU refused it: out of HBM':>40}")
+    costs = (
+        f"{p.costs.flops / 1e12:>9.2f} {p.costs.hbm_bytes / 1e9:>9.2f} "
+        f"{p.costs.ici_bytes / 1e9:>8.2f} {s:>11.3f}"
+        if p.compiled
+        else f"{'XLA:TPU refused it: out of HBM':>40}"
+    )
     lines.append(
         f"{p.name:<10} {p.calls:>5} {p.argument_bytes / GiB:>8.2f} {p.temp_bytes / GiB:>8.2f} "
-        f"{p.peak_bytes / GiB:>8.2f} {chip.hbm_bytes / GiB:>6.0f} {costs}")
-  lines.append(f"{'step':<10} {'':>5} {'':>8} {'':>8} {'':>8} {'':>6} {'':>9} {'':>9} {'':>8} "
-               f"{total:>11.3f}")
+        f"{p.peak_bytes / GiB:>8.2f} {chip.hbm_bytes / GiB:>6.0f} {costs}"
+    )
+  lines.append(
+      f"{'step':<10} {'':>5} {'':>8} {'':>8} {'':>8} {'':>6} {'':>9} {'':>9} {'':>8} "
+      f"{total:>11.3f}"
+  )
   update = next((p for p in programs if p.name == "update"), None)
   if mfu_flops and update is not None and update.compiled:
     bound = mfu_flops / (topology.num_chips * chip.flops_per_s * update.seconds(chip))
@@ -668,15 +848,18 @@ def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
   limit = (1.0 - headroom) * topo.chip.hbm_bytes
   problems = [advice(c, p, limit, derived) for p in programs if p.peak_bytes > limit]
   first = next(iter(prompt_rows.values()))
-  report = (f"mesh {dict(mesh.shape)} over {len(prompt_rows)} hosts; each host feeds "
-            f"{first.stop - first.start} of {c.rollout.prompts_per_step} prompts per step\n"
-            + table(programs, topo, model_flops(c, model_cfg)))
+  report = (
+      f"mesh {dict(mesh.shape)} over {len(prompt_rows)} hosts; each host feeds "
+      f"{first.stop - first.start} of {c.rollout.prompts_per_step} prompts per step\n"
+      + table(programs, topo, model_flops(c, model_cfg))
+  )
   return Plan(topo, len(prompt_rows), first.stop - first.start, programs, report, problems)
 
 
 def main(argv) -> int:
   del argv
   from absl import flags
+
   jax.config.update("jax_platforms", "cpu")  # the slice comes from libtpu; nothing runs here
   jax.config.update("jax_threefry_partitionable", True)
   result = plan(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.headroom)
@@ -691,8 +874,9 @@ if __name__ == "__main__":
   from ml_collections import config_flags
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  config_flags.DEFINE_config_file("config", None, "ml-collections config file[:preset].",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "ml-collections config file[:preset].", lock_config=True
+  )
   flags.DEFINE_string("topology", None, "gcloud accelerator type (v5p-64) or topology (v5p:2x4x4).")
   flags.DEFINE_float("headroom", 0.1, "Fraction of each chip's HBM a program must leave free.")
   flags.mark_flags_as_required(["config", "topology"])

@@ -5,6 +5,7 @@ rewards out.
 inference-engine backend would replace it. `collect` draws one RL step's batch (with DAPO's
 dynamic sampling), `evaluate` the benchmark metrics. Every host feeds its own block of rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Rollout:
   """N = prompts x samples responses of this host, as NumPy arrays ([N, P] prompt, [N, L] rest)."""
+
   prompt: np.ndarray
   prompt_mask: np.ndarray
   tokens: np.ndarray
@@ -40,13 +42,18 @@ class Rollout:
 
   @staticmethod
   def concat(parts) -> "Rollout":
-    return Rollout(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
-                      for f in dataclasses.fields(Rollout)})
+    return Rollout(
+        **{
+            f.name: np.concatenate([getattr(p, f.name) for p in parts])
+            for f in dataclasses.fields(Rollout)
+        }
+    )
 
 
 @dataclasses.dataclass
 class RewardCounts:
   """Reward-function faults since the last `reset()`: answers that timed out or raised."""
+
   timeouts: int = 0
   errors: int = 0
   seconds: float = 0.0
@@ -55,29 +62,57 @@ class RewardCounts:
 class Rollouts:
   """Sampling and scoring G responses per prompt with the current parameters."""
 
-  def __init__(self, config: config_lib.RolloutConfig, policy, reward_fn, mesh,
-               shard: tuple[int, int] = (0, 1)):
+  def __init__(
+      self,
+      config: config_lib.RolloutConfig,
+      policy,
+      reward_fn,
+      mesh,
+      shard: tuple[int, int] = (0, 1),
+  ):
     self.config, self.policy, self.reward_fn, self.mesh = config, policy, reward_fn, mesh
     # This host feeds block shard[0] of shard[1] equal row blocks of every global prompt batch.
     self.shard_index, self.num_shards = shard
     self.faults = RewardCounts()
 
-  def generate(self, params, examples, key, *, num_samples, temperature, max_new_tokens,
-               greedy=False, max_rows_in_flight=None) -> Rollout:
+  def generate(
+      self,
+      params,
+      examples,
+      key,
+      *,
+      num_samples,
+      temperature,
+      max_new_tokens,
+      greedy=False,
+      max_rows_in_flight=None,
+  ) -> Rollout:
     """Samples and scores `num_samples` responses per example, `max_rows_in_flight` rows at a
     time (default: `config.max_rows_in_flight`; 0 = all)."""
     c, pol = self.config, self.policy
     if max_rows_in_flight is None:
       max_rows_in_flight = c.max_rows_in_flight
     prompt_BxP, pmask_BxP = data_lib.encode_prompts(
-        pol.tokenizer, [ex.prompt for ex in examples], c.max_prompt_len)
+        pol.tokenizer, [ex.prompt for ex in examples], c.max_prompt_len
+    )
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.default_rules()):
       out = sampling.sample(
-          pol.model, params, to_global(prompt_BxP, self.mesh), to_global(pmask_BxP, self.mesh),
-          key, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-          top_p=c.top_p, top_k=c.top_k, greedy=greedy, stop_ids=pol.stop_ids,
-          pad_id=pol.pad_id, return_entropy=True,
-          max_rows_in_flight=max_rows_in_flight)
+          pol.model,
+          params,
+          to_global(prompt_BxP, self.mesh),
+          to_global(pmask_BxP, self.mesh),
+          key,
+          num_samples=num_samples,
+          max_new_tokens=max_new_tokens,
+          temperature=temperature,
+          top_p=c.top_p,
+          top_k=c.top_k,
+          greedy=greedy,
+          stop_ids=pol.stop_ids,
+          pad_id=pol.pad_id,
+          return_entropy=True,
+          max_rows_in_flight=max_rows_in_flight,
+      )
     tokens, mask = to_local(out.tokens_NxL), to_local(out.mask_NxL)
     texts = data_lib.decode_responses(pol.tokenizer, tokens, mask)
     repeated = [ex for ex in examples for _ in range(num_samples)]
@@ -86,22 +121,31 @@ class Rollouts:
     self.faults.seconds += time.perf_counter() - t0
     self._report_faults(info)
     return Rollout(
-        prompt=to_local(out.prompt_NxP), prompt_mask=to_local(out.prompt_mask_NxP),
-        tokens=tokens, mask=mask.astype(np.float32), logp=to_local(out.logprobs_NxL),
-        entropy=to_local(out.entropy_NxL), rewards=np.asarray(rewards, np.float32),
-        correct=np.asarray(info.get("correct", rewards), np.float32))
+        prompt=to_local(out.prompt_NxP),
+        prompt_mask=to_local(out.prompt_mask_NxP),
+        tokens=tokens,
+        mask=mask.astype(np.float32),
+        logp=to_local(out.logprobs_NxL),
+        entropy=to_local(out.entropy_NxL),
+        rewards=np.asarray(rewards, np.float32),
+        correct=np.asarray(info.get("correct", rewards), np.float32),
+    )
 
   def _report_faults(self, info) -> None:
     timeouts, errors = int(info.get("timeouts", 0)), int(info.get("errors", 0))
     self.faults.timeouts += timeouts
     self.faults.errors += errors
     if timeouts:
-      log.warning("%d answers took longer than config.reward.timeout_s=%g s to verify and scored "
-                  "0", timeouts, self.config.reward_timeout_s)
+      log.warning(
+          "%d answers took longer than config.reward.timeout_s=%g s to verify and scored " "0",
+          timeouts,
+          self.config.reward_timeout_s,
+      )
     if errors:
       first = (info.get("error_messages") or ["(no message)"])[0]
-      log.warning("the reward function failed on %d answers, which scored 0; first error: %s",
-                  errors, first)
+      log.warning(
+          "the reward function failed on %d answers, which scored 0; first error: %s", errors, first
+      )
 
   def collect(self, params, source, key, check_stop=None) -> tuple[Rollout, Rollout, int]:
     """One step's rollout (this host's rows), every response drawn, and the number of draws.
@@ -119,15 +163,22 @@ class Rollouts:
       if draws and check_stop is not None:
         check_stop()
       examples = source.next_batch(b)
-      out = self.generate(params, examples, jax.random.fold_in(key, draws), num_samples=g,
-                          temperature=c.temperature, max_new_tokens=c.max_new_tokens)
+      out = self.generate(
+          params,
+          examples,
+          jax.random.fold_in(key, draws),
+          num_samples=g,
+          temperature=c.temperature,
+          max_new_tokens=c.max_new_tokens,
+      )
       draws += 1
       drawn.append(out)
       metric_N = out.correct if c.filter_groups_metric == "acc" else out.rewards
       for i in range(b):
-        informative = np.ptp(metric_N[i * g:(i + 1) * g]) > 0
+        informative = np.ptp(metric_N[i * g : (i + 1) * g]) > 0
         (kept if informative or not c.dynamic_sampling else spare).append(
-            out.rows(i * g, (i + 1) * g))
+            out.rows(i * g, (i + 1) * g)
+        )
       if not c.dynamic_sampling:
         break
       enough = int(np.min(gather(np.array([len(kept) >= b], np.int32))))
@@ -136,8 +187,9 @@ class Rollouts:
     return Rollout.concat((kept + spare)[:b]), Rollout.concat(drawn), draws
 
 
-def evaluate(rollouts: Rollouts, params, eval_examples, key, c: config_lib.RunConfig,
-             check_stop=None) -> dict:
+def evaluate(
+    rollouts: Rollouts, params, eval_examples, key, c: config_lib.RunConfig, check_stop=None
+) -> dict:
   """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy.
 
   `eval_examples` is the whole list on every host, evaluated in global chunks of
@@ -154,19 +206,34 @@ def evaluate(rollouts: Rollouts, params, eval_examples, key, c: config_lib.RunCo
     if check_stop is not None:
       check_stop()
     first = start + rollouts.shard_index * b
-    chunk = list(eval_examples[first:first + b])
+    chunk = list(eval_examples[first : first + b])
     n = len(chunk)
     chunk += [eval_examples[0]] * (b - n)  # static shapes; padded prompts are dropped below
     key, k1, k2 = jax.random.split(key, 3)
-    g = rollouts.generate(params, chunk, k1, num_samples=1, temperature=1.0,
-                          max_new_tokens=max_new, greedy=True, max_rows_in_flight=rows)
-    s = rollouts.generate(params, chunk, k2, num_samples=k, temperature=c.eval.temperature,
-                          max_new_tokens=max_new, max_rows_in_flight=rows)
+    g = rollouts.generate(
+        params,
+        chunk,
+        k1,
+        num_samples=1,
+        temperature=1.0,
+        max_new_tokens=max_new,
+        greedy=True,
+        max_rows_in_flight=rows,
+    )
+    s = rollouts.generate(
+        params,
+        chunk,
+        k2,
+        num_samples=k,
+        temperature=c.eval.temperature,
+        max_new_tokens=max_new,
+        max_rows_in_flight=rows,
+    )
     greedy.append(g.correct)
     correct.append(s.correct.reshape(b, k))
     valid.append(np.arange(b) < n)
-    ent_sum += float(np.sum(s.entropy[:n * k] * s.mask[:n * k]))
-    tok += float(np.sum(s.mask[:n * k]))
+    ent_sum += float(np.sum(s.entropy[: n * k] * s.mask[: n * k]))
+    tok += float(np.sum(s.mask[: n * k]))
   valid = gather(np.concatenate(valid))  # every host gathers arrays of one shape
   greedy = gather(np.concatenate(greedy))[valid]
   correct = gather(np.concatenate(correct))[valid]
@@ -194,11 +261,13 @@ def reward_metrics(every: Rollout, kept: Rollout, g: int, draws: int, stop_ids) 
   lengths = gather(kept.mask.sum(1))
   drawn_groups = gather(every.rewards).reshape(-1, g)
   return {
-      "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+      "reward/mean": float(rewards.mean()),
+      "reward/std": float(rewards.std()),
       "acc": float(gather(every.correct).mean()),
       "groups/frac_zero_std": float(np.mean(np.ptp(drawn_groups, axis=1) == 0)),
       "groups/kept_frac_zero_std": float(np.mean(np.ptp(rewards.reshape(-1, g), axis=1) == 0)),
       "groups/draws": float(draws),
-      "response/len_mean": float(lengths.mean()), "response/len_max": float(lengths.max()),
+      "response/len_mean": float(lengths.mean()),
+      "response/len_max": float(lengths.max()),
       "response/clip_frac": float(np.mean(gather(clipped))),
   }

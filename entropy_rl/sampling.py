@@ -25,6 +25,7 @@ The jitted functions are module-level with the model and the sampling settings s
 static shape compiles once and is reused. Sharded inputs (params over the mesh, prompts with rows
 over the data axes) propagate through jit; every [N, ...] output keeps the prompts' row sharding.
 """
+
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -37,11 +38,11 @@ from entropy_rl.models.decoder import Decoder, init_cache, unstack_layers
 
 
 class SampleOutput(NamedTuple):
-  tokens_NxL: jax.Array        # int32 response tokens, pad_id after the end
-  mask_NxL: jax.Array          # int32, 1 for response tokens including the stop token
-  logprobs_NxL: jax.Array      # float32 log pi_T(token), 0 where mask is 0
+  tokens_NxL: jax.Array  # int32 response tokens, pad_id after the end
+  mask_NxL: jax.Array  # int32, 1 for response tokens including the stop token
+  logprobs_NxL: jax.Array  # float32 log pi_T(token), 0 where mask is 0
   entropy_NxL: jax.Array | None  # float32 entropy of pi_T, 0 where mask is 0; None unless asked
-  prompt_NxP: jax.Array        # the prompts, each repeated num_samples times
+  prompt_NxP: jax.Array  # the prompts, each repeated num_samples times
   prompt_mask_NxP: jax.Array
 
 
@@ -66,8 +67,9 @@ def _row_sharding(x):
   if not isinstance(sharding, jax.sharding.NamedSharding):
     return None
   spec = sharding.spec
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-      spec[0] if len(spec) else None))
+  return jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None)
+  )
 
 
 def _keep_rows(x, s: _Settings):
@@ -122,13 +124,17 @@ def _choose(logits_NxV, rng, pair_N, t_N, s: _Settings):
     token_N = _categorical(keys_N, z_NxV)
   token_N = token_N.astype(jnp.int32)
   logp_Nx1, entropy_Nx1 = stats.token_logprobs_and_entropy(
-      logits_NxV[:, None], token_N[:, None], s.temperature)
+      logits_NxV[:, None], token_N[:, None], s.temperature
+  )
   return token_N, logp_Nx1[:, 0], entropy_Nx1[:, 0]
 
 
 def _is_stop(token_N, stop_ids):
-  return jnp.isin(token_N, jnp.asarray(stop_ids, jnp.int32)) if stop_ids else jnp.zeros_like(
-      token_N, bool)
+  return (
+      jnp.isin(token_N, jnp.asarray(stop_ids, jnp.int32))
+      if stop_ids
+      else jnp.zeros_like(token_N, bool)
+  )
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -151,8 +157,13 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
   N = B * G
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
   hidden_BxPxD, prompt_cache = model.apply(
-      {"params": params}, prompt_BxP.astype(jnp.int32), init_cache(model.config, B, P),
-      prompt_mask_BxP, return_hidden=True, method=Decoder.decode)
+      {"params": params},
+      prompt_BxP.astype(jnp.int32),
+      init_cache(model.config, B, P),
+      prompt_mask_BxP,
+      return_hidden=True,
+      method=Decoder.decode,
+  )
   logits_BxV = model.apply({"params": params}, hidden_BxPxD[:, -1:], method=Decoder.unembed)[:, 0]
 
   def repeat(x_BxA):
@@ -163,11 +174,17 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
   done_N = _is_stop(token_N, s.stop_ids) | (L == 1)
   columns = dict(tokens=token_N, mask=jnp.ones_like(token_N), logprobs=logp_N, entropy=entropy_N)
   fill = dict(tokens=s.pad_id, mask=0, logprobs=0.0, entropy=0.0)
-  outputs = {name: _keep_rows(jnp.full((N, L), fill[name], col_N.dtype).at[:, 0].set(col_N), s)
-             for name, col_N in columns.items() if name != "entropy" or s.return_entropy}
+  outputs = {
+      name: _keep_rows(jnp.full((N, L), fill[name], col_N.dtype).at[:, 0].set(col_N), s)
+      for name, col_N in columns.items()
+      if name != "entropy" or s.return_entropy
+  }
   empty = init_cache(model.config, R, P + L)
-  slots = dict(k=tuple(_keep_rows(x, s) for x in empty["k"]),
-               v=tuple(_keep_rows(x, s) for x in empty["v"]), mask=empty["mask"])
+  slots = dict(
+      k=tuple(_keep_rows(x, s) for x in empty["k"]),
+      v=tuple(_keep_rows(x, s) for x in empty["v"]),
+      mask=empty["mask"],
+  )
   state = dict(
       **outputs,
       slots=slots,
@@ -206,14 +223,23 @@ def _refill(st, s: _Settings):
       return jax.lax.dynamic_update_slice(dst, row, start)
 
     mask_1xS = jnp.pad(jax.lax.dynamic_index_in_dim(prompt["mask"], b, 0), ((0, 0), (0, L)))
-    return dict(slots, k=tuple(copy(d, x, 3) for d, x in zip(slots["k"], prompt["k"])),
-                v=tuple(copy(d, x, 2) for d, x in zip(slots["v"], prompt["v"])),
-                mask=jax.lax.dynamic_update_slice(slots["mask"], mask_1xS, (slot, 0)))
+    return dict(
+        slots,
+        k=tuple(copy(d, x, 3) for d, x in zip(slots["k"], prompt["k"])),
+        v=tuple(copy(d, x, 2) for d, x in zip(slots["v"], prompt["v"])),
+        mask=jax.lax.dynamic_update_slice(slots["mask"], mask_1xS, (slot, 0)),
+    )
 
   slots = jax.lax.fori_loop(0, taken, copy_prompt, st["slots"])
   first_R = st["tokens"][jnp.minimum(pair_R, N - 1), 0]
-  return dict(st, slots=slots, pair=pair_R, cursor=st["cursor"] + taken,
-              t=jnp.where(take_R, 1, st["t"]), prev=jnp.where(take_R, first_R, st["prev"]))
+  return dict(
+      st,
+      slots=slots,
+      pair=pair_R,
+      cursor=st["cursor"] + taken,
+      t=jnp.where(take_R, 1, st["t"]),
+      prev=jnp.where(take_R, first_R, st["prev"]),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("model", "s"), donate_argnames="state")
@@ -229,8 +255,12 @@ def _decode(params, state, *, model: Decoder, s: _Settings):
     live_R = pair_R < N
     position_R = st["prompt_len"][jnp.minimum(pair_R, N - 1) // s.num_samples] + t_R - 1
     logits_Rx1xV, slots = model.apply(
-        {"params": params}, st["prev"][:, None], dict(st["slots"], index=P + t_R - 1),
-        positions_BxT=position_R[:, None], method=Decoder.decode)
+        {"params": params},
+        st["prev"][:, None],
+        dict(st["slots"], index=P + t_R - 1),
+        positions_BxT=position_R[:, None],
+        method=Decoder.decode,
+    )
     token_R, logp_R, entropy_R = _choose(logits_Rx1xV[:, 0], st["rng"], pair_R, t_R, s)
     columns = dict(tokens=token_R, mask=jnp.ones_like(token_R), logprobs=logp_R, entropy=entropy_R)
     slots = {name: x for name, x in slots.items() if name != "index"}
@@ -250,17 +280,37 @@ def _decode(params, state, *, model: Decoder, s: _Settings):
   return jax.lax.while_loop(cond, body, state)
 
 
-def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, *, num_samples: int,
-           max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           greedy: bool = False, stop_ids=(), pad_id: int = 0,
-           return_entropy: bool = False, max_rows_in_flight: int = 0) -> SampleOutput:
+def sample(
+    model: Decoder,
+    params,
+    prompt_BxP,
+    prompt_mask_BxP,
+    rng,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    greedy: bool = False,
+    stop_ids=(),
+    pad_id: int = 0,
+    return_entropy: bool = False,
+    max_rows_in_flight: int = 0,
+) -> SampleOutput:
   """Samples `num_samples` responses per left-padded prompt, at most `max_rows_in_flight` (0: all)
   at a time; see the module docstring."""
   if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape:
-    raise ValueError(f"prompt_BxP and prompt_mask_BxP must be [B, P] of the same shape; got "
-                     f"{prompt_BxP.shape} and {prompt_mask_BxP.shape}")
-  for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 1),
-                           ("top_k", top_k, 0), ("max_rows_in_flight", max_rows_in_flight, 0)):
+    raise ValueError(
+        f"prompt_BxP and prompt_mask_BxP must be [B, P] of the same shape; got "
+        f"{prompt_BxP.shape} and {prompt_mask_BxP.shape}"
+    )
+  for name, value, low in (
+      ("num_samples", num_samples, 1),
+      ("max_new_tokens", max_new_tokens, 1),
+      ("top_k", top_k, 0),
+      ("max_rows_in_flight", max_rows_in_flight, 0),
+  ):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
   if top_k > model.config.vocab_size:
@@ -270,14 +320,29 @@ def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, *, num_samp
   if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
   n = prompt_BxP.shape[0] * num_samples
-  s = _Settings(num_samples=num_samples, max_new_tokens=max_new_tokens,
-                temperature=float(temperature), top_p=float(top_p), top_k=top_k, greedy=bool(greedy), stop_ids=tuple(int(i) for i in stop_ids),
-                pad_id=int(pad_id), return_entropy=bool(return_entropy),
-                rows_in_flight=min(max_rows_in_flight or n, n), rows=_row_sharding(prompt_BxP))
+  s = _Settings(
+      num_samples=num_samples,
+      max_new_tokens=max_new_tokens,
+      temperature=float(temperature),
+      top_p=float(top_p),
+      top_k=top_k,
+      greedy=bool(greedy),
+      stop_ids=tuple(int(i) for i in stop_ids),
+      pad_id=int(pad_id),
+      return_entropy=bool(return_entropy),
+      rows_in_flight=min(max_rows_in_flight or n, n),
+      rows=_row_sharding(prompt_BxP),
+  )
   params = _serving_params(params, dtype=model.config.dtype)
-  state, prompt_NxP, prompt_mask_NxP = _prefill(params, prompt_BxP, prompt_mask_BxP, rng,
-                                                model=model, s=s)
+  state, prompt_NxP, prompt_mask_NxP = _prefill(
+      params, prompt_BxP, prompt_mask_BxP, rng, model=model, s=s
+  )
   out = _decode(params, state, model=model, s=s)
-  return SampleOutput(tokens_NxL=out["tokens"], mask_NxL=out["mask"],
-                      logprobs_NxL=out["logprobs"], entropy_NxL=out.get("entropy"),
-                      prompt_NxP=prompt_NxP, prompt_mask_NxP=prompt_mask_NxP)
+  return SampleOutput(
+      tokens_NxL=out["tokens"],
+      mask_NxL=out["mask"],
+      logprobs_NxL=out["logprobs"],
+      entropy_NxL=out.get("entropy"),
+      prompt_NxP=prompt_NxP,
+      prompt_mask_NxP=prompt_mask_NxP,
+  )

@@ -11,6 +11,7 @@ lays the devices out host by host (`host_blocked_devices`): each host's devices 
 mesh with 'tensor' innermost (inside a host where it fits), the hosts in a snake over their
 physical positions so consecutive blocks of an 'fsdp' or 'data' ring are ICI neighbours.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,33 +37,41 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   n = len(devices)
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
   for name, size in sizes.items():
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (
-        size < 1 and size != -1):
+    if (
+        not isinstance(size, (int, np.integer))
+        or isinstance(size, bool)
+        or (size < 1 and size != -1)
+    ):
       raise ValueError(f"config.mesh.{name} must be a positive integer or -1, got {size!r}")
   rest = [name for name, size in sizes.items() if size == -1]
   if len(rest) > 1:
     raise ValueError(
         "only one of config.mesh.{data,fsdp,tensor} may be -1, got -1 for "
-        + ", ".join(f"config.mesh.{name}" for name in rest))
+        + ", ".join(f"config.mesh.{name}" for name in rest)
+    )
   fixed = math.prod(size for size in sizes.values() if size != -1)
   desc = ", ".join(f"config.mesh.{k}={v}" for k, v in sizes.items())
   if rest:
     if n % fixed:
       raise ValueError(
           f"config.mesh.{rest[0]}=-1 takes the rest of {n} devices, but the other axes "
-          f"({desc}) multiply to {fixed}, which does not divide {n}")
+          f"({desc}) multiply to {fixed}, which does not divide {n}"
+      )
     sizes[rest[0]] = n // fixed
   elif fixed != n:
     bad = next((k for k, v in sizes.items() if n % v), "data")
     raise ValueError(
         f"mesh sizes ({desc}) multiply to {fixed} but there are {n} devices; set "
-        f"config.mesh.{bad} so the product is {n}, or -1 for the rest")
+        f"config.mesh.{bad} so the product is {n}, or -1 for the rest"
+    )
   shape = tuple(sizes[a] for a in MESH_AXES)
   if len({d.process_index for d in devices}) == 1:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
-  return Mesh(host_blocked_devices(shape, devices), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+  return Mesh(
+      host_blocked_devices(shape, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def _host_shape(shape: tuple[int, int, int], per_host: int) -> tuple[int, int, int]:
@@ -76,7 +85,8 @@ def _host_shape(shape: tuple[int, int, int], per_host: int) -> tuple[int, int, i
     raise ValueError(
         f"config.mesh.fsdp={fsdp}: a host's {per_host} devices cannot hold one contiguous block "
         f"of batch rows of the (data, fsdp, tensor) = {shape} mesh; make config.mesh.fsdp a "
-        f"multiple or a divisor of {per_host // t} devices per host")
+        f"multiple or a divisor of {per_host // t} devices per host"
+    )
   return d, f, t
 
 
@@ -96,12 +106,16 @@ def _hosts_in_snake_order(devices) -> list[list]:
     hosts.setdefault(d.process_index, []).append(d)
   if not all(hasattr(d, "coords") for d in devices):
     return [hosts[p] for p in sorted(hosts)]
-  corner = {p: tuple(min(d.coords[i] for d in ds) for i in range(len(ds[0].coords)))
-            for p, ds in hosts.items()}
+  corner = {
+      p: tuple(min(d.coords[i] for d in ds) for i in range(len(ds[0].coords)))
+      for p, ds in hosts.items()
+  }
   axes = [sorted({c[i] for c in corner.values()}) for i in range(len(next(iter(corner.values()))))]
   at = {tuple(a.index(c[i]) for i, a in enumerate(axes)): p for p, c in corner.items()}
   order = [at[idx] for idx in _snake(tuple(len(a) for a in axes)) if idx in at]
-  return [hosts[p] for p in order] if len(order) == len(hosts) else [hosts[p] for p in sorted(hosts)]
+  return (
+      [hosts[p] for p in order] if len(order) == len(hosts) else [hosts[p] for p in sorted(hosts)]
+  )
 
 
 def host_blocked_devices(shape: tuple[int, int, int], devices) -> np.ndarray:
@@ -115,8 +129,13 @@ def host_blocked_devices(shape: tuple[int, int, int], devices) -> np.ndarray:
   block = _host_shape(shape, per_host.pop())
   grid = tuple(s // b for s, b in zip(shape, block))
   return mesh_utils.create_hybrid_device_mesh(
-      block, grid, [d for h in hosts for d in h], process_is_granule=True,
-      should_sort_granules_by_key=False, allow_split_physical_axes=True)
+      block,
+      grid,
+      [d for h in hosts for d in h],
+      process_is_granule=True,
+      should_sort_granules_by_key=False,
+      allow_split_physical_axes=True,
+  )
 
 
 def default_rules() -> tuple[tuple[str, Any], ...]:
@@ -149,13 +168,15 @@ def _rules_dict(rules: Rules, mesh: Mesh) -> dict[str, tuple[str, ...]]:
     for a in axes:
       if a not in mesh.axis_names:
         raise ValueError(
-            f"sharding rule {name!r} -> {a!r}: {a!r} is not a mesh axis {mesh.axis_names}")
+            f"sharding rule {name!r} -> {a!r}: {a!r} is not a mesh axis {mesh.axis_names}"
+        )
     out.setdefault(name, axes)  # First match wins, as in flax.
   return out
 
 
-def logical_to_pspec(logical_axes: tuple, shape: tuple[int, ...] | None, mesh: Mesh,
-                     rules: Rules, path: str = "") -> P:
+def logical_to_pspec(
+    logical_axes: tuple, shape: tuple[int, ...] | None, mesh: Mesh, rules: Rules, path: str = ""
+) -> P:
   """PartitionSpec for one leaf; drops mesh axes that do not divide the dimension or repeat."""
   rules_d = _rules_dict(rules, mesh)
   if shape is not None and len(shape) != len(logical_axes):
@@ -169,7 +190,8 @@ def logical_to_pspec(logical_axes: tuple, shape: tuple[int, ...] | None, mesh: M
     if name not in rules_d:
       raise ValueError(
           f"{path or 'leaf'}: logical axis {name!r} has no sharding rule; add "
-          f"({name!r}, <mesh axis or None>) to the rules (known: {sorted(rules_d)})")
+          f"({name!r}, <mesh axis or None>) to the rules (known: {sorted(rules_d)})"
+      )
     kept, size = [], 1
     for a in rules_d[name]:
       if a in used:
@@ -196,13 +218,15 @@ def logical_to_mesh_sharding(logical_axes_tree, mesh: Mesh, rules: Rules, shapes
     if axes is None:
       return NamedSharding(mesh, P())
     shape = None if leaf is None else tuple(leaf.shape)
-    return NamedSharding(mesh, logical_to_pspec(axes, shape, mesh, rules,
-                                                jax.tree_util.keystr(path)))
+    return NamedSharding(
+        mesh, logical_to_pspec(axes, shape, mesh, rules, jax.tree_util.keystr(path))
+    )
 
   if shapes_tree is None:
     return jax.tree_util.tree_map_with_path(one, logical_axes_tree, is_leaf=_is_axes_leaf)
-  return jax.tree_util.tree_map_with_path(one, logical_axes_tree, shapes_tree,
-                                          is_leaf=_is_axes_leaf)
+  return jax.tree_util.tree_map_with_path(
+      one, logical_axes_tree, shapes_tree, is_leaf=_is_axes_leaf
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

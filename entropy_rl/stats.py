@@ -5,6 +5,7 @@ entropy is accumulated as the sum of non-negative terms `p_j (lse - z_j)`, in na
 valid tokens (mask > 0) only; masked tokens never count and are never selected. Every selection has
 static shapes (ranking by a sort, never `nonzero`) so it runs under `jax.jit`.
 """
+
 import functools
 import math
 
@@ -16,8 +17,11 @@ ENTROPY_MASK_MODES = ("top", "bottom", "random", "top_quantile")
 
 
 def _check_temperature(temperature):
-  if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (
-      math.isfinite(temperature) and temperature > 0):
+  if (
+      not isinstance(temperature, (int, float))
+      or isinstance(temperature, bool)
+      or not (math.isfinite(temperature) and temperature > 0)
+  ):
     raise ValueError(f"temperature must be a positive float; got {temperature!r}")
   return float(temperature)
 
@@ -26,8 +30,9 @@ def check_same_shape(ref_name, ref, **arrays):
   """ValueError naming the first of `arrays` (None skipped) whose shape differs from `ref`'s."""
   for name, x in arrays.items():
     if x is not None and tuple(x.shape) != tuple(ref.shape):
-      raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}; "
-                       f"got {tuple(x.shape)}")
+      raise ValueError(
+          f"{name} must have the shape of {ref_name} {tuple(ref.shape)}; " f"got {tuple(x.shape)}"
+      )
 
 
 # ----------------------------------------------------------------------------- log-probs, entropy
@@ -43,8 +48,10 @@ def token_logprobs_and_entropy(logits_BxTxV, targets_BxT, temperature=1.0):
   """
   temperature = _check_temperature(temperature)
   if tuple(logits_BxTxV.shape[:-1]) != tuple(targets_BxT.shape):
-    raise ValueError(f"targets_BxT must have shape {tuple(logits_BxTxV.shape[:-1])} (the logits "
-                     f"without the vocabulary axis); got {tuple(targets_BxT.shape)}")
+    raise ValueError(
+        f"targets_BxT must have shape {tuple(logits_BxTxV.shape[:-1])} (the logits "
+        f"without the vocabulary axis); got {tuple(targets_BxT.shape)}"
+    )
   logits_BxTxV = logits_BxTxV.astype(jnp.float32)
   max_BxTx1 = jax.lax.stop_gradient(jnp.max(logits_BxTxV, axis=-1, keepdims=True))
   a_BxTxV = (max_BxTx1 - logits_BxTxV) / temperature
@@ -93,7 +100,8 @@ def _fused_forward(h_NxD, unembed_DxV, y_N, temperature, chunk):
     scale_N = jnp.exp(-shift_N)
     s_N, u_N = (
         scale_N * s_N + jnp.sum(e_NxC, axis=1),
-        scale_N * (u_N + jnp.where(s_N > 0, shift_N * s_N, 0.0)) + jnp.sum(e_NxC * a_NxC, axis=1))
+        scale_N * (u_N + jnp.where(s_N > 0, shift_N * s_N, 0.0)) + jnp.sum(e_NxC * a_NxC, axis=1),
+    )
     hit_NxC = (cols_C == y_N[:, None]) & valid_C
     logit_y_N = logit_y_N + jnp.sum(jnp.where(hit_NxC, logits_NxC, 0.0), axis=1)
     return (new_m_N, s_N, u_N, logit_y_N), None
@@ -130,14 +138,16 @@ def _fused_bwd(temperature, chunk, residuals, cotangents):
     a_NxC = jnp.where(valid_C, (m_N[:, None] - logits_NxC) / temperature, 0.0)
     p_NxC = jnp.where(valid_C, jnp.exp(-a_NxC - log_s_N[:, None]), 0.0)
     onehot_NxC = ((cols_C == y_N[:, None]) & valid_C).astype(jnp.float32)
-    dz_NxC = (g_logp_N[:, None] * (onehot_NxC - p_NxC)
-              + g_entropy_N[:, None] * p_NxC * (a_NxC + (log_s_N - entropy_N)[:, None]))
+    dz_NxC = g_logp_N[:, None] * (onehot_NxC - p_NxC) + g_entropy_N[:, None] * p_NxC * (
+        a_NxC + (log_s_N - entropy_N)[:, None]
+    )
     dlogits_NxC = (dz_NxC / temperature).astype(compute_dtype)
     dh_NxD = dh_NxD + jnp.dot(dlogits_NxC, w_DxC.T, preferred_element_type=jnp.float32)
     dw_DxC = jnp.dot(h_NxD.T, dlogits_NxC, preferred_element_type=jnp.float32)
     old_DxC = jax.lax.dynamic_slice_in_dim(dw_DxV, start, chunk, axis=1)
     dw_DxV = jax.lax.dynamic_update_slice_in_dim(
-        dw_DxV, jnp.where(valid_C, dw_DxC.astype(dw_DxV.dtype), old_DxC), start, axis=1)
+        dw_DxV, jnp.where(valid_C, dw_DxC.astype(dw_DxV.dtype), old_DxC), start, axis=1
+    )
     return (dh_NxD, dw_DxV), None
 
   init = (jnp.zeros(h_NxD.shape, jnp.float32), jnp.zeros_like(unembed_DxV))
@@ -148,8 +158,9 @@ def _fused_bwd(temperature, chunk, residuals, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, temperature=1.0,
-                               chunk_size=4096):
+def fused_logprobs_and_entropy(
+    hidden_BxTxD, unembed_DxV, targets_BxT, temperature=1.0, chunk_size=4096
+):
   """`token_logprobs_and_entropy(hidden @ unembed, targets, T)` without a [tokens, vocab] array.
 
   A `lax.scan` over vocabulary chunks of `chunk_size` keeps only the per-token log-normaliser,
@@ -157,15 +168,22 @@ def fused_logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, temperatu
   Matmuls accumulate in float32 (bf16 inputs are fine); outputs are float32 [B, T].
   """
   temperature = _check_temperature(temperature)
-  if (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-      or chunk_size < 1):
+  if (
+      not isinstance(chunk_size, (int, np.integer))
+      or isinstance(chunk_size, bool)
+      or chunk_size < 1
+  ):
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
   if unembed_DxV.ndim != 2 or hidden_BxTxD.shape[-1] != unembed_DxV.shape[0]:
-    raise ValueError(f"unembed_DxV must have shape (hidden_BxTxD.shape[-1], V) = "
-                     f"({hidden_BxTxD.shape[-1]}, V); got {tuple(unembed_DxV.shape)}")
+    raise ValueError(
+        f"unembed_DxV must have shape (hidden_BxTxD.shape[-1], V) = "
+        f"({hidden_BxTxD.shape[-1]}, V); got {tuple(unembed_DxV.shape)}"
+    )
   if tuple(hidden_BxTxD.shape[:-1]) != tuple(targets_BxT.shape):
-    raise ValueError(f"targets_BxT must have shape {tuple(hidden_BxTxD.shape[:-1])}; "
-                     f"got {tuple(targets_BxT.shape)}")
+    raise ValueError(
+        f"targets_BxT must have shape {tuple(hidden_BxTxD.shape[:-1])}; "
+        f"got {tuple(targets_BxT.shape)}"
+    )
   chunk = int(min(chunk_size, unembed_DxV.shape[1]))
   h_NxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   y_N = targets_BxT.reshape(-1).astype(jnp.int32)

@@ -10,6 +10,7 @@ unembedding matrix, never a [tokens, vocab] array.
 
 `make_update` jits it with explicit shardings over the mesh and donates the state.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,6 +29,7 @@ from entropy_rl import config_lib, losses, models, sharding, stats
 @flax.struct.dataclass
 class TrainState:
   """The run state. The entropy-control fields are None unless `loss_cfg.adaptive_entropy`."""
+
   step: jax.Array  # RL steps done (one per rollout)
   params: Any
   opt_state: Any
@@ -42,8 +44,13 @@ class TrainState:
     step = jnp.zeros((), jnp.int32)
     if not loss_cfg.adaptive_entropy:
       return cls(step, params, opt_state)
-    return cls(step, params, opt_state, entropy_coef=jnp.asarray(loss_cfg.entropy_coef, jnp.float32),
-               entropy_last=jnp.asarray(jnp.inf, jnp.float32))
+    return cls(
+        step,
+        params,
+        opt_state,
+        entropy_coef=jnp.asarray(loss_cfg.entropy_coef, jnp.float32),
+        entropy_last=jnp.asarray(jnp.inf, jnp.float32),
+    )
 
 
 def lr_schedule(optim_cfg: config_lib.OptimConfig, total_updates: int) -> optax.Schedule:
@@ -52,43 +59,70 @@ def lr_schedule(optim_cfg: config_lib.OptimConfig, total_updates: int) -> optax.
   if optim_cfg.schedule == "constant":
     after = optax.constant_schedule(optim_cfg.lr)
   else:
-    after = optax.cosine_decay_schedule(optim_cfg.lr, max(total_updates - optim_cfg.warmup_steps, 1))
+    after = optax.cosine_decay_schedule(
+        optim_cfg.lr, max(total_updates - optim_cfg.warmup_steps, 1)
+    )
   if optim_cfg.warmup_steps <= 0:
     return after
   return optax.join_schedules([warmup, after], [optim_cfg.warmup_steps])
 
 
-def make_optimizer(optim_cfg: config_lib.OptimConfig,
-                   total_updates: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optim_cfg: config_lib.OptimConfig, total_updates: int
+) -> optax.GradientTransformation:
   """Global-norm gradient clipping, then AdamW on the schedule."""
   return optax.chain(
       optax.clip_by_global_norm(optim_cfg.grad_clip),
-      optax.adamw(lr_schedule(optim_cfg, total_updates), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                  weight_decay=optim_cfg.weight_decay))
+      optax.adamw(
+          lr_schedule(optim_cfg, total_updates),
+          b1=optim_cfg.b1,
+          b2=optim_cfg.b2,
+          weight_decay=optim_cfg.weight_decay,
+      ),
+  )
 
 
-def response_logprobs(model, model_cfg, params, tokens_NxS, attn_mask_NxS, response_len: int,
-                      temperature: float, chunk_size: int):
+def response_logprobs(
+    model,
+    model_cfg,
+    params,
+    tokens_NxS,
+    attn_mask_NxS,
+    response_len: int,
+    temperature: float,
+    chunk_size: int,
+):
   """Teacher-forced log-probs and entropies of the response tokens (the last `response_len`)."""
-  hidden_NxSxD = model.apply({"params": params}, tokens_NxS, attn_mask_BxT=attn_mask_NxS,
-                             return_hidden=True)
+  hidden_NxSxD = model.apply(
+      {"params": params}, tokens_NxS, attn_mask_BxT=attn_mask_NxS, return_hidden=True
+  )
   s = tokens_NxS.shape[1]
-  hidden_NxLxD = hidden_NxSxD[:, s - response_len - 1:s - 1]
-  targets_NxL = tokens_NxS[:, s - response_len:]
+  hidden_NxLxD = hidden_NxSxD[:, s - response_len - 1 : s - 1]
+  targets_NxL = tokens_NxS[:, s - response_len :]
   unembed_DxV = models.unembedding(params, model_cfg).astype(hidden_NxLxD.dtype)
-  return stats.fused_logprobs_and_entropy(hidden_NxLxD, unembed_DxV, targets_NxL, temperature=temperature,
-                                          chunk_size=chunk_size)
+  return stats.fused_logprobs_and_entropy(
+      hidden_NxLxD, unembed_DxV, targets_NxL, temperature=temperature, chunk_size=chunk_size
+  )
 
 
-def logprobs_in_chunks(model, model_cfg, params, batch: dict, num_chunks: int, temperature: float,
-                       chunk_size: int):
+def logprobs_in_chunks(
+    model, model_cfg, params, batch: dict, num_chunks: int, temperature: float, chunk_size: int
+):
   """No-grad response log-probs and entropies of a whole batch, `num_chunks` row-splits at a time."""
   response_len = batch["response_mask"].shape[1]
   params = jax.lax.stop_gradient(params)
 
   def body(_, rows):
-    return None, response_logprobs(model, model_cfg, params, rows["tokens"], rows["attn_mask"],
-                                   response_len, temperature, chunk_size)
+    return None, response_logprobs(
+        model,
+        model_cfg,
+        params,
+        rows["tokens"],
+        rows["attn_mask"],
+        response_len,
+        temperature,
+        chunk_size,
+    )
 
   rows = {k: batch[k] for k in ("tokens", "attn_mask", "response_mask")}
   _, out = jax.lax.scan(body, None, split_rows(rows, num_chunks))
@@ -97,40 +131,73 @@ def logprobs_in_chunks(model, model_cfg, params, batch: dict, num_chunks: int, t
 
 def split_rows(tree, num: int):
   """[N, ...] -> [num, N / num, ...], strided: split i holds rows i, i + num, ..."""
+
   def f(x):
     return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
   return jax.tree.map(f, tree)
 
 
 def merge_rows(tree):
   """Inverse of `split_rows`."""
+
   def f(x):
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
   return jax.tree.map(f, tree)
 
 
-def update(state: TrainState, batch: dict, rng: jax.Array, *, model, model_cfg,
-           config: config_lib.UpdateConfig, optimizer: optax.GradientTransformation,
-           schedule: optax.Schedule, rules=()) -> tuple[TrainState, dict]:
+def update(
+    state: TrainState,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    model,
+    model_cfg,
+    config: config_lib.UpdateConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    rules=(),
+) -> tuple[TrainState, dict]:
   """One RL update over a rollout.
 
   batch: `tokens` [N, S] (left-padded prompt then response), `attn_mask` [N, S], `response_mask`,
   `old_logp` (the sampler's), `advantages` [N, L], and `ref_logp` [N, L] when a reference KL is used.
   """
   with nn.logical_axis_rules(rules):
-    return _update(state, batch, rng, model=model, model_cfg=model_cfg, config=config,
-                   optimizer=optimizer, schedule=schedule)
+    return _update(
+        state,
+        batch,
+        rng,
+        model=model,
+        model_cfg=model_cfg,
+        config=config,
+        optimizer=optimizer,
+        schedule=schedule,
+    )
 
 
 def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule):
   loss_cfg = config.loss
   response_len = batch["response_mask"].shape[1]
   temperature, chunk_size = config.temperature, config.fused_chunk_size
-  forward = functools.partial(response_logprobs, model, model_cfg, response_len=response_len,
-                              temperature=temperature, chunk_size=chunk_size)
+  forward = functools.partial(
+      response_logprobs,
+      model,
+      model_cfg,
+      response_len=response_len,
+      temperature=temperature,
+      chunk_size=chunk_size,
+  )
   num_micro = config.num_microbatches
-  forward_all = functools.partial(logprobs_in_chunks, model, model_cfg, num_chunks=num_micro,
-                                  temperature=temperature, chunk_size=chunk_size)
+  forward_all = functools.partial(
+      logprobs_in_chunks,
+      model,
+      model_cfg,
+      num_chunks=num_micro,
+      temperature=temperature,
+      chunk_size=chunk_size,
+  )
 
   sampler_logp = batch["old_logp"]
   if config.recompute_old_logp:
@@ -143,9 +210,17 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     logp, entropy = forward(params, micro["tokens"], micro["attn_mask"])
     mask = micro["response_mask"]
     loss, metrics = losses.policy_loss(
-        logp, micro["old_logp"], micro["advantages"], mask, loss_cfg, entropy_BxT=entropy,
-        rng=key, selections=selections, denominator=pg_den,
-        ref_logp_BxT=micro["ref_logp"] if archer and loss_cfg.kl_ref_coef > 0 else None)
+        logp,
+        micro["old_logp"],
+        micro["advantages"],
+        mask,
+        loss_cfg,
+        entropy_BxT=entropy,
+        rng=key,
+        selections=selections,
+        denominator=pg_den,
+        ref_logp_BxT=micro["ref_logp"] if archer and loss_cfg.kl_ref_coef > 0 else None,
+    )
     metrics = dict(metrics, pg_loss=loss)
     if loss_cfg.kl_ref_coef > 0 and not archer:
       kl = jnp.sum(losses.kl_penalty(logp, micro["ref_logp"], loss_cfg.kl_ref_estimator) * mask)
@@ -164,14 +239,24 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     tok_den = jnp.maximum(jnp.sum(mask), 1.0)
     if loss_cfg.selection_scope == "global":
       logp, entropy = forward_all(state.params, mini)
-      selections = split_rows(losses.select_tokens(
-          logp, mini["old_logp"], mini["advantages"], mask, loss_cfg, entropy_BxT=entropy,
-          rng=sel_key), num_micro)
+      selections = split_rows(
+          losses.select_tokens(
+              logp,
+              mini["old_logp"],
+              mini["advantages"],
+              mask,
+              loss_cfg,
+              entropy_BxT=entropy,
+              rng=sel_key,
+          ),
+          num_micro,
+      )
       pg_den = losses.global_denominator(mask, loss_cfg, 1)
     else:
       selections = None
-      pg_den = losses.global_denominator(split_rows(mask, num_micro).reshape(mask.shape),
-                                         loss_cfg, num_micro)
+      pg_den = losses.global_denominator(
+          split_rows(mask, num_micro).reshape(mask.shape), loss_cfg, num_micro
+      )
     micros = split_rows(mini, num_micro)
     keys = jax.random.split(loss_key, num_micro)
     if loss_cfg.adaptive_entropy:
@@ -182,7 +267,8 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     def accumulate(grads, xs):
       micro, sel, k = xs
       (loss, metrics), g = jax.value_and_grad(micro_loss, has_aux=True)(
-          state.params, micro, sel, k, pg_den, tok_den, ent_coef)
+          state.params, micro, sel, k, pg_den, tok_den, ent_coef
+      )
       return jax.tree.map(jnp.add, grads, g), dict(metrics, loss=loss)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -197,15 +283,17 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     if loss_cfg.adaptive_entropy:
-      new = new.replace(entropy_last=entropy_mean, entropy_coef=losses.adaptive_entropy_coef(
-          state.entropy_coef, entropy_mean, loss_cfg))
-    finite = (jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
-              & _all_finite(new.params))
+      new = new.replace(
+          entropy_last=entropy_mean,
+          entropy_coef=losses.adaptive_entropy_coef(state.entropy_coef, entropy_mean, loss_cfg),
+      )
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"]) & _all_finite(new.params)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     # The schedule's own counter: optimizer updates done before this one.
     count = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")[-1][1]
-    metrics.update(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32),
-                   lr=schedule(count))
+    metrics.update(
+        grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32), lr=schedule(count)
+    )
     return new, metrics
 
   num_mini = config.num_minibatches
@@ -226,8 +314,9 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   # Sampler vs trainer log-probs at the same parameters: the recomputed old log-probs, or else the
   # first mini-batch of the first epoch (evaluated before any optimizer step).
   if config.recompute_old_logp:
-    out["mismatch_logp"] = stats.masked_mean(jnp.abs(batch["old_logp"] - sampler_logp),
-                                             batch["response_mask"])
+    out["mismatch_logp"] = stats.masked_mean(
+        jnp.abs(batch["old_logp"] - sampler_logp), batch["response_mask"]
+    )
   else:
     out["mismatch_logp"] = stacked["abs_dlogp"][0, 0]
   return state.replace(step=state.step + 1), out
@@ -240,21 +329,52 @@ def _all_finite(tree) -> jax.Array:
 def state_shardings(state: TrainState, optimizer, mesh, param_shardings) -> TrainState:
   """Shardings for the whole state: params by rule, optimizer moments like their params."""
   replicated = NamedSharding(mesh, P())
-  opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, param_shardings,
-                              transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=param_shardings, opt_state=opt,
-                    entropy_coef=jax.tree.map(lambda _: replicated, state.entropy_coef),
-                    entropy_last=jax.tree.map(lambda _: replicated, state.entropy_last))
+  opt = optax.tree_map_params(
+      optimizer,
+      lambda _, s: s,
+      state.opt_state,
+      param_shardings,
+      transform_non_params=lambda _: replicated,
+  )
+  return TrainState(
+      step=replicated,
+      params=param_shardings,
+      opt_state=opt,
+      entropy_coef=jax.tree.map(lambda _: replicated, state.entropy_coef),
+      entropy_last=jax.tree.map(lambda _: replicated, state.entropy_last),
+  )
 
 
-def make_update(model, model_cfg, config: config_lib.UpdateConfig, optimizer, schedule, mesh,
-                shardings: TrainState, rules=()):
+def make_update(
+    model,
+    model_cfg,
+    config: config_lib.UpdateConfig,
+    optimizer,
+    schedule,
+    mesh,
+    shardings: TrainState,
+    rules=(),
+):
   """`update` jitted over the mesh (batch rows over ('data', 'fsdp'), the state donated) and
   traced under it, so the model's activation sharding constraints apply."""
-  fn = functools.partial(update, model=model, model_cfg=model_cfg, config=config,
-                         optimizer=optimizer, schedule=schedule, rules=tuple(rules))
+  fn = functools.partial(
+      update,
+      model=model,
+      model_cfg=model_cfg,
+      config=config,
+      optimizer=optimizer,
+      schedule=schedule,
+      rules=tuple(rules),
+  )
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
   replicated = NamedSharding(mesh, P())
-  return sharding.under_mesh(jax.jit(fn, in_shardings=(shardings, batch_sharding, replicated),
-                                     out_shardings=(shardings, replicated), donate_argnums=0),
-                             mesh, rules)
+  return sharding.under_mesh(
+      jax.jit(
+          fn,
+          in_shardings=(shardings, batch_sharding, replicated),
+          out_shardings=(shardings, replicated),
+          donate_argnums=0,
+      ),
+      mesh,
+      rules,
+  )

@@ -17,6 +17,7 @@ A randomly initialised Qwen2.5-0.5B-shaped policy (bf16 compute, float32 paramet
   python -m experiments.bench_accelerator            # GPU/TPU, a few minutes
   python -m experiments.bench_accelerator --tiny     # the same code at tiny size, CPU, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,31 @@ except ImportError:  # The plain path, for a checkout without the fused kernel.
 NOMINAL_H100_BF16_FLOPS = 989e12  # H100 SXM, dense bf16 tensor cores.
 
 QWEN2_5_0_5B = models.ModelConfig(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-    num_kv_heads=2, head_dim=64, model_type="qwen2", rope_theta=1e6, rms_norm_eps=1e-6,
-    tie_word_embeddings=True, dtype="bfloat16", param_dtype="float32", remat=True)
-TINY = dataclasses.replace(QWEN2_5_0_5B, vocab_size=512, hidden_size=64, intermediate_size=128,
-                           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    head_dim=64,
+    model_type="qwen2",
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat=True,
+)
+TINY = dataclasses.replace(
+    QWEN2_5_0_5B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+)
 
 
 def parse_args(argv=None):
@@ -60,9 +81,11 @@ def parse_args(argv=None):
   p.add_argument("--chunk_size", type=int, default=16384, help="fused vocabulary chunk")
   p.add_argument("--out", default="", help="also write the results as JSON here")
   args = p.parse_args(argv)
-  defaults = (dict(seq=32, batch=2, decode_batch=2, steps=2, matmul=256, copy_mib=4) if args.tiny
-              else dict(seq=2048, batch=8, decode_batch=64, steps=10, matmul=8192,
-                        copy_mib=4096))
+  defaults = (
+      dict(seq=32, batch=2, decode_batch=2, steps=2, matmul=256, copy_mib=4)
+      if args.tiny
+      else dict(seq=2048, batch=8, decode_batch=64, steps=10, matmul=8192, copy_mib=4096)
+  )
   for k, v in defaults.items():
     if getattr(args, k, None) is None:
       setattr(args, k, v)
@@ -106,8 +129,13 @@ def copy_bandwidth(mib: int, steps: int) -> float:
 
 def matmul_params(cfg: models.ModelConfig) -> int:
   """Parameters used in matmuls: attention, MLP and the unembedding (not norms, biases, lookup)."""
-  d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                   cfg.head_dim)
+  d, f, n, k, h = (
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+  )
   per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
   return cfg.num_layers * per_layer + d * cfg.vocab_size
 
@@ -119,17 +147,16 @@ def train_flops_per_token(cfg: models.ModelConfig, seq: int) -> float:
 
 def _logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size):
   if fused_logprobs_and_entropy is not None:
-    return fused_logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT,
-                                      chunk_size=chunk_size)
-  logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, unembed_DxV,
-                      preferred_element_type=jnp.float32)
+    return fused_logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
+  logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, unembed_DxV, preferred_element_type=jnp.float32)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   logp = jnp.take_along_axis(logp_all, targets_BxT[..., None], axis=-1)[..., 0]
   return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
 
-def update_benchmark(cfg: models.ModelConfig, batch: int, seq: int, steps: int,
-                     chunk_size: int) -> dict:
+def update_benchmark(
+    cfg: models.ModelConfig, batch: int, seq: int, steps: int, chunk_size: int
+) -> dict:
   """Seconds per jitted update step (forward, fused log-probs/entropy, backward, AdamW)."""
   model = models.Decoder(cfg)
   params = models.init_params(cfg, jax.random.key(0))
@@ -143,8 +170,9 @@ def update_benchmark(cfg: models.ModelConfig, batch: int, seq: int, steps: int,
   def loss_fn(p, tokens_BxT, targets_BxT, mask_BxT):
     hidden_BxTxD = model.apply({"params": p}, tokens_BxT, return_hidden=True)
     unembed_DxV = models.unembedding(p, cfg).astype(cfg.jnp_dtype)
-    logp_BxT, entropy_BxT = _logprobs_and_entropy(hidden_BxTxD, unembed_DxV, targets_BxT,
-                                                  chunk_size)
+    logp_BxT, entropy_BxT = _logprobs_and_entropy(
+        hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size
+    )
     n = jnp.sum(mask_BxT)
     return -jnp.sum(logp_BxT * mask_BxT) / n - 1e-3 * jnp.sum(entropy_BxT * mask_BxT) / n
 
@@ -156,13 +184,21 @@ def update_benchmark(cfg: models.ModelConfig, batch: int, seq: int, steps: int,
 
   update = jax.jit(update, donate_argnums=0)
   t0 = time.perf_counter()
-  seconds, (_, _, loss) = _timed(lambda c: update(c, tokens_BxT, targets_BxT, mask_BxT),
-                                 (params, opt_state, jnp.zeros((), jnp.float32)), steps)
+  seconds, (_, _, loss) = _timed(
+      lambda c: update(c, tokens_BxT, targets_BxT, mask_BxT),
+      (params, opt_state, jnp.zeros((), jnp.float32)),
+      steps,
+  )
   total = time.perf_counter() - t0
   flops = train_flops_per_token(cfg, seq) * batch * seq
-  return dict(step_s=seconds, tokens_per_s=batch * seq / seconds, model_flops_per_step=flops,
-              achieved_flops=flops / seconds, loss=float(loss),
-              compile_and_first_step_s=total - seconds * steps)
+  return dict(
+      step_s=seconds,
+      tokens_per_s=batch * seq / seconds,
+      model_flops_per_step=flops,
+      achieved_flops=flops / seconds,
+      loss=float(loss),
+      compile_and_first_step_s=total - seconds * steps,
+  )
 
 
 def decode_benchmark(cfg: models.ModelConfig, batch: int, cache_len: int, steps: int) -> dict:
@@ -176,8 +212,12 @@ def decode_benchmark(cfg: models.ModelConfig, batch: int, cache_len: int, steps:
   start = max(cache_len - steps - 1, 0)
   keys = jax.random.split(jax.random.key(3), 2 * cfg.num_layers)
   fill = lambda c, ks: tuple(jax.random.normal(k, x.shape, x.dtype) for x, k in zip(c, ks))
-  cache = dict(cache, k=fill(cache["k"], keys[::2]), v=fill(cache["v"], keys[1::2]),
-               mask=cache["mask"].at[:, :start].set(1))
+  cache = dict(
+      cache,
+      k=fill(cache["k"], keys[::2]),
+      v=fill(cache["v"], keys[1::2]),
+      mask=cache["mask"].at[:, :start].set(1),
+  )
   tokens_Bx1 = jnp.zeros((batch, 1), jnp.int32)
 
   def one_token(_, carry, p):
@@ -196,8 +236,13 @@ def decode_benchmark(cfg: models.ModelConfig, batch: int, cache_len: int, steps:
   seconds /= steps
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   kv_bytes = sum(x.nbytes for x in cache["k"] + cache["v"])
-  return dict(step_s=seconds, tokens_per_s=batch / seconds, param_bytes=param_bytes,
-              kv_bytes=kv_bytes, bandwidth=(param_bytes + kv_bytes) / seconds)
+  return dict(
+      step_s=seconds,
+      tokens_per_s=batch / seconds,
+      param_bytes=param_bytes,
+      kv_bytes=kv_bytes,
+      bandwidth=(param_bytes + kv_bytes) / seconds,
+  )
 
 
 def run(args) -> dict:
@@ -211,13 +256,20 @@ def run(args) -> dict:
   # Decode runs steps + 1 tokens (one warm-up) into the last free slots of the cache.
   dec = decode_benchmark(cfg, args.decode_batch, args.seq, args.steps)
   return dict(
-      device=f"{device.platform}:{device.device_kind}", jax=jax.__version__,
+      device=f"{device.platform}:{device.device_kind}",
+      jax=jax.__version__,
       model="tiny" if args.tiny else "Qwen2.5-0.5B-shaped (random)",
-      params=sum(x.size for x in jax.tree.leaves(jax.eval_shape(
-          models.init_params, cfg, jax.random.key(0)))),
-      seq=args.seq, batch=args.batch, decode_batch=args.decode_batch, remat=cfg.remat,
+      params=sum(
+          x.size
+          for x in jax.tree.leaves(jax.eval_shape(models.init_params, cfg, jax.random.key(0)))
+      ),
+      seq=args.seq,
+      batch=args.batch,
+      decode_batch=args.decode_batch,
+      remat=cfg.remat,
       fused_logprobs=fused_logprobs_and_entropy is not None,
-      matmul_peak_flops=peak, copy_bandwidth=copy,
+      matmul_peak_flops=peak,
+      copy_bandwidth=copy,
       update=upd,
       mfu_vs_measured_peak=upd["achieved_flops"] / peak,
       mfu_vs_nominal_h100=upd["achieved_flops"] / NOMINAL_H100_BF16_FLOPS,
@@ -228,24 +280,26 @@ def run(args) -> dict:
 
 def report(r: dict) -> str:
   u, d = r["update"], r["decode"]
-  return "\n".join([
-      f"device {r['device']}  jax {r['jax']}  model {r['model']} ({r['params'] / 1e6:.1f}M "
-      f"params)",
-      f"measured bf16 matmul peak   {r['matmul_peak_flops'] / 1e12:8.1f} TFLOP/s",
-      f"measured copy bandwidth     {r['copy_bandwidth'] / 1e9:8.1f} GB/s",
-      f"update step (B={r['batch']}, T={r['seq']}, remat={r['remat']}, fused="
-      f"{r['fused_logprobs']}): {u['step_s'] * 1e3:.1f} ms, {u['tokens_per_s']:.0f} tokens/s, "
-      f"{u['achieved_flops'] / 1e12:.1f} TFLOP/s (compile + first step "
-      f"{u['compile_and_first_step_s']:.1f} s, loss {u['loss']:.3f})",
-      f"  MFU vs measured peak      {100 * r['mfu_vs_measured_peak']:8.1f} %",
-      f"  MFU vs nominal H100 989   {100 * r['mfu_vs_nominal_h100']:8.1f} %",
-      f"decode (B={r['decode_batch']}, cache {r['seq']}): {d['step_s'] * 1e3:.2f} ms/step, "
-      f"{d['tokens_per_s']:.0f} tokens/s, params {d['param_bytes'] / 1e9:.2f} GB + KV "
-      f"{d['kv_bytes'] / 1e9:.2f} GB per step",
-      f"  decode bandwidth          {d['bandwidth'] / 1e9:8.1f} GB/s = "
-      f"{100 * r['decode_bandwidth_vs_copy']:.1f} % of copy",
-      machine.describe(r["machine"]),
-  ])
+  return "\n".join(
+      [
+          f"device {r['device']}  jax {r['jax']}  model {r['model']} ({r['params'] / 1e6:.1f}M "
+          f"params)",
+          f"measured bf16 matmul peak   {r['matmul_peak_flops'] / 1e12:8.1f} TFLOP/s",
+          f"measured copy bandwidth     {r['copy_bandwidth'] / 1e9:8.1f} GB/s",
+          f"update step (B={r['batch']}, T={r['seq']}, remat={r['remat']}, fused="
+          f"{r['fused_logprobs']}): {u['step_s'] * 1e3:.1f} ms, {u['tokens_per_s']:.0f} tokens/s, "
+          f"{u['achieved_flops'] / 1e12:.1f} TFLOP/s (compile + first step "
+          f"{u['compile_and_first_step_s']:.1f} s, loss {u['loss']:.3f})",
+          f"  MFU vs measured peak      {100 * r['mfu_vs_measured_peak']:8.1f} %",
+          f"  MFU vs nominal H100 989   {100 * r['mfu_vs_nominal_h100']:8.1f} %",
+          f"decode (B={r['decode_batch']}, cache {r['seq']}): {d['step_s'] * 1e3:.2f} ms/step, "
+          f"{d['tokens_per_s']:.0f} tokens/s, params {d['param_bytes'] / 1e9:.2f} GB + KV "
+          f"{d['kv_bytes'] / 1e9:.2f} GB per step",
+          f"  decode bandwidth          {d['bandwidth'] / 1e9:8.1f} GB/s = "
+          f"{100 * r['decode_bandwidth_vs_copy']:.1f} % of copy",
+          machine.describe(r["machine"]),
+      ]
+  )
 
 
 def main(argv=None) -> dict:

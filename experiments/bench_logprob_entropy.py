@@ -12,6 +12,7 @@ tokens, against a plain log-prob+entropy pass over the same tokens at vocabulary
 
   python -m experiments.bench_logprob_entropy [--rounds 3] [--chunk_size 4096]
 """
+
 import argparse
 import statistics
 import time
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from entropy_rl import config_lib, losses, stats
 from experiments import machine
 
-MIB = 2.0 ** 20
+MIB = 2.0**20
 
 
 def _seconds(fn, *args):
@@ -38,7 +39,7 @@ def _compile(fn, *args):
 def bench_fused_vs_plain(args):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   h = jax.random.normal(k1, (1, args.tokens, args.hidden), jnp.float32)
-  w = jax.random.normal(k2, (args.hidden, args.vocab), jnp.float32) * args.hidden ** -0.5 * 4.0
+  w = jax.random.normal(k2, (args.hidden, args.vocab), jnp.float32) * args.hidden**-0.5 * 4.0
   y = jax.random.randint(k3, (1, args.tokens), 0, args.vocab)
 
   def plain(h, w, y):
@@ -51,6 +52,7 @@ def bench_fused_vs_plain(args):
     def loss(h, w, y):
       logp, entropy = fn(h, w, y)
       return jnp.sum(logp) + jnp.sum(entropy)
+
     return jax.value_and_grad(loss, argnums=(0, 1))
 
   compiled, temp = {}, {}
@@ -64,17 +66,23 @@ def bench_fused_vs_plain(args):
     for key in compiled:
       times[key].append(_seconds(compiled[key], h, w, y))
 
-  print(f"\n## Fused vs plain: {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, "
-        f"chunk {args.chunk_size}, float32, {args.rounds} rounds")
-  print("| pass | plain temp MiB | fused temp MiB | fused/plain memory | plain s | fused s "
-        "| fused/plain time |")
+  print(
+      f"\n## Fused vs plain: {args.tokens} tokens, hidden {args.hidden}, vocab {args.vocab}, "
+      f"chunk {args.chunk_size}, float32, {args.rounds} rounds"
+  )
+  print(
+      "| pass | plain temp MiB | fused temp MiB | fused/plain memory | plain s | fused s "
+      "| fused/plain time |"
+  )
   print("|---|---|---|---|---|---|---|")
   for kind in ("forward", "forward+backward"):
     p, f = (kind, "plain"), (kind, "fused")
     ratios = [tf / tp for tf, tp in zip(times[f], times[p])]
-    print(f"| {kind} | {temp[p] / MIB:.0f} | {temp[f] / MIB:.1f} | 1/{temp[p] / temp[f]:.0f} "
-          f"| {statistics.median(times[p]):.2f} | {statistics.median(times[f]):.2f} "
-          f"| {statistics.median(ratios):.2f}x |")
+    print(
+        f"| {kind} | {temp[p] / MIB:.0f} | {temp[f] / MIB:.1f} | 1/{temp[p] / temp[f]:.0f} "
+        f"| {statistics.median(times[p]):.2f} | {statistics.median(times[f]):.2f} "
+        f"| {statistics.median(ratios):.2f}x |"
+    )
 
 
 def bench_selections(args):
@@ -96,7 +104,13 @@ def bench_selections(args):
   for name, c in rules.items():
     compiled[name] = _compile(
         lambda lp, o, a, m, e, r, c=c: losses.select_tokens(lp, o, a, m, c, entropy_BxT=e, rng=r),
-        logp, old, adv, mask, entropy, rng)
+        logp,
+        old,
+        adv,
+        mask,
+        entropy,
+        rng,
+    )
     _seconds(compiled[name], logp, old, adv, mask, entropy, rng)
 
   m, v = args.pass_tokens, 4096
@@ -113,8 +127,10 @@ def bench_selections(args):
     for name, fn in compiled.items():
       times[name].append(_seconds(fn, logp, old, adv, mask, entropy, rng))
 
-  print(f"\n## Selections at {b * t:,} valid tokens vs a plain log-prob+entropy pass at vocab {v} "
-        f"(measured on {m:,} tokens, x{scale:.1f}): {statistics.median(pass_times):.2f} s")
+  print(
+      f"\n## Selections at {b * t:,} valid tokens vs a plain log-prob+entropy pass at vocab {v} "
+      f"(measured on {m:,} tokens, x{scale:.1f}): {statistics.median(pass_times):.2f} s"
+  )
   print("| selection | s | / plain pass |")
   print("|---|---|---|")
   for name, ts in times.items():

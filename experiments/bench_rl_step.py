@@ -43,6 +43,7 @@ TRL is pinned in requirements-test.txt; without it the TRL side is skipped with 
   python -m experiments.bench_rl_step [--steps 10] [--warmup 2] [--out r.json]
   python -m experiments.bench_rl_step --smoke    # a tiny model, 8 x 2, 8 tokens, 3 steps: a minute
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,24 +67,38 @@ from entropy_rl import rewards as rewards_lib  # noqa: E402
 from entropy_rl.models import hf  # noqa: E402
 from experiments import common, machine  # noqa: E402
 
-MODEL = {"hidden_size": 256, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "head_dim": 32,
-         "intermediate_size": 1024}
-SMOKE_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-               "head_dim": 8, "intermediate_size": 64}
-SIZES = {"full": dict(model=MODEL, prompts=8, samples=8, max_new_tokens=64, steps=10, warmup=2),
-         # 8 prompts: a test's 8 fake CPU devices each take one.
-         "smoke": dict(model=SMOKE_MODEL, prompts=8, samples=2, max_new_tokens=8, steps=3,
-                       warmup=1)}
+MODEL = {
+    "hidden_size": 256,
+    "num_layers": 8,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "head_dim": 32,
+    "intermediate_size": 1024,
+}
+SMOKE_MODEL = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+}
+SIZES = {
+    "full": dict(model=MODEL, prompts=8, samples=8, max_new_tokens=64, steps=10, warmup=2),
+    # 8 prompts: a test's 8 fake CPU devices each take one.
+    "smoke": dict(model=SMOKE_MODEL, prompts=8, samples=2, max_new_tokens=8, steps=3, warmup=1),
+}
 TRL_MISSING = "TRL side skipped: trl is not installed (pip install -r requirements-test.txt)"
 OURS_TIME_KEYS = ("time/rollout", "time/reward", "time/advantage_batch", "time/update")
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--smoke", action="store_true", help="tiny model and batch, 3 steps (about a minute)")
+  p.add_argument(
+      "--smoke", action="store_true", help="tiny model and batch, 3 steps (about a minute)"
+  )
   p.add_argument("--steps", type=int, default=None, help="RL steps per side (10; smoke 3)")
-  p.add_argument("--warmup", type=int, default=None,
-                 help="first steps not counted (2; smoke 1)")
+  p.add_argument("--warmup", type=int, default=None, help="first steps not counted (2; smoke 1)")
   p.add_argument("--workdir", default="", help="our run's workdir and TRL's output (a temp dir)")
   p.add_argument("--out", default="", help="also write the results as JSON here")
   args = p.parse_args(argv)
@@ -91,8 +106,9 @@ def parse_args(argv=None):
   args.steps = size["steps"] if args.steps is None else args.steps
   args.warmup = size["warmup"] if args.warmup is None else args.warmup
   if not 0 <= args.warmup < args.steps:
-    raise ValueError(f"need 0 <= --warmup < --steps, got --warmup {args.warmup} --steps "
-                     f"{args.steps}")
+    raise ValueError(
+        f"need 0 <= --warmup < --steps, got --warmup {args.warmup} --steps " f"{args.steps}"
+    )
   return args
 
 
@@ -100,28 +116,44 @@ def bench_config(size: dict, steps: int):
   """configs/grpo.py:tiny with the benchmark's model, batch and length, one AdamW step per RL
   step, warm start and evaluation off."""
   overrides = {f"model.{k}": v for k, v in size["model"].items()}
-  overrides.update({
-      "num_steps": steps, "checkpoint_every": steps, "eval_every": 0,
-      "warm_start.enabled": False, "optim.warmup_steps": 0,
-      "rollout.prompts_per_step": size["prompts"], "rollout.num_samples": size["samples"],
-      "rollout.max_new_tokens": size["max_new_tokens"], "rollout.temperature": 1.0,
-      "rl.num_minibatches": 1, "rl.num_microbatches": 1, "rl.ppo_epochs": 1})
+  overrides.update(
+      {
+          "num_steps": steps,
+          "checkpoint_every": steps,
+          "eval_every": 0,
+          "warm_start.enabled": False,
+          "optim.warmup_steps": 0,
+          "rollout.prompts_per_step": size["prompts"],
+          "rollout.num_samples": size["samples"],
+          "rollout.max_new_tokens": size["max_new_tokens"],
+          "rollout.temperature": 1.0,
+          "rl.num_minibatches": 1,
+          "rl.num_microbatches": 1,
+          "rl.ppo_epochs": 1,
+      }
+  )
   return common.load_config("grpo", "tiny", overrides)
 
 
 def steady(seconds: list, tokens: list, warmup: int) -> dict:
   """Per-step series and their steady-state summary (the steps after `warmup`)."""
   s, n = seconds[warmup:], tokens[warmup:]
-  return {"step_s": seconds, "completion_tokens": tokens, "steady_steps": len(s),
-          "mean_step_s": sum(s) / len(s), "completion_tokens_per_step": sum(n) / len(n),
-          "tokens_per_s": sum(n) / sum(s)}
+  return {
+      "step_s": seconds,
+      "completion_tokens": tokens,
+      "steady_steps": len(s),
+      "mean_step_s": sum(s) / len(s),
+      "completion_tokens_per_step": sum(n) / len(n),
+      "tokens_per_s": sum(n) / sum(s),
+  }
 
 
 def run_ours(config, workdir: str, warmup: int) -> dict:
   """entropy_rl.trainer.train; per-step times and completion tokens from its metrics.jsonl."""
   trainer.train(config, workdir)
-  records = [r for r in metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE))
-             if r["step"] > 0]
+  records = [
+      r for r in metrics.read_metrics(os.path.join(workdir, metrics.METRICS_FILE)) if r["step"] > 0
+  ]
   rows = config.rollout.prompts_per_step * config.rollout.num_samples
   seconds = [sum(r[k] for k in OURS_TIME_KEYS) for r in records]
   tokens = [int(round(r["response/len_mean"] * rows)) for r in records]
@@ -136,9 +168,11 @@ def logit_gap(policy, params, hf_model, prompts, max_len: int) -> float:
   ours = np.asarray(jax.jit(policy.model.apply)({"params": params}, tokens, attn_mask_BxT=mask))
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
   with torch.no_grad():
-    theirs = hf_model(input_ids=torch.from_numpy(tokens).long(),
-                      attention_mask=torch.from_numpy(mask).long(),
-                      position_ids=torch.from_numpy(positions).long()).logits.numpy()
+    theirs = hf_model(
+        input_ids=torch.from_numpy(tokens).long(),
+        attention_mask=torch.from_numpy(mask).long(),
+        position_ids=torch.from_numpy(positions).long(),
+    ).logits.numpy()
   valid = mask.astype(bool)
   return float(np.max(np.abs(ours[valid] - theirs[valid])))
 
@@ -161,6 +195,7 @@ def run_trl(config, policy, model_dir: str, task, out_dir: str, warmup: int) -> 
     return reward_fn(examples, completions)[0].tolist()
 
   class StepTimer(transformers.TrainerCallback):
+
     def __init__(self):
       self.seconds, self._start = [], None
 
@@ -172,23 +207,56 @@ def run_trl(config, policy, model_dir: str, task, out_dir: str, warmup: int) -> 
 
   # Example g of our trainer's step s is g in [s P, (s + 1) P) of the seeded train stream.
   dataset = datasets.Dataset.from_list(
-      [{"prompt": task.example(seed, g, "train").prompt, "index": g}
-       for g in range(c.num_steps * c.rollout.prompts_per_step)])
+      [
+          {"prompt": task.example(seed, g, "train").prompt, "index": g}
+          for g in range(c.num_steps * c.rollout.prompts_per_step)
+      ]
+  )
   args = trl.GRPOConfig(
-      output_dir=out_dir, max_steps=c.num_steps, per_device_train_batch_size=rows,
-      gradient_accumulation_steps=1, num_generations=c.rollout.num_samples,
-      max_completion_length=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
-      top_p=c.rollout.top_p, top_k=c.rollout.top_k, num_iterations=1, beta=0.0,
-      loss_type="dapo", epsilon=c.loss.clip_ratio_low, epsilon_high=c.loss.clip_ratio_high,
-      learning_rate=c.optim.lr, lr_scheduler_type="constant", warmup_steps=0,
-      weight_decay=c.optim.weight_decay, adam_beta1=c.optim.b1, adam_beta2=c.optim.b2,
-      max_grad_norm=c.optim.grad_clip, bf16=False, fp16=False, gradient_checkpointing=False,
-      use_cpu=True, shuffle_dataset=False, seed=seed, logging_strategy="no", save_strategy="no",
-      eval_strategy="no", report_to="none", disable_tqdm=True, log_completions=False)
+      output_dir=out_dir,
+      max_steps=c.num_steps,
+      per_device_train_batch_size=rows,
+      gradient_accumulation_steps=1,
+      num_generations=c.rollout.num_samples,
+      max_completion_length=c.rollout.max_new_tokens,
+      temperature=c.rollout.temperature,
+      top_p=c.rollout.top_p,
+      top_k=c.rollout.top_k,
+      num_iterations=1,
+      beta=0.0,
+      loss_type="dapo",
+      epsilon=c.loss.clip_ratio_low,
+      epsilon_high=c.loss.clip_ratio_high,
+      learning_rate=c.optim.lr,
+      lr_scheduler_type="constant",
+      warmup_steps=0,
+      weight_decay=c.optim.weight_decay,
+      adam_beta1=c.optim.b1,
+      adam_beta2=c.optim.b2,
+      max_grad_norm=c.optim.grad_clip,
+      bf16=False,
+      fp16=False,
+      gradient_checkpointing=False,
+      use_cpu=True,
+      shuffle_dataset=False,
+      seed=seed,
+      logging_strategy="no",
+      save_strategy="no",
+      eval_strategy="no",
+      report_to="none",
+      disable_tqdm=True,
+      log_completions=False,
+  )
   model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   timer = StepTimer()
-  grpo = trl.GRPOTrainer(model=model, reward_funcs=task_reward, args=args, train_dataset=dataset,
-                         processing_class=policy.tokenizer, callbacks=[timer])
+  grpo = trl.GRPOTrainer(
+      model=model,
+      reward_funcs=task_reward,
+      args=args,
+      train_dataset=dataset,
+      processing_class=policy.tokenizer,
+      callbacks=[timer],
+  )
   grpo.train()
   if len(tokens) != len(timer.seconds):
     raise RuntimeError(f"{len(tokens)} reward calls for {len(timer.seconds)} TRL steps")
@@ -209,30 +277,46 @@ def run(args) -> dict:
     # The trainer's own initial policy (the same call, seed and cached tokenizer), exported.
     policy, params = policy_lib.build_policy(config, ours_dir, task)
     hf.save_hf(params, policy.model_cfg, model_dir)
-    prompts = [task.example(config.seed, g, "train").prompt
-               for g in range(config.rollout.prompts_per_step)]
-    gap = logit_gap(policy, params, transformers.Qwen2ForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32), prompts, config.task.max_prompt_len)
+    prompts = [
+        task.example(config.seed, g, "train").prompt for g in range(config.rollout.prompts_per_step)
+    ]
+    gap = logit_gap(
+        policy,
+        params,
+        transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        prompts,
+        config.task.max_prompt_len,
+    )
     result = {
         "size": "smoke" if args.smoke else "full",
-        "model": {**size["model"], "vocab_size": policy.model_cfg.vocab_size,
-                  "tie_word_embeddings": policy.model_cfg.tie_word_embeddings},
+        "model": {
+            **size["model"],
+            "vocab_size": policy.model_cfg.vocab_size,
+            "tie_word_embeddings": policy.model_cfg.tie_word_embeddings,
+        },
         "params": sum(x.size for x in jax.tree.leaves(params)),
-        "prompts": config.rollout.prompts_per_step, "samples": config.rollout.num_samples,
+        "prompts": config.rollout.prompts_per_step,
+        "samples": config.rollout.num_samples,
         "max_new_tokens": config.rollout.max_new_tokens,
         "max_prompt_len": config.task.max_prompt_len,
-        "steps": args.steps, "warmup": args.warmup, "max_abs_logit_diff": gap,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "max_abs_logit_diff": gap,
         "jax_devices": jax.device_count(),
-        "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
     }
     result["ours"] = run_ours(config, ours_dir, args.warmup)
     if importlib.util.find_spec("trl") is None:
       print(TRL_MISSING, flush=True)
       result["trl"], result["speedup"] = {"skipped": TRL_MISSING}, None
     else:
-      result["trl"] = run_trl(config, policy, model_dir, task, os.path.join(workdir, "trl"),
-                              args.warmup)
+      result["trl"] = run_trl(
+          config, policy, model_dir, task, os.path.join(workdir, "trl"), args.warmup
+      )
       result["versions"]["trl"] = result["trl"].pop("trl")
       result["speedup"] = result["ours"]["tokens_per_s"] / result["trl"]["tokens_per_s"]
   return result
@@ -258,13 +342,17 @@ def format_table(r: dict) -> str:
     if "skipped" in x:
       lines.append(f"| {name} | {x['skipped']} | | | | |")
       continue
-    warm = ", ".join(f"{s:.2f}" for s in x["step_s"][:r["warmup"]])
-    lines.append(f"| {name} | {x['steady_steps']} | {x['mean_step_s']:.3f} | "
-                 f"{x['completion_tokens_per_step']:.1f} | {x['tokens_per_s']:,.1f} | {warm} |")
+    warm = ", ".join(f"{s:.2f}" for s in x["step_s"][: r["warmup"]])
+    lines.append(
+        f"| {name} | {x['steady_steps']} | {x['mean_step_s']:.3f} | "
+        f"{x['completion_tokens_per_step']:.1f} | {x['tokens_per_s']:,.1f} | {warm} |"
+    )
   phases = r["ours"]["phase_s"]
   lines.append("")
-  lines.append("ours, mean s per steady step: " + ", ".join(
-      f"{k.split('/')[1]} {np.mean(v[r['warmup']:]):.3f}" for k, v in phases.items()))
+  lines.append(
+      "ours, mean s per steady step: "
+      + ", ".join(f"{k.split('/')[1]} {np.mean(v[r['warmup']:]):.3f}" for k, v in phases.items())
+  )
   if r["speedup"] is not None:
     lines.append(f"speed-up (completion tokens/s, ours / TRL): {r['speedup']:.2f}x (target 3x)")
   lines.append(machine.describe(r["machine"]))

@@ -8,6 +8,7 @@ compile time (first call minus a timed call) is reported separately.
 
   python -m experiments.bench_sampling [--repeats 3]
 """
+
 import argparse
 import os
 import tempfile
@@ -25,8 +26,16 @@ from entropy_rl.models import Decoder, ModelConfig, init_params  # noqa: E402
 from entropy_rl.models.hf import save_hf  # noqa: E402
 from experiments import machine  # noqa: E402
 
-CONFIG = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=6,
-                     num_heads=4, num_kv_heads=2, head_dim=64, model_type="qwen2")
+CONFIG = ModelConfig(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_layers=6,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    model_type="qwen2",
+)
 PROMPTS, SAMPLES, PROMPT_LEN, NEW_TOKENS = 8, 8, 32, 128
 
 
@@ -34,8 +43,16 @@ def time_ours(model, params, prompt, repeats):
   mask = np.ones_like(prompt)
 
   def run(seed):
-    out = sampling.sample(model, params, prompt, mask, jax.random.key(seed), num_samples=SAMPLES,
-                          max_new_tokens=NEW_TOKENS, temperature=1.0)
+    out = sampling.sample(
+        model,
+        params,
+        prompt,
+        mask,
+        jax.random.key(seed),
+        num_samples=SAMPLES,
+        max_new_tokens=NEW_TOKENS,
+        temperature=1.0,
+    )
     jax.block_until_ready(out)
     assert int(out.mask_NxL.sum()) == PROMPTS * SAMPLES * NEW_TOKENS
     return out
@@ -54,9 +71,19 @@ def time_ours(model, params, prompt, repeats):
 def time_transformers(path, prompt, repeats):
   model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   inputs = torch.tensor(prompt)
-  kwargs = dict(attention_mask=torch.ones_like(inputs), do_sample=True, temperature=1.0, top_k=0,
-                top_p=1.0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                num_return_sequences=SAMPLES, use_cache=True, eos_token_id=None, pad_token_id=0)
+  kwargs = dict(
+      attention_mask=torch.ones_like(inputs),
+      do_sample=True,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      max_new_tokens=NEW_TOKENS,
+      min_new_tokens=NEW_TOKENS,
+      num_return_sequences=SAMPLES,
+      use_cache=True,
+      eos_token_id=None,
+      pad_token_id=0,
+  )
 
   def run(seed):
     torch.manual_seed(seed)
@@ -88,10 +115,12 @@ def main():
     hf_time = time_transformers(path, prompt, args.repeats)
   ours_time, compile_time = time_ours(Decoder(CONFIG), params, prompt, args.repeats)
 
-  print(f"model: Qwen2-shaped, {n_params / 1e6:.1f}M params; {PROMPTS * SAMPLES} sequences, "
-        f"{PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, temperature 1; "
-        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)")
+  print(
+      f"model: Qwen2-shaped, {n_params / 1e6:.1f}M params; {PROMPTS * SAMPLES} sequences, "
+      f"{PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, temperature 1; "
+      f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+      f"({torch.get_num_threads()} threads)"
+  )
   print("| sampler | seconds | new tokens/s |")
   print("|---|---|---|")
   print(f"| transformers generate (KV cache) | {hf_time:.2f} | {new_tokens / hf_time:,.0f} |")

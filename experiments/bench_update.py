@@ -25,6 +25,7 @@ Padding counts (it is computed); the fused backward's recomputed logits and norm
   python -m experiments.bench_update           # ~10M parameters, 32 x 256 tokens, minutes
   python -m experiments.bench_update --tiny    # the same code at tiny size, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,14 +56,34 @@ from experiments import machine  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 
-FULL = models.ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=6,
-                          num_heads=4, num_kv_heads=2, head_dim=64, model_type="qwen2",
-                          rms_norm_eps=1e-6, tie_word_embeddings=False)
-TINY = models.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=8, model_type="qwen2",
-                          rms_norm_eps=1e-6, tie_word_embeddings=False)
-SIZES = {"full": dict(batch=32, prompt_len=64, response_len=192, group=8, rounds=5, matmul=2048),
-         "tiny": dict(batch=8, prompt_len=4, response_len=12, group=4, rounds=2, matmul=128)}
+FULL = models.ModelConfig(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_layers=6,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    model_type="qwen2",
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+TINY = models.ModelConfig(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    model_type="qwen2",
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+SIZES = {
+    "full": dict(batch=32, prompt_len=64, response_len=192, group=8, rounds=5, matmul=2048),
+    "tiny": dict(batch=8, prompt_len=4, response_len=12, group=4, rounds=2, matmul=128),
+}
 # The untied unembedding is scaled up so the random policy has logits of std ~2.5: log-probs then
 # spread over nats, so covariances fall in the Clip-Cov band and some ratios get clipped.
 UNEMBED_SCALE = 8.0
@@ -88,8 +109,13 @@ def param_count(cfg: models.ModelConfig) -> int:
 
 def layer_matmul_params(cfg: models.ModelConfig) -> int:
   """Weights of one layer's matmuls: q, k, v, o projections and the SwiGLU MLP."""
-  d, f, n, k, h = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                   cfg.head_dim)
+  d, f, n, k, h = (
+      cfg.hidden_size,
+      cfg.intermediate_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+  )
   return d * (n + 2 * k) * h + n * h * d + 3 * d * f
 
 
@@ -111,8 +137,14 @@ def bench_config(cfg: models.ModelConfig):
   return c
 
 
-def make_batch(cfg: models.ModelConfig, batch: int, prompt_len: int, response_len: int,
-               group: int, seed: int = 0) -> dict:
+def make_batch(
+    cfg: models.ModelConfig,
+    batch: int,
+    prompt_len: int,
+    response_len: int,
+    group: int,
+    seed: int = 0,
+) -> dict:
   """Left-padded prompts of P/2..P tokens, responses of L/2..L tokens, GRPO advantages of 0/1
   rewards in groups of `group`. `old_logp` is filled in later from the model."""
   rng = np.random.default_rng(seed)
@@ -125,8 +157,12 @@ def make_batch(cfg: models.ModelConfig, batch: int, prompt_len: int, response_le
   tokens *= attn
   rewards = rng.integers(0, 2, (batch // group, group)).astype(np.float32)
   adv = np.asarray(jax.jit(advantages.grpo_advantages)(rewards)).reshape(batch)
-  return {"tokens": tokens, "attn_mask": attn, "response_mask": rmask.astype(np.float32),
-          "advantages": (adv[:, None] * rmask).astype(np.float32)}
+  return {
+      "tokens": tokens,
+      "attn_mask": attn,
+      "response_mask": rmask.astype(np.float32),
+      "advantages": (adv[:, None] * rmask).astype(np.float32),
+  }
 
 
 def _masked_mean(x, valid):
@@ -145,8 +181,12 @@ def clip_cov_loss(logp, old_logp, adv, mask, loss_cfg, uniform):
   with torch.no_grad():
     lp = logp.detach()
     cov = (adv - _masked_mean(adv, valid)) * (lp - _masked_mean(lp, valid))
-    cand = (valid & ~(l2.detach() > l1.detach())
-            & (cov > loss_cfg.clip_cov_lb) & (cov < loss_cfg.clip_cov_ub)).reshape(-1)
+    cand = (
+        valid
+        & ~(l2.detach() > l1.detach())
+        & (cov > loss_cfg.clip_cov_lb)
+        & (cov < loss_cfg.clip_cov_ub)
+    ).reshape(-1)
     k = min(int(stats.top_count(loss_cfg.clip_cov_ratio, int(valid.sum()))), int(cand.sum()))
     selected = torch.zeros(cand.shape, dtype=logp.dtype)
     selected[torch.topk(torch.where(cand, uniform.reshape(-1), -math.inf), k).indices] = 1.0
@@ -158,12 +198,16 @@ def clip_cov_loss(logp, old_logp, adv, mask, loss_cfg, uniform):
 def torch_forward(model, tb, temperature):
   """Response log-probs (with grad) and entropies (no grad), float32 [B, L]."""
   s, l = tb["tokens"].shape[1], tb["response_mask"].shape[1]
-  logits = model(input_ids=tb["tokens"], attention_mask=tb["attn_mask"],
-                 position_ids=tb["positions"], use_cache=False,
-                 logits_to_keep=torch.arange(s - l - 1, s - 1)).logits
+  logits = model(
+      input_ids=tb["tokens"],
+      attention_mask=tb["attn_mask"],
+      position_ids=tb["positions"],
+      use_cache=False,
+      logits_to_keep=torch.arange(s - l - 1, s - 1),
+  ).logits
   logits.div_(temperature)
   logp_all = torch.log_softmax(logits, dim=-1)
-  logp = torch.gather(logp_all, -1, tb["tokens"][:, s - l:, None]).squeeze(-1)
+  logp = torch.gather(logp_all, -1, tb["tokens"][:, s - l :, None]).squeeze(-1)
   with torch.no_grad():
     entropy = -(logp_all.exp() * logp_all).sum(-1)
   return logp, entropy
@@ -174,8 +218,9 @@ def torch_step(model, opt, tb, config, uniform=None):
   logp, _ = torch_forward(model, tb, config.rollout.temperature)
   if uniform is None:
     uniform = torch.rand(logp.shape)
-  loss, k = clip_cov_loss(logp, tb["old_logp"], tb["advantages"], tb["response_mask"],
-                          config.loss, uniform)
+  loss, k = clip_cov_loss(
+      logp, tb["old_logp"], tb["advantages"], tb["response_mask"], config.loss, uniform
+  )
   opt.zero_grad(set_to_none=True)
   loss.backward()
   grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -225,7 +270,8 @@ def run(args) -> dict:
   with tempfile.TemporaryDirectory() as d:
     hf.save_hf(params, cfg, d)
     tmodel = transformers.Qwen2ForCausalLM.from_pretrained(
-        d, dtype=torch.float32, attn_implementation="sdpa")
+        d, dtype=torch.float32, attn_implementation="sdpa"
+    )
   tmodel.train()
 
   batch = make_batch(cfg, B, P, L, sz["group"])
@@ -249,19 +295,24 @@ def run(args) -> dict:
   init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), run_cfg.update.loss)
   shardings = step_lib.state_shardings(jax.eval_shape(init, params), optimizer, mesh, pshard)
   state = jax.jit(init, out_shardings=shardings)(jax.device_put(params, pshard))
-  gbatch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()},
-                          sharding.batch_sharding(mesh))
-  update = step_lib.make_update(models.Decoder(cfg), cfg, run_cfg.update, optimizer, schedule,
-                                mesh, shardings, rules)
+  gbatch = jax.device_put(
+      {k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh)
+  )
+  update = step_lib.make_update(
+      models.Decoder(cfg), cfg, run_cfg.update, optimizer, schedule, mesh, shardings, rules
+  )
   rng0 = jax.random.key(0)
   compile_s, update = _timed(lambda: update.lower(state, gbatch, rng0).compile())
 
   # First step of each from the same state, torch given our selection scores: the check.
-  jax_first_s, (state, m) = _timed(
-      lambda: jax.block_until_ready(update(state, gbatch, rng0)))
-  topt = torch.optim.AdamW(tmodel.parameters(), lr=config.optim.lr,
-                           betas=(config.optim.b1, config.optim.b2), eps=1e-8,
-                           weight_decay=config.optim.weight_decay)
+  jax_first_s, (state, m) = _timed(lambda: jax.block_until_ready(update(state, gbatch, rng0)))
+  topt = torch.optim.AdamW(
+      tmodel.parameters(),
+      lr=config.optim.lr,
+      betas=(config.optim.b1, config.optim.b2),
+      eps=1e-8,
+      weight_decay=config.optim.weight_decay,
+  )
   uniform0 = torch.from_numpy(np.array(jax_selection_uniform(rng0, (B, L))))
   torch_first_s, tm = _timed(lambda: torch_step(tmodel, topt, tb, config, uniform0))
   with tempfile.TemporaryDirectory() as d:
@@ -273,7 +324,9 @@ def run(args) -> dict:
       "grad_norm": [float(m["grad_norm"]), tm["grad_norm"]],
       "n_cov_selected": [float(m["n_cov_selected"]), float(tm["n_cov_selected"])],
       "max_abs_param_diff_over_lr": max(
-          float(np.max(np.abs(ours_hf[k] - theirs[k]))) for k in ours_hf) / config.optim.lr,
+          float(np.max(np.abs(ours_hf[k] - theirs[k]))) for k in ours_hf
+      )
+      / config.optim.lr,
   }
 
   # Timed rounds, interleaved.
@@ -291,48 +344,80 @@ def run(args) -> dict:
   for i in range(1, rounds + 1):
     key = jax.random.key(i)
     ours_s, (state, m) = _timed(
-        lambda state=state, key=key: jax.block_until_ready(update(state, gbatch, key)))
+        lambda state=state, key=key: jax.block_until_ready(update(state, gbatch, key))
+    )
     torch_s, _ = _timed(lambda: torch_step(tmodel, topt, tb, config))
     mm_s = _best_matmul(lambda: jax.block_until_ready(mm(a, w)))
     tmm_s = _best_matmul(lambda: torch.mm(ta, tw))
-    per_round.append({"ours_s": ours_s, "torch_s": torch_s, "matmul_s": mm_s,
-                      "torch_matmul_s": tmm_s, "speedup": torch_s / ours_s,
-                      "matmul_fraction": (flops / ours_s) / (mm_flops / mm_s),
-                      "torch_matmul_fraction": (flops / torch_s) / (mm_flops / tmm_s)})
+    per_round.append(
+        {
+            "ours_s": ours_s,
+            "torch_s": torch_s,
+            "matmul_s": mm_s,
+            "torch_matmul_s": tmm_s,
+            "speedup": torch_s / ours_s,
+            "matmul_fraction": (flops / ours_s) / (mm_flops / mm_s),
+            "torch_matmul_fraction": (flops / torch_s) / (mm_flops / tmm_s),
+        }
+    )
   med = lambda k: statistics.median(r[k] for r in per_round)
   tokens = B * S
   result = {
       "size": size,
-      "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                             "num_layers", "num_heads", "num_kv_heads",
-                                             "head_dim", "tie_word_embeddings")},
+      "model": {
+          k: getattr(cfg, k)
+          for k in (
+              "vocab_size",
+              "hidden_size",
+              "intermediate_size",
+              "num_layers",
+              "num_heads",
+              "num_kv_heads",
+              "head_dim",
+              "tie_word_embeddings",
+          )
+      },
       "params": param_count(cfg),
-      "batch": B, "prompt_len": P, "response_len": L, "tokens_per_step": tokens,
+      "batch": B,
+      "prompt_len": P,
+      "response_len": L,
+      "tokens_per_step": tokens,
       "valid_tokens_per_step": int(batch["attn_mask"].sum()),
       "response_tokens_per_step": int(batch["response_mask"].sum()),
       "model_flops_per_step": flops,
-      "flops_formula": ("6*P_layers*B*S + 12*layers*heads*head_dim*S*B*S "
-                        "+ 6*hidden*vocab*B*L"),
+      "flops_formula": ("6*P_layers*B*S + 12*layers*heads*head_dim*S*B*S " "+ 6*hidden*vocab*B*L"),
       "matmul_n": n,
-      "threads": {"cpus": threads, "torch": torch.get_num_threads(),
-                  "jax_devices": jax.device_count()},
+      "threads": {
+          "cpus": threads,
+          "torch": torch.get_num_threads(),
+          "jax_devices": jax.device_count(),
+      },
       "fused_chunk_size": config.rl.fused_chunk_size,
-      "compile_s": compile_s, "ours_first_step_s": jax_first_s,
+      "compile_s": compile_s,
+      "ours_first_step_s": jax_first_s,
       "torch_first_step_s": torch_first_s,
       "check": check,
       "rounds": per_round,
-      "ours": {"step_s": med("ours_s"), "tokens_per_s": tokens / med("ours_s"),
-               "flops_per_s": flops / med("ours_s")},
-      "torch": {"step_s": med("torch_s"), "tokens_per_s": tokens / med("torch_s"),
-                "flops_per_s": flops / med("torch_s")},
+      "ours": {
+          "step_s": med("ours_s"),
+          "tokens_per_s": tokens / med("ours_s"),
+          "flops_per_s": flops / med("ours_s"),
+      },
+      "torch": {
+          "step_s": med("torch_s"),
+          "tokens_per_s": tokens / med("torch_s"),
+          "flops_per_s": flops / med("torch_s"),
+      },
       "matmul_flops_per_s": mm_flops / med("matmul_s"),
       "torch_matmul_flops_per_s": mm_flops / med("torch_matmul_s"),
       "speedup": med("speedup"),
       "matmul_fraction": med("matmul_fraction"),
       "torch_matmul_fraction": med("torch_matmul_fraction"),
   }
-  result["targets_met"] = {"speedup>=1.5": result["speedup"] >= 1.5,
-                           "matmul_fraction>=0.4": result["matmul_fraction"] >= 0.4}
+  result["targets_met"] = {
+      "speedup>=1.5": result["speedup"] >= 1.5,
+      "matmul_fraction>=0.4": result["matmul_fraction"] >= 0.4,
+  }
   return result
 
 
@@ -352,8 +437,9 @@ def format_table(r: dict) -> str:
       f"trace + compile {r['compile_s']:.1f} s; first step: ours {r['ours_first_step_s']:.2f} s, "
       f"torch {r['torch_first_step_s']:.2f} s",
       "check after one step from the same state (ours, torch): "
-      + "; ".join(f"{k} {v[0]:.6g}, {v[1]:.6g}" for k, v in r["check"].items()
-                  if isinstance(v, list))
+      + "; ".join(
+          f"{k} {v[0]:.6g}, {v[1]:.6g}" for k, v in r["check"].items() if isinstance(v, list)
+      )
       + f"; max |params diff| / lr {r['check']['max_abs_param_diff_over_lr']:.2g}",
       "",
       "| round | ours s | torch s | torch/ours | matmul GFLOP/s (jax, torch) | ours / matmul |",
@@ -361,9 +447,11 @@ def format_table(r: dict) -> str:
   ]
   mm = 2 * r["matmul_n"] ** 3
   for i, x in enumerate(r["rounds"], 1):
-    lines.append(f"| {i} | {x['ours_s']:.3f} | {x['torch_s']:.3f} | {x['speedup']:.2f} | "
-                 f"{g(mm / x['matmul_s'])}, {g(mm / x['torch_matmul_s'])} | "
-                 f"{100 * x['matmul_fraction']:.1f}% |")
+    lines.append(
+        f"| {i} | {x['ours_s']:.3f} | {x['torch_s']:.3f} | {x['speedup']:.2f} | "
+        f"{g(mm / x['matmul_s'])}, {g(mm / x['torch_matmul_s'])} | "
+        f"{100 * x['matmul_fraction']:.1f}% |"
+    )
   o, t = r["ours"], r["torch"]
   lines += [
       "",

@@ -8,6 +8,7 @@ Every run shares one warm start, `config.warm_start.path = <root>/_warm_start` (
 first run; `warm_start.seed` is separate from the RL seed), so RL seeds differ while the starting
 policy is the same. Studies run `configs/<family>.py:<preset>`, `--preset tiny` by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ FULL = {"eval_every": 50, "eval.num_prompts": 64, "eval.num_samples": 16}
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One RL run: configs/<family>.py:<arg> with dotted overrides."""
+
   name: str
   family: str
   arg: str = "tiny"
@@ -54,8 +56,7 @@ def load_config(family: str, arg: str, overrides: dict):
   override that is no field; values cast as `--config.a.b=v` casts them)."""
   c = importlib.import_module(f"configs.{family}").get_config(arg)
   if c.task.source == "synthetic" and c.task.name == "countdown":
-    overrides = {**{f"task.options.countdown.{k}": v for k, v in TASK_OPTIONS.items()},
-                 **overrides}
+    overrides = {**{f"task.options.countdown.{k}": v for k, v in TASK_OPTIONS.items()}, **overrides}
   c.lock()  # an unknown key raises instead of adding a field
   c.update_from_flattened_dict(overrides)
   c.unlock()
@@ -73,8 +74,11 @@ def run_dir(root: str, s: RunSpec) -> str:
 
 def _complete(path: str, num_steps: int) -> bool:
   records = read_records(path)
-  return bool(records) and records[-1]["step"] >= num_steps and os.path.exists(
-      os.path.join(path, "summary.md"))
+  return (
+      bool(records)
+      and records[-1]["step"] >= num_steps
+      and os.path.exists(os.path.join(path, "summary.md"))
+  )
 
 
 def ensure_run(root: str, s: RunSpec, log=print) -> str:
@@ -82,8 +86,11 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
   path = run_dir(root, s)
   # ENTROPY_RL_EXTRA_OVERRIDES (JSON) applies to every run: for smoke tests in a scratch --root.
   extra = json.loads(os.environ.get("ENTROPY_RL_EXTRA_OVERRIDES", "{}"))
-  overrides = {**s.config_overrides(), **extra,
-               "warm_start.path": os.path.abspath(os.path.join(root, WARM_DIR))}
+  overrides = {
+      **s.config_overrides(),
+      **extra,
+      "warm_start.path": os.path.abspath(os.path.join(root, WARM_DIR)),
+  }
   num_steps = int(overrides.get("num_steps", load_config(s.family, s.arg, {}).num_steps))
   if _complete(path, num_steps):
     log(f"[reuse] {s.name}")
@@ -91,8 +98,20 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "spec.json"), "w") as f:
     json.dump(dataclasses.asdict(s), f, indent=1)
-  cmd = [sys.executable, "-m", "experiments.common", "run", "--family", s.family, "--arg", s.arg,
-         "--workdir", path, "--overrides", json.dumps(overrides)]
+  cmd = [
+      sys.executable,
+      "-m",
+      "experiments.common",
+      "run",
+      "--family",
+      s.family,
+      "--arg",
+      s.arg,
+      "--workdir",
+      path,
+      "--overrides",
+      json.dumps(overrides),
+  ]
   start = time.time()
   log(f"[run] {s.name}: {s.family}:{s.arg} {s.config_overrides()}")
   with open(os.path.join(path, "log.txt"), "a") as out:
@@ -108,12 +127,14 @@ def read_records(path: str) -> list[dict]:
   if not os.path.exists(f):
     return []
   from entropy_rl import metrics
+
   return metrics.read_metrics(f)
 
 
 def truncate(records, num_steps: int) -> list[dict]:
   """The first `num_steps` steps of a run. With the constant LR schedule a longer run's first steps
-  equal a shorter run's (evaluation draws its own keys), so studies compare against study 2's runs."""
+  equal a shorter run's (evaluation draws its own keys), so studies compare against study 2's runs.
+  """
   return [r for r in records if r["step"] <= num_steps]
 
 
@@ -167,9 +188,11 @@ def run_settings(quick: bool, steps: int, quick_steps: int = 10) -> dict:
 def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = "") -> str:
   """One panel per metric key; one line per label (mean over its runs, band = min..max)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from entropy_rl import analysis
+
   fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
   for ax, key in zip(axes[0], keys):
     for i, (label, runs) in enumerate(groups.items()):
@@ -182,8 +205,7 @@ def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = 
       window = smooth if n > 2 * smooth else 1
       ys = np.stack([analysis.moving_average(c[1][np.isin(c[0], x)], window) for c in curves])
       color = f"C{i}"
-      ax.plot(x, ys.mean(0), color=color, label=label, lw=1.2, marker="o" if n < 12 else None,
-              ms=3)
+      ax.plot(x, ys.mean(0), color=color, label=label, lw=1.2, marker="o" if n < 12 else None, ms=3)
       if len(ys) > 1:
         ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
     ax.set_title(key, fontsize=8)
@@ -198,6 +220,7 @@ def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = 
 def save_figure(fig, path: str) -> str:
   """Lays out, writes (small PNG, 80 dpi) and closes `fig`; returns `path`."""
   import matplotlib.pyplot as plt
+
   fig.tight_layout()
   fig.savefig(path, dpi=80)
   plt.close(fig)
@@ -216,8 +239,11 @@ def write_report(out_dir: str, name: str, text: str) -> str:
 def base_args(description: str, default_out: str):
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true", help="minutes: few steps, one seed")
-  p.add_argument("--preset", default="tiny",
-                 help="configs/<family>.py:<preset>: tiny (CPU) or a paper model, e.g. qwen2_5_7b")
+  p.add_argument(
+      "--preset",
+      default="tiny",
+      help="configs/<family>.py:<preset>: tiny (CPU) or a paper model, e.g. qwen2_5_7b",
+  )
   p.add_argument("--root", default=DEFAULT_ROOT, help="where run dirs live (shared across studies)")
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", default_out))
   return p
@@ -231,7 +257,8 @@ SCALING_RULE = (
     "Matching the token *count* is impossible (it would be most of the batch), so the tiny presets "
     "match the *effect*: the ratio is raised until the method visibly slows the entropy decline "
     "(configs/clip_cov.py tiny: r = 0.02, band (0.5, 10); configs/kl_cov.py tiny: k = 0.02, beta = 1). "
-    "The number of tokens each rule actually touched per mini-batch and per step is measured below.")
+    "The number of tokens each rule actually touched per mini-batch and per step is measured below."
+)
 
 # ----------------------------------------------------------------------------- probes
 
@@ -239,6 +266,7 @@ SCALING_RULE = (
 @dataclasses.dataclass
 class Probe:
   """A policy loaded outside the trainer: model, tokenizer, task, config."""
+
   model: object
   model_cfg: object
   tokenizer: object
@@ -252,6 +280,7 @@ def load_probe(path: str) -> Probe:
     s = json.load(f)
   c = load_config(s["family"], s["arg"], dict(map(tuple, s["overrides"])))
   from entropy_rl import data as data_lib, models, policy
+
   tok = data_lib.build_tokenizer(os.path.join(path, "tokenizer"))
   model_cfg = policy.tiny_model_config(c.model, len(tok))
   return Probe(models.Decoder(model_cfg), model_cfg, tok, data_lib.make_task(c.task), c)
@@ -261,6 +290,7 @@ def warm_params(path: str):
   """The shared warm start of run dir `path` (`<root>/_warm_start`)."""
   from entropy_rl import warmstart
   from entropy_rl.models import hf
+
   root = os.path.dirname(os.path.abspath(path))
   _, params = hf.load_hf(os.path.join(root, WARM_DIR, warmstart.MODEL_DIR))
   return params
@@ -268,6 +298,7 @@ def warm_params(path: str):
 
 def checkpoint_steps(path: str) -> list[int]:
   from entropy_rl import checkpoint
+
   with checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False) as ck:
     return ck.all_steps()
 
@@ -277,6 +308,7 @@ def checkpoint_params(path: str, step: int):
   if step == 0:
     return warm_params(path)
   from entropy_rl import checkpoint
+
   with checkpoint.Checkpointer(os.path.join(path, "checkpoints"), async_save=False) as ck:
     state, _ = ck.restore(step)
   return state["params"] if isinstance(state, dict) else state.params
@@ -287,25 +319,45 @@ def sample_probe(probe: Probe, params, num_prompts: int, num_samples: int, seed:
   import jax
   from entropy_rl import advantages, sampling
   from entropy_rl import data as data_lib
+
   c = probe.config
   examples = probe.task.eval_examples(num_prompts, seed=data_lib.EVAL_SEED)
-  prompt, pmask = data_lib.encode_prompts(probe.tokenizer, [e.prompt for e in examples],
-                                          c.task.max_prompt_len)
+  prompt, pmask = data_lib.encode_prompts(
+      probe.tokenizer, [e.prompt for e in examples], c.task.max_prompt_len
+  )
   stop = (probe.tokenizer.eos_token_id,)
-  out = sampling.sample(probe.model, params, prompt, pmask, jax.random.key(seed),
-                        num_samples=num_samples, max_new_tokens=c.rollout.max_new_tokens,
-                        temperature=c.rollout.temperature, stop_ids=stop,
-                        pad_id=probe.tokenizer.pad_token_id, return_entropy=True)
+  out = sampling.sample(
+      probe.model,
+      params,
+      prompt,
+      pmask,
+      jax.random.key(seed),
+      num_samples=num_samples,
+      max_new_tokens=c.rollout.max_new_tokens,
+      temperature=c.rollout.temperature,
+      stop_ids=stop,
+      pad_id=probe.tokenizer.pad_token_id,
+      return_entropy=True,
+  )
   tokens, mask = np.asarray(out.tokens_NxL), np.asarray(out.mask_NxL).astype(np.float32)
   texts = data_lib.decode_responses(probe.tokenizer, tokens, mask)
-  rewards = np.array([probe.task.score(examples[n // num_samples], t) for n, t in enumerate(texts)],
-                     np.float32)
+  rewards = np.array(
+      [probe.task.score(examples[n // num_samples], t) for n, t in enumerate(texts)], np.float32
+  )
   adv = np.asarray(advantages.grpo_advantages(rewards.reshape(-1, num_samples))).reshape(-1)
-  return {"prompt": np.asarray(out.prompt_NxP), "prompt_mask": np.asarray(out.prompt_mask_NxP),
-          "tokens": tokens, "mask": mask, "logp": np.asarray(out.logprobs_NxL),
-          "entropy": np.asarray(out.entropy_NxL), "rewards": rewards,
-          "adv": adv[:, None] * mask, "texts": texts, "examples": examples,
-          "num_samples": num_samples}
+  return {
+      "prompt": np.asarray(out.prompt_NxP),
+      "prompt_mask": np.asarray(out.prompt_mask_NxP),
+      "tokens": tokens,
+      "mask": mask,
+      "logp": np.asarray(out.logprobs_NxL),
+      "entropy": np.asarray(out.entropy_NxL),
+      "rewards": rewards,
+      "adv": adv[:, None] * mask,
+      "texts": texts,
+      "examples": examples,
+      "num_samples": num_samples,
+  }
 
 
 @functools.lru_cache(maxsize=4)
@@ -315,6 +367,7 @@ def _forward_fn(model):
   @jax.jit
   def fwd(params, tokens, attn):
     return model.apply({"params": params}, tokens, attn_mask_BxT=attn)
+
   return fwd
 
 
@@ -324,7 +377,7 @@ def response_logits(probe: Probe, params, batch) -> np.ndarray:
   attn = np.concatenate([batch["prompt_mask"], batch["mask"]], 1).astype(np.int32)
   p, l = batch["prompt"].shape[1], batch["tokens"].shape[1]
   logits = np.asarray(_forward_fn(probe.model)(params, tokens, attn), np.float64)
-  return logits[:, p - 1:p - 1 + l] / probe.config.rollout.temperature
+  return logits[:, p - 1 : p - 1 + l] / probe.config.rollout.temperature
 
 
 def token_strings(probe: Probe, tokens) -> list[list[str]]:
@@ -342,10 +395,13 @@ def _child(argv):
   p.add_argument("--overrides", default="{}")
   a = p.parse_args(argv)
   import jax
+
   jax.config.update("jax_threefry_partitionable", True)
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.WARNING)
   from entropy_rl import trainer
+
   c = load_config(a.family, a.arg, json.loads(a.overrides))
   trainer.train(c, a.workdir)
 

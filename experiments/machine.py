@@ -5,6 +5,7 @@ Every benchmark calls `begin()` before measuring and `end(info)` after, stores t
 `IDLE_LOAD` before or after means other jobs shared the cores: the numbers are then not comparable
 with an idle machine's, and `describe` says so in a WARNING line.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,22 @@ def _warning(info: dict) -> str | None:
   if not high:
     return None
   when = " and ".join(f"{v:.2f} {k}" for k, v in high.items())
-  return (f"WARNING: the machine was not idle (1-minute load average {when} the measurement, "
-          f"above {IDLE_LOAD}): these numbers are not comparable with an idle machine's; rerun "
-          "on an idle machine")
+  return (
+      f"WARNING: the machine was not idle (1-minute load average {when} the measurement, "
+      f"above {IDLE_LOAD}): these numbers are not comparable with an idle machine's; rerun "
+      "on an idle machine"
+  )
 
 
 def begin() -> dict:
   """The machine and its load before the measurement; prints them (and the warning if loaded)."""
-  info = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-          "usable_cores": len(os.sched_getaffinity(0)), "idle_load_threshold": IDLE_LOAD,
-          "load_before": list(os.getloadavg())}
+  info = {
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "usable_cores": len(os.sched_getaffinity(0)),
+      "idle_load_threshold": IDLE_LOAD,
+      "load_before": list(os.getloadavg()),
+  }
   info["warning"] = _warning(info)
   print(describe(info), flush=True)
   return info
@@ -62,8 +69,10 @@ def end(info: dict) -> dict:
 def describe(info: dict) -> str:
   """One line on the machine and its load (1, 5, 15 minutes), then the WARNING if not idle."""
   fmt = lambda loads: ", ".join(f"{x:.2f}" for x in loads)
-  line = (f"machine: {info['cpu_model']}, {info['cpu_count']} cores ({info['usable_cores']} "
-          f"usable); load average (1, 5, 15 min) before {fmt(info['load_before'])}")
+  line = (
+      f"machine: {info['cpu_model']}, {info['cpu_count']} cores ({info['usable_cores']} "
+      f"usable); load average (1, 5, 15 min) before {fmt(info['load_before'])}"
+  )
   if "load_after" in info:
     line += f", after {fmt(info['load_after'])}"
   return line + (f"\n{info['warning']}" if info["warning"] else "")

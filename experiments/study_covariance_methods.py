@@ -9,6 +9,7 @@ number of tokens each rule touched; and the covariance distribution at step 1 (E
   python -m experiments.study_covariance_methods --quick
   python -m experiments.study_covariance_methods --seeds 3
 """
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,15 @@ PAPER_TABLE1 = {0.0002: 5.654, 0.002: 3.112, 0.02: 1.385, 0.2: 0.351, 0.5: 0.152
 def method_specs(quick: bool, seeds: int, steps: int, methods=METHODS, preset: str = "tiny"):
   settings = common.run_settings(quick, steps)
   tag = common.run_tag(quick, preset)
-  return {m: [common.RunSpec(f"{tag}_{m}_s{s}", m, preset,
-                             tuple(sorted({**settings, "seed": s}.items())))
-              for s in range(seeds)] for m in methods}
+  return {
+      m: [
+          common.RunSpec(
+              f"{tag}_{m}_s{s}", m, preset, tuple(sorted({**settings, "seed": s}.items()))
+          )
+          for s in range(seeds)
+      ]
+      for m in methods
+  }
 
 
 def covariance_table(run_path: str, num_prompts: int, num_samples: int = 8) -> tuple[dict, int]:
@@ -59,8 +66,9 @@ def main():
   passk = [k for k in ekeys if k.startswith("eval/pass@") and k != "eval/pass@1"]
   avgk = [k for k in ekeys if k.startswith("eval/avg@")]
   common.plot_groups(runs, [H, R, "response/len_mean"], os.path.join(a.out, "curves.png"))
-  common.plot_groups(runs, ["eval/pass@1"] + avgk + passk, os.path.join(a.out, "eval.png"),
-                     smooth=1)
+  common.plot_groups(
+      runs, ["eval/pass@1"] + avgk + passk, os.path.join(a.out, "eval.png"), smooth=1
+  )
 
   # GRPO's plateau and fitted entropy-reward curve (10-step means pooled over seeds).
   plateaus = []
@@ -81,10 +89,16 @@ def main():
   rows, resid_rows, touch_rows = [], [], []
   for m in METHODS:
     hs = [common.final_mean(x, H) for x in runs[m]]
-    row = [m, common.mean_std(hs), f"{np.mean(hs) / grpo_h:.2f}x",
-           common.mean_std([common.final_mean(x, R) for x in runs[m]])]
-    row += [common.mean_std([common.last_value(x, k) for x in runs[m]])
-            for k in ["eval/pass@1"] + avgk + passk]
+    row = [
+        m,
+        common.mean_std(hs),
+        f"{np.mean(hs) / grpo_h:.2f}x",
+        common.mean_std([common.final_mean(x, R) for x in runs[m]]),
+    ]
+    row += [
+        common.mean_std([common.last_value(x, k) for x in runs[m]])
+        for k in ["eval/pass@1"] + avgk + passk
+    ]
     row.append(common.mean_std([common.final_mean(x, "response/len_mean") for x in runs[m]]))
     rows.append(row)
     if ref_fit:
@@ -94,37 +108,61 @@ def main():
         r10 = analysis.window_means(common.series(x, R)[1], 10)
         fr = analysis.frontier_residual(ref_h, ref_r, h10, r10)
         per_seed.append(fr["mean"])
-        late.append(float(np.mean(fr["residuals"][len(h10) // 2:])))
+        late.append(float(np.mean(fr["residuals"][len(h10) // 2 :])))
         inside.append(fr["frac_inside"])
-      resid_rows.append([m, common.mean_std(per_seed), common.mean_std(late),
-                         f"{np.mean(inside):.2f}"])
+      resid_rows.append(
+          [m, common.mean_std(per_seed), common.mean_std(late), f"{np.mean(inside):.2f}"]
+      )
     sel = [common.final_mean(x, "select/n_cov_selected", last=10**6) for x in runs[m]]
     dlogp = [common.final_mean(x, "pg/abs_dlogp", last=10**6) for x in runs[m]]
-    clip = [common.final_mean(x, "pg/clipfrac_high", last=10**6) +
-            common.final_mean(x, "pg/clipfrac_low", last=10**6) for x in runs[m]]
+    clip = [
+        common.final_mean(x, "pg/clipfrac_high", last=10**6)
+        + common.final_mean(x, "pg/clipfrac_low", last=10**6)
+        for x in runs[m]
+    ]
     ntok = [common.final_mean(x, "select/n_valid", last=10**6) for x in runs[m]]
-    touch_rows.append([m, f"{np.nanmean(sel):.2f}", f"{np.nanmean(sel) * 4:.1f}",
-                       f"{np.nanmean(ntok):.0f}", f"{np.nanmean(dlogp):.4f}", f"{np.nanmean(clip):.4f}"])
+    touch_rows.append(
+        [
+            m,
+            f"{np.nanmean(sel):.2f}",
+            f"{np.nanmean(sel) * 4:.1f}",
+            f"{np.nanmean(ntok):.0f}",
+            f"{np.nanmean(dlogp):.4f}",
+            f"{np.nanmean(clip):.4f}",
+        ]
+    )
 
   plat_txt = ", ".join(
       "n/a" if pl is None else (f"step {pl['step']:.0f}" if pl["plateaued"] else "still rising")
-      for pl in plateaus)
+      for pl in plateaus
+  )
   num_steps = specs["grpo"][0].config_overrides()["num_steps"]
   plateau_steps = [pl["step"] for pl in plateaus if pl and pl["plateaued"]]
-  past = (f"GRPO plateau detected at step(s) {plat_txt}; the runs continue to step {num_steps}, "
-          f"{num_steps - max(plateau_steps):.0f}+ steps past it." if plateau_steps else
-          f"GRPO plateau: {plat_txt} — no plateau detected within {num_steps} steps, so the "
-          "comparison is *before* GRPO exhausts its gains, not after.")
+  past = (
+      f"GRPO plateau detected at step(s) {plat_txt}; the runs continue to step {num_steps}, "
+      f"{num_steps - max(plateau_steps):.0f}+ steps past it."
+      if plateau_steps
+      else f"GRPO plateau: {plat_txt} — no plateau detected within {num_steps} steps, so the "
+      "comparison is *before* GRPO exhausts its gains, not after."
+  )
 
   # Covariance tail at step 1 from the starting policy.
   n_prompts = 16 if a.quick else 128
   table, ntokens = covariance_table(common.run_dir(a.root, specs["grpo"][0]), n_prompts)
-  cov_rows = [[f"{100 * f:g}%", str(k), f"{v:.3f}", f"{PAPER_TABLE1[f]:.3f}"]
-              for f, (v, k) in table.items()]
-  head = ["method", "entropy (last 10)", "vs GRPO", "acc (last 10)", "eval pass@1 (greedy)"] + [
-      k.replace("eval/", "eval ") for k in avgk + passk] + ["len"]
-  fit_txt = (f"a = {ref_fit['a']:.3f}, b = {ref_fit['b']:.3f}, R^2 = {ref_fit['r2']:.3f}, ceiling "
-             f"{ref_fit['ceiling']:.3f}" if ref_fit else "n/a")
+  cov_rows = [
+      [f"{100 * f:g}%", str(k), f"{v:.3f}", f"{PAPER_TABLE1[f]:.3f}"] for f, (v, k) in table.items()
+  ]
+  head = (
+      ["method", "entropy (last 10)", "vs GRPO", "acc (last 10)", "eval pass@1 (greedy)"]
+      + [k.replace("eval/", "eval ") for k in avgk + passk]
+      + ["len"]
+  )
+  fit_txt = (
+      f"a = {ref_fit['a']:.3f}, b = {ref_fit['b']:.3f}, R^2 = {ref_fit['r2']:.3f}, ceiling "
+      f"{ref_fit['ceiling']:.3f}"
+      if ref_fit
+      else "n/a"
+  )
   text = f"""# Study 2: covariance methods (EM Table 2 / Fig. 11, Table 1)
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {num_steps} steps per method, one shared warm start.

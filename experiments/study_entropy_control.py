@@ -8,6 +8,7 @@ against GRPO's entropy-reward curve.
   python -m experiments.study_entropy_control --quick
   python -m experiments.study_entropy_control
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ SWEEPS = {  # --sweeps id: (label, config family, swept field, values)
 PRESET = {"loss.clip_cov_ratio": 0.02, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
 
 
-def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS),
-                  preset: str = "tiny"):
+def control_specs(
+    quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS), preset: str = "tiny"
+):
   settings = common.run_settings(quick, steps)
   tag = common.run_tag(quick, preset)
   base = {**settings, "seed": 0}
@@ -42,22 +44,34 @@ def control_specs(quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEP
       if PRESET.get(key) == v:  # the study-2 run with the preset value
         out[label] = common.RunSpec(f"{tag}_{family}_s0", family, preset, study2)
       else:
-        out[label] = common.RunSpec(f"{tag}_{family}_{key.split('.')[-1]}{v:g}_s0", family, preset,
-                                    tuple(sorted({**base, key: v}.items())))
+        out[label] = common.RunSpec(
+            f"{tag}_{family}_{key.split('.')[-1]}{v:g}_s0",
+            family,
+            preset,
+            tuple(sorted({**base, key: v}.items())),
+        )
   return out
 
 
 def main():
   p = common.base_args(__doc__, "entropy_control")
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=common.STUDY2_STEPS,
-                 help="length of study 2's runs (reused here, truncated to --steps)")
-  p.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}")
+  p.add_argument(
+      "--study2-steps",
+      type=int,
+      default=common.STUDY2_STEPS,
+      help="length of study 2's runs (reused here, truncated to --steps)",
+  )
+  p.add_argument(
+      "--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}"
+  )
   a = p.parse_args()
   specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","), a.preset)
   n = common.run_settings(a.quick, a.steps)["num_steps"]
-  runs = {label: common.truncate(common.read_records(common.ensure_run(a.root, s)), n)
-          for label, s in specs.items()}
+  runs = {
+      label: common.truncate(common.read_records(common.ensure_run(a.root, s)), n)
+      for label, s in specs.items()
+  }
   os.makedirs(a.out, exist_ok=True)
   ref_h = analysis.window_means(common.series(runs["GRPO"], H)[1], 10)
   ref_r = analysis.window_means(common.series(runs["GRPO"], R)[1], 10)
@@ -66,24 +80,35 @@ def main():
   rows = []
   for label, rec in runs.items():
     try:
-      res = analysis.frontier_residual(ref_h, ref_r, analysis.window_means(common.series(rec, H)[1], 10),
-                                       analysis.window_means(common.series(rec, R)[1], 10))["mean"]
+      res = analysis.frontier_residual(
+          ref_h,
+          ref_r,
+          analysis.window_means(common.series(rec, H)[1], 10),
+          analysis.window_means(common.series(rec, R)[1], 10),
+      )["mean"]
       res = f"{res:+.3f}"
     except (ValueError, RuntimeError):
       res = "n/a"
     h = common.final_mean(rec, H)
-    rows.append([label, f"{h:.3f}", f"{h / grpo_h:.2f}x", f"{common.final_mean(rec, R):.3f}"] +
-                [f"{common.last_value(rec, k):.3f}" for k in ekeys] +
-                [f"{common.final_mean(rec, 'select/n_cov_selected', 10**6):.2f}",
-                 f"{common.final_mean(rec, 'pg/abs_dlogp', 10**6):.4f}", res])
+    rows.append(
+        [label, f"{h:.3f}", f"{h / grpo_h:.2f}x", f"{common.final_mean(rec, R):.3f}"]
+        + [f"{common.last_value(rec, k):.3f}" for k in ekeys]
+        + [
+            f"{common.final_mean(rec, 'select/n_cov_selected', 10**6):.2f}",
+            f"{common.final_mean(rec, 'pg/abs_dlogp', 10**6):.4f}",
+            res,
+        ]
+    )
   for sweep_id in a.sweeps.split(","):
     sweep = SWEEPS[sweep_id][0]
     group = {"GRPO": [runs["GRPO"]]}
     group.update({lab.split(" = ")[1]: [rec] for lab, rec in runs.items() if lab.startswith(sweep)})
     common.plot_groups(group, [H, R], os.path.join(a.out, f"{sweep_id}.png"), title=sweep)
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(4.2, 3))
   for i, (label, rec) in enumerate(runs.items()):
     h = analysis.window_means(common.series(rec, H)[1], 10)

@@ -13,6 +13,7 @@ confident-and-right or confident-and-wrong), at the start and at the end of the 
   python -m experiments.study_entropy_dynamics --quick
   python -m experiments.study_entropy_dynamics
 """
+
 from __future__ import annotations
 
 import os
@@ -25,10 +26,19 @@ from experiments import common
 
 def dynamics_spec(quick: bool, steps: int, preset: str = "tiny"):
   n = 6 if quick else steps
-  overrides = {"num_steps": n, "eval_every": 0, "checkpoint_every": 1, "keep_checkpoints": n,
-               "seed": 0}
-  return common.RunSpec(f"{common.run_tag(quick, preset)}_dynamics_grpo", "grpo", preset,
-                        tuple(sorted(overrides.items())))
+  overrides = {
+      "num_steps": n,
+      "eval_every": 0,
+      "checkpoint_every": 1,
+      "keep_checkpoints": n,
+      "seed": 0,
+  }
+  return common.RunSpec(
+      f"{common.run_tag(quick, preset)}_dynamics_grpo",
+      "grpo",
+      preset,
+      tuple(sorted(overrides.items())),
+  )
 
 
 def masked_mean(x, mask):
@@ -48,10 +58,17 @@ def probe_dynamics(path: str, num_prompts: int):
     new = common.response_logits(probe, common.checkpoint_params(path, step), batch)
     h_old = analysis.entropy_of_logits(logits.reshape(-1, V)).reshape(mask.shape)
     h_new = analysis.entropy_of_logits(new.reshape(-1, V)).reshape(mask.shape)
-    pred = analysis.first_order_entropy_change(logits.reshape(-1, V),
-                                               new.reshape(-1, V)).reshape(mask.shape)
-    rows.append({"step": step, "H": masked_mean(h_new, mask),
-                 "measured": masked_mean(h_new - h_old, mask), "predicted": masked_mean(pred, mask)})
+    pred = analysis.first_order_entropy_change(logits.reshape(-1, V), new.reshape(-1, V)).reshape(
+        mask.shape
+    )
+    rows.append(
+        {
+            "step": step,
+            "H": masked_mean(h_new, mask),
+            "measured": masked_mean(h_new - h_old, mask),
+            "predicted": masked_mean(pred, mask),
+        }
+    )
     logits = new
   return rows
 
@@ -63,15 +80,25 @@ def accuracy_groups(path: str, step: int, num_prompts: int, num_samples: int = 8
   batch = common.sample_probe(probe, params, num_prompts, num_samples, seed=99)
   cov = analysis.token_covariance(batch["logp"], batch["adv"], batch["mask"])
   acc = batch["rewards"].reshape(-1, num_samples).mean(1).repeat(num_samples)
-  groups = [("0", acc == 0), ("(0, 0.5)", (acc > 0) & (acc < 0.5)),
-            ("[0.5, 1)", (acc >= 0.5) & (acc < 1)), ("1", acc == 1)]
+  groups = [
+      ("0", acc == 0),
+      ("(0, 0.5)", (acc > 0) & (acc < 0.5)),
+      ("[0.5, 1)", (acc >= 0.5) & (acc < 1)),
+      ("1", acc == 1),
+  ]
   out = []
   for name, rows in groups:
     m = batch["mask"] * rows[:, None]
     n = int(m.sum())
-    out.append([name, str(int(rows.sum()) // num_samples), str(n),
-                f"{masked_mean(cov, m):.4f}" if n else "n/a",
-                f"{masked_mean(batch['entropy'], m):.3f}" if n else "n/a"])
+    out.append(
+        [
+            name,
+            str(int(rows.sum()) // num_samples),
+            str(n),
+            f"{masked_mean(cov, m):.4f}" if n else "n/a",
+            f"{masked_mean(batch['entropy'], m):.3f}" if n else "n/a",
+        ]
+    )
   return out
 
 
@@ -90,15 +117,17 @@ def main():
   _, actual = common.series(records, "entropy/actual_delta")
   # entropy/actual_delta at step t (logged from step 2) compares the rollouts of steps t-1 and t,
   # which differ by update t-1, whose proxy is logged at step t-1.
-  proxy_prev = proxy[:len(actual)]
+  proxy_prev = proxy[: len(actual)]
   corr_probe = analysis.pearson(pred, meas)
   corr_proxy = analysis.pearson(proxy_prev, actual)
-  corr_proxy_probe = analysis.pearson(proxy[:len(meas)], meas)
+  corr_proxy_probe = analysis.pearson(proxy[: len(meas)], meas)
   slope = float(np.polyfit(pred, meas, 1)[0]) if len(pred) > 2 else float("nan")
 
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(10, 2.9))
   st = [r["step"] for r in rows]
   axes[0].plot(st, meas, "o-", ms=3, label="measured dH (probe)")
@@ -124,9 +153,13 @@ def main():
   last = common.checkpoint_steps(path)[-1]
   g0 = accuracy_groups(path, 0, 32 if a.quick else 128)
   g1 = accuracy_groups(path, last, 32 if a.quick else 128)
-  table = common.md_table(["step", "probe H", "measured dH", "predicted dH"],
-                          [[str(r["step"]), f"{r['H']:.4f}", f"{r['measured']:+.5f}",
-                            f"{r['predicted']:+.5f}"] for r in rows[:10]])
+  table = common.md_table(
+      ["step", "probe H", "measured dH", "predicted dH"],
+      [
+          [str(r["step"]), f"{r['H']:.4f}", f"{r['measured']:+.5f}", f"{r['predicted']:+.5f}"]
+          for r in rows[:10]
+      ],
+  )
   frac_neg = float(np.mean(meas < 0))
   text = f"""# Study 4: entropy dynamics (EM section 3)
 

@@ -9,6 +9,7 @@ Also the early-stopping hint: the law's ceiling -a + b re-fitted as points accum
   python -m experiments.study_entropy_law --quick     # minutes
   python -m experiments.study_entropy_law             # GRPO x 3 seeds (shared with study 2)
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,12 @@ ENTROPY_KEY = "entropy/token_mean"
 def grpo_specs(quick: bool, seeds: int, steps: int, preset: str = "tiny"):
   settings = common.run_settings(quick, steps)
   tag = common.run_tag(quick, preset)
-  return [common.RunSpec(f"{tag}_grpo_s{s}", "grpo", preset,
-                         tuple(sorted({**settings, "seed": s}.items()))) for s in range(seeds)]
+  return [
+      common.RunSpec(
+          f"{tag}_grpo_s{s}", "grpo", preset, tuple(sorted({**settings, "seed": s}.items()))
+      )
+      for s in range(seeds)
+  ]
 
 
 def law_rows(records, window=10):
@@ -36,13 +41,14 @@ def law_rows(records, window=10):
   out = {}
   try:
     out["raw"] = analysis.fit_law(h, r)
-    out["mean10"] = analysis.fit_law(analysis.window_means(h, window),
-                                     analysis.window_means(r, window))
+    out["mean10"] = analysis.fit_law(
+        analysis.window_means(h, window), analysis.window_means(r, window)
+    )
     early = analysis.early_fit_prediction(h, r, 0.15)
     n_fit = early["n_fit"]
     pred = analysis.law(h[n_fit:], early["a"], early["b"])
     err10 = analysis.window_means(pred, window) - analysis.window_means(r[n_fit:], window)
-    out["early"] = {**early, "rmse_mean10": float(np.sqrt(np.mean(err10 ** 2)))}
+    out["early"] = {**early, "rmse_mean10": float(np.sqrt(np.mean(err10**2)))}
   except (ValueError, RuntimeError) as e:  # too few points (quick mode) or no fit
     out["error"] = str(e)
   return out
@@ -64,15 +70,24 @@ def ceiling_trace(records, every=10, min_points=20):
 
 def plot_law(runs: dict, fits: dict, out_png: str):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(1, 3, figsize=(10, 3))
   for i, (name, rec) in enumerate(runs.items()):
     _, h = common.series(rec, ENTROPY_KEY)
     _, r = common.series(rec, REWARD_KEY)
     axes[0].scatter(h, r, s=3, alpha=0.3, color=f"C{i}")
-    axes[0].scatter(analysis.window_means(h, 10), analysis.window_means(r, 10), s=14,
-                    color=f"C{i}", edgecolor="k", lw=0.4, label=name)
+    axes[0].scatter(
+        analysis.window_means(h, 10),
+        analysis.window_means(r, 10),
+        s=14,
+        color=f"C{i}",
+        edgecolor="k",
+        lw=0.4,
+        label=name,
+    )
     x, c = ceiling_trace(rec)
     axes[2].plot(x, c, color=f"C{i}", label=name)
     axes[2].axhline(np.mean(r[-10:]), color=f"C{i}", ls=":", lw=0.8)
@@ -81,12 +96,18 @@ def plot_law(runs: dict, fits: dict, out_png: str):
   grid = np.linspace(0, max(allh.max(), 1e-3) * 1.05, 100)
   if "mean10" in pooled:
     f = pooled["mean10"]
-    axes[0].plot(grid, analysis.law(grid, f["a"], f["b"]), "k-", lw=1,
-                 label=f"all: R^2 {f['r2']:.2f}")
+    axes[0].plot(
+        grid, analysis.law(grid, f["a"], f["b"]), "k-", lw=1, label=f"all: R^2 {f['r2']:.2f}"
+    )
   first = next(iter(fits.values())).get("early")
   if first:
-    axes[0].plot(grid, analysis.law(grid, first["a"], first["b"]), "k--", lw=1,
-                 label=f"first 15% ({next(iter(fits))})")
+    axes[0].plot(
+        grid,
+        analysis.law(grid, first["a"], first["b"]),
+        "k--",
+        lw=1,
+        label=f"first 15% ({next(iter(fits))})",
+    )
   axes[0].set_xlabel("token entropy")
   axes[0].set_ylabel("rollout accuracy")
   axes[0].legend(fontsize=6)
@@ -98,7 +119,9 @@ def plot_law(runs: dict, fits: dict, out_png: str):
     axes[1].plot(s, analysis.moving_average(r, 5), color=f"C{i}", lw=1, ls="--")
   axes[1].set_title("entropy (solid), accuracy (dashed)", fontsize=8)
   axes[1].set_xlabel("step")
-  axes[2].set_title("early-stopping hint: fitted ceiling -a+b\n(dotted: final accuracy)", fontsize=8)
+  axes[2].set_title(
+      "early-stopping hint: fitted ceiling -a+b\n(dotted: final accuracy)", fontsize=8
+  )
   axes[2].set_xlabel("steps seen")
   for ax in axes:
     ax.tick_params(labelsize=7)
@@ -123,23 +146,30 @@ def main():
     runs[s.name] = common.read_records(common.ensure_run(a.root, s))
   fits = {name: law_rows(rec) for name, rec in runs.items()}
   # pooled fits: concatenate per-run 10-step means and the per-run early fits' errors
-  hs = np.concatenate([analysis.window_means(common.series(r, ENTROPY_KEY)[1], 10)
-                       for r in runs.values()])
-  rs = np.concatenate([analysis.window_means(common.series(r, REWARD_KEY)[1], 10)
-                       for r in runs.values()])
+  hs = np.concatenate(
+      [analysis.window_means(common.series(r, ENTROPY_KEY)[1], 10) for r in runs.values()]
+  )
+  rs = np.concatenate(
+      [analysis.window_means(common.series(r, REWARD_KEY)[1], 10) for r in runs.values()]
+  )
   fits["pooled"] = {}
   try:
     fits["pooled"]["mean10"] = analysis.fit_law(hs, rs)
-    fits["pooled"]["raw"] = analysis.fit_law(*[np.concatenate([common.series(r, k)[1]
-                                                                for r in runs.values()])
-                                                for k in (ENTROPY_KEY, REWARD_KEY)])
+    fits["pooled"]["raw"] = analysis.fit_law(
+        *[
+            np.concatenate([common.series(r, k)[1] for r in runs.values()])
+            for k in (ENTROPY_KEY, REWARD_KEY)
+        ]
+    )
   except (ValueError, RuntimeError) as e:
     fits["pooled"]["error"] = str(e)
   os.makedirs(a.out, exist_ok=True)
   plot_law(runs, fits, os.path.join(a.out, "law.png"))
-  common.plot_groups({"GRPO": list(runs.values())},
-                     ["entropy/token_mean", "acc", "eval/pass@16" if not a.quick else "eval/pass@8",
-                      "cov/mean"], os.path.join(a.out, "curves.png"))
+  common.plot_groups(
+      {"GRPO": list(runs.values())},
+      ["entropy/token_mean", "acc", "eval/pass@16" if not a.quick else "eval/pass@8", "cov/mean"],
+      os.path.join(a.out, "curves.png"),
+  )
 
   rows = []
   for name, rec in runs.items():
@@ -152,8 +182,17 @@ def main():
       plat_s = f"{plat['step']:.0f}" if plat["plateaued"] else "still rising"
     except ValueError:
       plat_s = "too short"
-    rows.append([name, f"{h0:.3f}", f"{h1:.3f}", f"{h1 / h0:.2f}", f"{np.mean(r[:5]):.3f}",
-                 f"{np.mean(r[-10:]):.3f}", plat_s])
+    rows.append(
+        [
+            name,
+            f"{h0:.3f}",
+            f"{h1:.3f}",
+            f"{h1 / h0:.2f}",
+            f"{np.mean(r[:5]):.3f}",
+            f"{np.mean(r[-10:]):.3f}",
+            plat_s,
+        ]
+    )
   fit_rows = []
   for name, f in fits.items():
     for kind in ("raw", "mean10"):
@@ -161,9 +200,17 @@ def main():
     e = f.get("early")
     if e:
       fit_rows.append([name, f"first 15% ({e['n_fit']} pts)"] + fmt_fit(e))
-  pred_rows = [[name, str(f["early"]["n_fit"]), str(f["early"]["n_pred"]),
-                f"{f['early']['rmse']:.4f}", f"{f['early']['rmse_mean10']:.4f}"]
-               for name, f in fits.items() if name != "pooled" and "early" in f]
+  pred_rows = [
+      [
+          name,
+          str(f["early"]["n_fit"]),
+          str(f["early"]["n_pred"]),
+          f"{f['early']['rmse']:.4f}",
+          f"{f['early']['rmse_mean10']:.4f}",
+      ]
+      for name, f in fits.items()
+      if name != "pooled" and "early" in f
+  ]
   pooled_fit = fits["pooled"].get("mean10")
   noise_rows = []
   rewards = {name: common.series(rec, REWARD_KEY)[1] for name, rec in runs.items()}
@@ -174,9 +221,16 @@ def main():
       c = analysis.noise_r2_ceiling(r, 10)
     except ValueError:
       continue
-    noise_rows.append([name, f"{c['sigma']:.3f}", f"{c['sigma_mean']:.4f}",
-                       f"{f['rmse']:.4f}" if f else "n/a", f"{f['r2']:.3f}" if f else "n/a",
-                       f"{c['ceiling']:.3f}"])
+    noise_rows.append(
+        [
+            name,
+            f"{c['sigma']:.3f}",
+            f"{c['sigma_mean']:.4f}",
+            f"{f['rmse']:.4f}" if f else "n/a",
+            f"{f['r2']:.3f}" if f else "n/a",
+            f"{c['ceiling']:.3f}",
+        ]
+    )
   halved = [float(rw[3]) <= 0.5 for rw in rows]
   text = f"""# Study 1: entropy collapse and the entropy-performance law (EM section 2)
 

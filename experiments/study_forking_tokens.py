@@ -10,6 +10,7 @@ policy with those of later checkpoints on the same responses (HE Table 1).
   python -m experiments.study_forking_tokens --quick
   python -m experiments.study_forking_tokens
 """
+
 from __future__ import annotations
 
 import collections
@@ -23,8 +24,9 @@ from experiments import common
 H, R = "entropy/token_mean", "acc"
 
 
-def forking_specs(quick: bool, seeds: int, steps: int, study2_steps: int, rho_sweep: bool,
-                  preset: str = "tiny"):
+def forking_specs(
+    quick: bool, seeds: int, steps: int, study2_steps: int, rho_sweep: bool, preset: str = "tiny"
+):
   settings = common.run_settings(quick, steps)
   tag = common.run_tag(quick, preset)
   out = {}
@@ -32,20 +34,27 @@ def forking_specs(quick: bool, seeds: int, steps: int, study2_steps: int, rho_sw
     base = {**settings, "seed": s}
     study2 = {**common.run_settings(quick, study2_steps), "seed": s}
     runs = {
-        "all tokens (rho 1.0)": common.RunSpec(f"{tag}_clip_higher_s{s}", "clip_higher", preset,
-                                               tuple(sorted(study2.items()))),
-        "top 20%": common.RunSpec(f"{tag}_top20_s{s}", "top_entropy", f"{preset},top",
-                                  tuple(sorted(base.items()))),
-        "bottom 80%": common.RunSpec(f"{tag}_bottom80_s{s}", "top_entropy", f"{preset},bottom",
-                                     tuple(sorted(base.items()))),
-        "random 20%": common.RunSpec(f"{tag}_random20_s{s}", "top_entropy", f"{preset},random",
-                                     tuple(sorted(base.items()))),
+        "all tokens (rho 1.0)": common.RunSpec(
+            f"{tag}_clip_higher_s{s}", "clip_higher", preset, tuple(sorted(study2.items()))
+        ),
+        "top 20%": common.RunSpec(
+            f"{tag}_top20_s{s}", "top_entropy", f"{preset},top", tuple(sorted(base.items()))
+        ),
+        "bottom 80%": common.RunSpec(
+            f"{tag}_bottom80_s{s}", "top_entropy", f"{preset},bottom", tuple(sorted(base.items()))
+        ),
+        "random 20%": common.RunSpec(
+            f"{tag}_random20_s{s}", "top_entropy", f"{preset},random", tuple(sorted(base.items()))
+        ),
     }
     if s == 0 and rho_sweep:
       for rho in (0.1, 0.5):
         runs[f"top {rho:g}"] = common.RunSpec(
-            f"{tag}_top{int(rho * 100)}_s{s}", "top_entropy", f"{preset},top",
-            tuple(sorted({**base, "loss.token_mask_rho": rho}.items())))
+            f"{tag}_top{int(rho * 100)}_s{s}",
+            "top_entropy",
+            f"{preset},top",
+            tuple(sorted({**base, "loss.token_mask_rho": rho}.items())),
+        )
     out[s] = runs
   return out
 
@@ -71,17 +80,27 @@ def token_analysis(run_path: str, num_prompts: int, num_samples: int = 8):
     logits = common.response_logits(probe, common.checkpoint_params(run_path, step), batch)
     ent = analysis.entropy_of_logits(logits.reshape(-1, logits.shape[-1])).reshape(mask.shape)
     overlaps.append((step, analysis.overlap(top0, analysis.top_fraction_mask(ent, mask, 0.2))))
-  return {"pct": pct, "frac_low": frac_low, "frequent": frequent, "overlaps": overlaps,
-          "n_tokens": int(mask.sum()), "values": values}
+  return {
+      "pct": pct,
+      "frac_low": frac_low,
+      "frequent": frequent,
+      "overlaps": overlaps,
+      "n_tokens": int(mask.sum()),
+      "values": values,
+  }
 
 
 def main():
   p = common.base_args(__doc__, "forking_tokens")
   p.add_argument("--seeds", type=int, default=1)
   p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--study2-steps", type=int, default=common.STUDY2_STEPS,
-                 help="length of study 2's runs; the all-tokens run is study 2's clip-higher run, "
-                      "truncated to --steps")
+  p.add_argument(
+      "--study2-steps",
+      type=int,
+      default=common.STUDY2_STEPS,
+      help="length of study 2's runs; the all-tokens run is study 2's clip-higher run, "
+      "truncated to --steps",
+  )
   p.add_argument("--no-rho-sweep", dest="rho_sweep", action="store_false")
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
@@ -93,8 +112,11 @@ def main():
       runs[label].append(common.truncate(common.read_records(common.ensure_run(a.root, sp)), steps))
   os.makedirs(a.out, exist_ok=True)
   main_labels = ["all tokens (rho 1.0)", "top 20%", "bottom 80%", "random 20%"]
-  common.plot_groups({k: runs[k] for k in main_labels}, [H, R, "entropy/p80", "response/len_mean"],
-                     os.path.join(a.out, "masks.png"))
+  common.plot_groups(
+      {k: runs[k] for k in main_labels},
+      [H, R, "entropy/p80", "response/len_mean"],
+      os.path.join(a.out, "masks.png"),
+  )
   rho_labels = [k for k in ["top 0.1", "top 20%", "top 0.5", "all tokens (rho 1.0)"] if k in runs]
   common.plot_groups({k: runs[k] for k in rho_labels}, [H, R], os.path.join(a.out, "rho.png"))
 
@@ -106,32 +128,55 @@ def main():
   for label in main_labels + [k for k in ("top 0.1", "top 0.5") if k in runs]:
     recs = runs[label]
     try:
-      res = common.mean_std([analysis.frontier_residual(
-          ref_h, ref_r, analysis.window_means(common.series(x, H)[1], 10),
-          analysis.window_means(common.series(x, R)[1], 10))["mean"] for x in recs])
+      res = common.mean_std(
+          [
+              analysis.frontier_residual(
+                  ref_h,
+                  ref_r,
+                  analysis.window_means(common.series(x, H)[1], 10),
+                  analysis.window_means(common.series(x, R)[1], 10),
+              )["mean"]
+              for x in recs
+          ]
+      )
     except (ValueError, RuntimeError):
       res = "n/a"
-    rows.append([label, common.mean_std([common.final_mean(x, H) for x in recs]),
-                 common.mean_std([common.final_mean(x, R) for x in recs])] +
-                [common.mean_std([common.last_value(x, k) for x in recs]) for k in ekeys] +
-                [common.mean_std([common.final_mean(x, "select/n_token_mask", 10**6)
-                                  for x in recs]), res])
+    rows.append(
+        [
+            label,
+            common.mean_std([common.final_mean(x, H) for x in recs]),
+            common.mean_std([common.final_mean(x, R) for x in recs]),
+        ]
+        + [common.mean_std([common.last_value(x, k) for x in recs]) for k in ekeys]
+        + [common.mean_std([common.final_mean(x, "select/n_token_mask", 10**6) for x in recs]), res]
+    )
 
   n_prompts = 16 if a.quick else 64
   ta = token_analysis(common.run_dir(a.root, specs[0]["top 20%"]), n_prompts)
   tb = token_analysis(common.run_dir(a.root, specs[0]["all tokens (rho 1.0)"]), n_prompts)
   freq_rows = [[f"`{t}`", str(c), str(n), f"{f:.2f}"] for t, c, n, f in ta["frequent"]]
-  ov_rows = [[name, str(s), f"{o:.3f}"] for name, t in (("top 20%", ta), ("all tokens", tb))
-             for s, o in t["overlaps"]]
+  ov_rows = [
+      [name, str(s), f"{o:.3f}"]
+      for name, t in (("top 20%", ta), ("all tokens", tb))
+      for s, o in t["overlaps"]
+  ]
   pct_rows = []
   for label in main_labels:
     x = runs[label][0]
-    pct_rows.append([label] + [f"{common.series(x, f'entropy/p{q}')[1][0]:.3f} -> "
-                               f"{common.final_mean(x, f'entropy/p{q}'):.3f}" for q in (50, 80, 95)])
+    pct_rows.append(
+        [label]
+        + [
+            f"{common.series(x, f'entropy/p{q}')[1][0]:.3f} -> "
+            f"{common.final_mean(x, f'entropy/p{q}'):.3f}"
+            for q in (50, 80, 95)
+        ]
+    )
 
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(4, 2.6))
   ax.hist(ta["values"], bins=40, color="C0")
   ax.axvline(ta["pct"][80], color="k", ls="--", lw=1, label=f"p80 = {ta['pct'][80]:.3f}")

@@ -2,6 +2,7 @@
 
 These must be set before jax or transformers is imported, which conftest guarantees.
 """
+
 import os
 
 os.environ["XLA_FLAGS"] = (

@@ -6,6 +6,7 @@ the prompt stream lands at its rows of the global batch, metrics and data positi
 from every host, files cached in the shared workdir are written by process 0 only, and a
 checkpoint of arrays sharded over both processes saves and restores. Exits non-zero on a failure.
 """
+
 import os
 import sys
 
@@ -33,22 +34,26 @@ def main(workdir: str) -> None:
 
   # Written once by process 0, then read by process 1.
   calls = []
-  tokenizer = policy.process_zero_first("tokenizer", lambda: calls.append(pid) or
-                                         data_lib.build_tokenizer(os.path.join(workdir, "tok")))
+  tokenizer = policy.process_zero_first(
+      "tokenizer",
+      lambda: calls.append(pid) or data_lib.build_tokenizer(os.path.join(workdir, "tok")),
+  )
   assert calls == [pid] and len(tokenizer) > 3
 
   # Two steps of prompts: the global batch is the single-process stream in order.
   task = tasks.get_task("arithmetic")
-  source = data_lib.make_source(_task_cfg(), seed=0, task=task, shard_index=shard[0],
-                                num_shards=shard[1])
+  source = data_lib.make_source(
+      _task_cfg(), seed=0, task=task, shard_index=shard[0], num_shards=shard[1]
+  )
   whole = data_lib.make_source(_task_cfg(), seed=0, task=task).next_batch(2 * B)
   for step in range(2):
     local = data_lib.encode_prompts(tokenizer, [e.prompt for e in source.next_batch(B // 2)], 32)[0]
     global_BxP = distributed.to_global(local, mesh)
     np.testing.assert_array_equal(distributed.to_local(global_BxP), local)
     got = multihost_utils.process_allgather(global_BxP, tiled=True)
-    want = data_lib.encode_prompts(tokenizer, [e.prompt for e in whole[step * B:(step + 1) * B]],
-                                   32)[0]
+    want = data_lib.encode_prompts(
+        tokenizer, [e.prompt for e in whole[step * B : (step + 1) * B]], 32
+    )[0]
     np.testing.assert_array_equal(np.asarray(got), want)
   np.testing.assert_array_equal(distributed.gather(np.array([pid, 10 + pid])), [0, 10, 1, 11])
   states = distributed.gather_states(source.get_state())
@@ -56,7 +61,9 @@ def main(workdir: str) -> None:
   assert states["0"]["consumed"] == 2 * B
 
   # A checkpoint of arrays sharded over both processes, in the shared workdir.
-  x = distributed.to_global(np.arange(pid * 16, pid * 16 + 16, dtype=np.float32).reshape(4, 4), mesh)
+  x = distributed.to_global(
+      np.arange(pid * 16, pid * 16 + 16, dtype=np.float32).reshape(4, 4), mesh
+  )
   state = {"x": x, "step": np.int32(2)}
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   ckpt.save(2, state, {"data": states})
@@ -72,6 +79,7 @@ def main(workdir: str) -> None:
 
 def _task_cfg():
   import ml_collections
+
   return ml_collections.ConfigDict({"source": "synthetic", "name": "arithmetic", "split": "train"})
 
 

@@ -1,4 +1,5 @@
 """entropy_rl.advantages against float64 NumPy references."""
+
 import numpy as np
 import pytest
 
@@ -38,8 +39,9 @@ def rewards():
 def test_estimators_match_numpy(rewards, group):
   r = rewards[:, :group]
   np.testing.assert_allclose(advantages.grpo_advantages(r), np_grpo(r), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(advantages.grpo_advantages(r, eps=0.1), np_grpo(r, 0.1),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      advantages.grpo_advantages(r, eps=0.1), np_grpo(r, 0.1), rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(advantages.drgrpo_advantages(r), np_drgrpo(r), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(advantages.rloo_advantages(r), np_rloo(r), rtol=1e-5, atol=1e-6)
   for name, fn in (("grpo", np_grpo), ("drgrpo", np_drgrpo), ("rloo", np_rloo)):

@@ -1,4 +1,5 @@
 """analysis.py on synthetic data with known answers."""
+
 import numpy as np
 import pytest
 
@@ -74,8 +75,10 @@ def _plateau_draws(mean_fn, num_steps, every, sigma, num_seeds=1, draws=200, see
   rng = np.random.default_rng(seed)
   steps = np.arange(0, num_steps + 1, every, dtype=np.float64)
   shape = (num_seeds, len(steps)) if num_seeds > 1 else (len(steps),)
-  return [analysis.detect_plateau(steps, mean_fn(steps) + rng.normal(0, sigma, shape), **kwargs)
-          for _ in range(draws)]
+  return [
+      analysis.detect_plateau(steps, mean_fn(steps) + rng.normal(0, sigma, shape), **kwargs)
+      for _ in range(draws)
+  ]
 
 
 def _rising(steps):
@@ -116,11 +119,20 @@ def test_detect_plateau_noise_free_line_is_rising_at_any_length(num_steps):
   assert out["slope"] == pytest.approx(0.05) and out["sigma"] == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("num_steps,tau,every,sigma,num_seeds", [
-    (500, 40, 10, 0.03, 1), (500, 40, 10, 0.06, 3), (1000, 125, 10, 0.03, 1),
-    (1000, 125, 10, 0.06, 1), (1000, 125, 25, 0.03, 1), (1000, 125, 25, 0.06, 1)])
-def test_detect_plateau_finds_where_a_saturating_curve_saturates(num_steps, tau, every, sigma,
-                                                                 num_seeds):
+@pytest.mark.parametrize(
+    "num_steps,tau,every,sigma,num_seeds",
+    [
+        (500, 40, 10, 0.03, 1),
+        (500, 40, 10, 0.06, 3),
+        (1000, 125, 10, 0.03, 1),
+        (1000, 125, 10, 0.06, 1),
+        (1000, 125, 25, 0.03, 1),
+        (1000, 125, 25, 0.06, 1),
+    ],
+)
+def test_detect_plateau_finds_where_a_saturating_curve_saturates(
+    num_steps, tau, every, sigma, num_seeds
+):
   out = _plateau_draws(_saturating(tau), num_steps, every, sigma, num_seeds=num_seeds)
   found = [o for o in out if o["plateaued"]]
   assert len(found) > 0.8 * len(out)
@@ -212,8 +224,10 @@ def test_counts_are_exact_for_decimal_fractions():
   assert int(np.sum(analysis.top_fraction_mask(np.arange(25.0), np.ones(25), 0.28))) == 7
   cov = np.arange(1.0, 26.0)
   assert analysis.covariance_by_top_fraction(cov, np.ones(25), (0.28,))[0.28] == (22.0, 7)
-  assert analysis.early_fit_prediction(np.linspace(1, 0, 25), np.linspace(0, 1, 25), 0.28)[
-      "n_fit"] == 7
+  assert (
+      analysis.early_fit_prediction(np.linspace(1, 0, 25), np.linspace(0, 1, 25), 0.28)["n_fit"]
+      == 7
+  )
 
 
 def test_top_fraction_mask_and_overlap():

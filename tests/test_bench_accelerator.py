@@ -16,8 +16,9 @@ _spec.loader.exec_module(bench)
 
 def _named_sizes(cfg):
   shapes = jax.eval_shape(models.init_params, cfg, jax.random.key(0))
-  return {jax.tree_util.keystr(p): x.size
-          for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  return {
+      jax.tree_util.keystr(p): x.size for p, x in jax.tree_util.tree_flatten_with_path(shapes)[0]
+  }
 
 
 @pytest.mark.parametrize("cfg", [bench.TINY, bench.QWEN2_5_0_5B])

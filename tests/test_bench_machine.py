@@ -1,4 +1,5 @@
 """experiments/machine.py: the idle-machine warning every benchmark prints, and the CPU model."""
+
 import json
 import os
 
@@ -13,11 +14,19 @@ def _loads(monkeypatch, *one_minute, rest=(0.0, 0.0)):
   monkeypatch.setattr(os, "getloadavg", lambda: next(values))
 
 
-@pytest.mark.parametrize("before, after, idle", [
-    (0.1, 0.2, True), (0.5, 0.5, True),  # at the threshold is still idle
-    (0.7, 0.2, False), (0.2, 0.51, False), (2.0, 3.0, False)])
-def test_warning_when_the_one_minute_load_exceeds_the_threshold(monkeypatch, capsys, before,
-                                                                 after, idle):
+@pytest.mark.parametrize(
+    "before, after, idle",
+    [
+        (0.1, 0.2, True),
+        (0.5, 0.5, True),  # at the threshold is still idle
+        (0.7, 0.2, False),
+        (0.2, 0.51, False),
+        (2.0, 3.0, False),
+    ],
+)
+def test_warning_when_the_one_minute_load_exceeds_the_threshold(
+    monkeypatch, capsys, before, after, idle
+):
   _loads(monkeypatch, before, after)
   info = machine.end(machine.begin())
   assert info["load_before"][0] == before and info["load_after"][0] == after
@@ -28,8 +37,11 @@ def test_warning_when_the_one_minute_load_exceeds_the_threshold(monkeypatch, cap
   assert f"before {before:.2f}, 0.00, 0.00, after {after:.2f}, 0.00, 0.00" in text
   if not idle:
     assert text.splitlines()[-1] == info["warning"]
-    assert all(f"{x:.2f} {k}" in info["warning"] for k, x in (("before", before), ("after", after))
-               if x > machine.IDLE_LOAD)
+    assert all(
+        f"{x:.2f} {k}" in info["warning"]
+        for k, x in (("before", before), ("after", after))
+        if x > machine.IDLE_LOAD
+    )
   # begin() warns at once when the machine is already loaded.
   assert ("WARNING" in capsys.readouterr().out) is (before > machine.IDLE_LOAD)
   assert json.loads(json.dumps(info)) == info
@@ -40,11 +52,19 @@ def test_only_the_one_minute_load_counts(monkeypatch):
   assert machine.end(machine.begin())["idle"]
 
 
-@pytest.mark.parametrize("cpuinfo, model", [
-    ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t: fpu\n",
-     "Intel(R) Xeon(R) CPU @ 2.20GHz"),
-    ("processor\t: 0\nBogoMIPS\t: 50.00\n\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4\n",
-     "BCM2835")])
+@pytest.mark.parametrize(
+    "cpuinfo, model",
+    [
+        (
+            "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\nflags\t: fpu\n",
+            "Intel(R) Xeon(R) CPU @ 2.20GHz",
+        ),
+        (
+            "processor\t: 0\nBogoMIPS\t: 50.00\n\nHardware\t: BCM2835\nModel\t: Raspberry Pi 4\n",
+            "BCM2835",
+        ),
+    ],
+)
 def test_cpu_model_from_cpuinfo(monkeypatch, tmp_path, cpuinfo, model):
   path = tmp_path / "cpuinfo"
   path.write_text(cpuinfo)

@@ -1,5 +1,6 @@
 """experiments/bench_rl_step.py: the benchmarked model and config, the steady-state summary, and a
 --smoke run of both trainers (TRL's side skipped when trl is not installed)."""
+
 import importlib.util
 import json
 import math
@@ -27,10 +28,19 @@ def test_full_config_is_the_issue_model_and_batch(tmp_path):
   per_layer = (256 * 256 + 256) + 2 * (256 * 128 + 128) + 256 * 256 + 3 * 256 * 1024 + 2 * 256
   assert vocab == 23
   assert sum(x.size for x in jax.tree.leaves(shapes)) == 8 * per_layer + 256 + 23 * 256 == 7_878_656
-  assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
-          cfg.intermediate_size) == (256, 8, 8, 4, 1024) and cfg.tie_word_embeddings
-  assert (c.rollout.prompts_per_step, c.rollout.num_samples, c.rollout.max_new_tokens,
-          c.rollout.temperature) == (8, 8, 64, 1.0)
+  assert (
+      cfg.hidden_size,
+      cfg.num_layers,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.intermediate_size,
+  ) == (256, 8, 8, 4, 1024) and cfg.tie_word_embeddings
+  assert (
+      c.rollout.prompts_per_step,
+      c.rollout.num_samples,
+      c.rollout.max_new_tokens,
+      c.rollout.temperature,
+  ) == (8, 8, 64, 1.0)
   # One optimizer step per RL step; no warm start or evaluation.
   assert c.rl.num_minibatches == c.rl.num_microbatches == c.rl.ppo_epochs == 1
   assert not c.warm_start.enabled and c.eval_every == 0 and c.num_steps == 10

@@ -1,4 +1,5 @@
 """experiments/bench_update.py: FLOP accounting, the torch Clip-Cov loss, and a --tiny run."""
+
 import importlib.util
 import json
 import math
@@ -26,17 +27,22 @@ def test_full_model_size_and_flops():
   per_layer = 256 * 256 + 256 + 2 * (256 * 128 + 128) + 256 * 256 + 3 * 256 * 1024 + 2 * 256
   assert bench.param_count(cfg) == 2 * 8192 * 256 + 6 * per_layer + 256 == 10_098_944
   assert bench.layer_matmul_params(cfg) == 983_040
-  expected = (6 * 6 * 983_040 * 32 * 256           # layer matmuls over all 32 x 256 positions
-              + 12 * 6 * 4 * 64 * 256 * 32 * 256    # QK^T and AV, full 256 x 256
-              + 6 * 256 * 8192 * 32 * 192)          # unembedding of the 192 response positions
+  expected = (
+      6 * 6 * 983_040 * 32 * 256  # layer matmuls over all 32 x 256 positions
+      + 12 * 6 * 4 * 64 * 256 * 32 * 256  # QK^T and AV, full 256 x 256
+      + 6 * 256 * 8192 * 32 * 192
+  )  # unembedding of the 192 response positions
   assert bench.model_flops(cfg, 32, 256, 192) == expected
 
 
 @pytest.mark.parametrize("cfg", [bench.TINY, bench.FULL])
 def test_layer_matmul_params_are_the_layer_weights(cfg):
   shapes = jax.eval_shape(models.init_params, cfg, jax.random.key(0))
-  weights = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]
-                if "norm" not in jax.tree_util.keystr(p) and "bias" not in jax.tree_util.keystr(p))
+  weights = sum(
+      x.size
+      for p, x in jax.tree_util.tree_flatten_with_path(shapes["layers"])[0]
+      if "norm" not in jax.tree_util.keystr(p) and "bias" not in jax.tree_util.keystr(p)
+  )
   assert bench.layer_matmul_params(cfg) * cfg.num_layers == weights
 
 
@@ -52,13 +58,16 @@ def test_torch_clip_cov_loss_matches_ours():
   key = jax.random.key(3)
 
   def ours(lp):
-    return losses.policy_loss(lp, jnp.asarray(old_logp), jnp.asarray(adv), jnp.asarray(mask), cfg,
-                              rng=key)
+    return losses.policy_loss(
+        lp, jnp.asarray(old_logp), jnp.asarray(adv), jnp.asarray(mask), cfg, rng=key
+    )
+
   (loss, metrics), grad = jax.jit(jax.value_and_grad(ours, has_aux=True))(jnp.asarray(logp))
   uniform = torch.from_numpy(np.array(jax.random.uniform(jax.random.fold_in(key, 0), (b, t))))
   lp_t = torch.from_numpy(logp).requires_grad_()
-  loss_t, k = bench.clip_cov_loss(lp_t, torch.from_numpy(old_logp), torch.from_numpy(adv),
-                                  torch.from_numpy(mask), cfg, uniform)
+  loss_t, k = bench.clip_cov_loss(
+      lp_t, torch.from_numpy(old_logp), torch.from_numpy(adv), torch.from_numpy(mask), cfg, uniform
+  )
   loss_t.backward()
   assert 1 <= k == metrics["n_cov_selected"] < metrics["n_valid"] * metrics["cov_frac_in_band"]
   np.testing.assert_allclose(float(loss_t.detach()), float(loss), rtol=1e-6)

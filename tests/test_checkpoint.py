@@ -13,14 +13,20 @@ from entropy_rl import checkpoint, sharding
 
 
 def _state(scale=1.0, width=4):
-  params = {"layer": {"w": scale * jnp.arange(8.0 * width).reshape(8, width)},
-            "emb": jnp.full((4, 2), scale)}
+  params = {
+      "layer": {"w": scale * jnp.arange(8.0 * width).reshape(8, width)},
+      "emb": jnp.full((4, 2), scale),
+  }
   return {"params": params, "opt": optax.adamw(1e-3).init(params), "step": jnp.int32(scale)}
 
 
 def _abstract(state, mesh):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=NamedSharding(mesh, P(*(("fsdp",) if x.ndim else ())))), state)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, x.dtype, sharding=NamedSharding(mesh, P(*(("fsdp",) if x.ndim else ())))
+      ),
+      state,
+  )
 
 
 def _assert_tree_equal(a, b):
@@ -37,8 +43,12 @@ def test_roundtrip_sharded_keep_last_and_metadata(tmp_path):
   for step in (1, 2, 3):
     state = _state(step)
     state["params"]["layer"]["w"] = jax.device_put(state["params"]["layer"]["w"], shard)
-    meta = {"data": {"cursor": step * 10}, "rng": np.array([1, 2], np.uint32),
-            "lr": np.float32(0.5), "config": {"model": "tiny"}}
+    meta = {
+        "data": {"cursor": step * 10},
+        "rng": np.array([1, 2], np.uint32),
+        "lr": np.float32(0.5),
+        "config": {"model": "tiny"},
+    }
     assert ckpt.save(step, state, meta)
   assert not ckpt.save(3, _state(9), {})  # Already saved: skipped.
   ckpt.close()
@@ -50,8 +60,13 @@ def test_roundtrip_sharded_keep_last_and_metadata(tmp_path):
   _assert_tree_equal(state, _state(3))
   assert isinstance(state["opt"][0], optax.ScaleByAdamState)
   assert state["params"]["layer"]["w"].sharding.spec == P("fsdp")
-  assert meta == {"data": {"cursor": 30}, "rng": [1, 2], "lr": 0.5,
-                  "config": {"model": "tiny"}, "step": 3}
+  assert meta == {
+      "data": {"cursor": 30},
+      "rng": [1, 2],
+      "lr": 0.5,
+      "config": {"model": "tiny"},
+      "step": 3,
+  }
   # Explicit step; abstract state given as arrays (their shardings are used).
   state, meta = ckpt.restore(step=2, abstract_state=_state(0))
   _assert_tree_equal(state, _state(2))
@@ -84,8 +99,9 @@ def test_damaged_latest_falls_back_with_warning(tmp_path, caplog, damage):
     state, meta = ckpt.restore(abstract_state=_state())
   _assert_tree_equal(state, _state(1))
   assert meta == {"cursor": 1, "step": 1}
-  assert any("checkpoint 2" in r.getMessage() and "damaged" in r.getMessage()
-             for r in caplog.records)
+  assert any(
+      "checkpoint 2" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records
+  )
 
 
 def test_all_damaged_or_empty_raises(tmp_path):
@@ -120,13 +136,15 @@ def test_shape_mismatch_names_parameter_and_shapes(tmp_path):
     ckpt.save(1, _state(1, width=6))
     ckpt.save(2, _state(2, width=4))
     # The newest checkpoint is intact but of another shape: an error, not a fallback to step 1.
-    with pytest.raises(checkpoint.CheckpointShapeError,
-                       match=r"'opt/0/mu/layer/w'.*\(8, 4\).*\(8, 6\)"):
+    with pytest.raises(
+        checkpoint.CheckpointShapeError, match=r"'opt/0/mu/layer/w'.*\(8, 4\).*\(8, 6\)"
+    ):
       ckpt.restore(abstract_state=_state(width=6))
     extra = _state()
     extra["params"]["bias"] = jnp.zeros(3)
-    with pytest.raises(checkpoint.CheckpointShapeError,
-                       match=r"no entry 'params/bias' \(shape \(3,\)\)"):
+    with pytest.raises(
+        checkpoint.CheckpointShapeError, match=r"no entry 'params/bias' \(shape \(3,\)\)"
+    ):
       ckpt.restore(abstract_state=extra)
     fewer = _state()
     del fewer["step"]
@@ -168,11 +186,14 @@ def test_background_save_failure_is_reported_once_by_check(tmp_path, monkeypatch
   with monkeypatch.context() as m:
     m.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
     ckpt.save(2, _state(2))
-    with pytest.raises(checkpoint.CheckpointSaveError,
-                       match="checkpoint 2 .*No space left.*last complete checkpoint is step 1"):
+    with pytest.raises(
+        checkpoint.CheckpointSaveError,
+        match="checkpoint 2 .*No space left.*last complete checkpoint is step 1",
+    ):
       for _ in range(200):  # the failure is reported as soon as the background save has ended
         ckpt.check()
         import time
+
         time.sleep(0.05)
     ckpt.check()  # reported once
   ckpt.close()
@@ -194,6 +215,7 @@ def test_damaged_restore_is_one_warning_not_pages_of_noise(tmp_path, capfd):
     assert ckpt.restore(abstract_state=big)[1]["step"] == 1
   import gc
   import time
+
   gc.collect()
   time.sleep(0.5)  # abandoned reads finish late
   err = capfd.readouterr().err

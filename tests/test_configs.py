@@ -1,4 +1,5 @@
 """Every config file and preset builds and validates; every tiny preset runs an update step."""
+
 import dataclasses
 import importlib
 
@@ -13,7 +14,8 @@ from tests import test_step
 FAMILIES = ("default", "grpo", "clip_higher", "clip_cov", "kl_cov", "top_entropy")  # EM / HE
 METHODS = ("gspo", "cispo", "archer", "adaptive_entropy", "entropy_advantage", "w_reinforce", "qae")
 TINY = [(f, "tiny") for f in FAMILIES + METHODS] + [
-    ("top_entropy", f"tiny,{m}") for m in ("bottom", "random", "quantile")]
+    ("top_entropy", f"tiny,{m}") for m in ("bottom", "random", "quantile")
+]
 PAPER = [(f, m) for f in FAMILIES[1:] + METHODS for m in config_lib.PAPER_MODELS]
 
 
@@ -53,12 +55,19 @@ def test_paper_settings():
 def test_method_settings(arg):
   g = _get("gspo", arg).loss
   assert (g.name, g.clip_ratio_low, g.clip_ratio_high, g.loss_agg_mode) == (
-      "gspo", 3e-4, 4e-4, "seq-mean-token-mean")
+      "gspo",
+      3e-4,
+      4e-4,
+      "seq-mean-token-mean",
+  )
   cs = _get("cispo", arg).loss
   assert (cs.name, cs.clip_ratio_low, cs.clip_ratio_high) == ("cispo", 1.0, 0.2)
   ar = _get("archer", arg).loss
   assert (ar.name, ar.archer_entropy_quantile, ar.entropy_quantile_scope) == (
-      "archer", 0.8, "response")
+      "archer",
+      0.8,
+      "response",
+  )
   assert (ar.clip_ratio_low, ar.archer_high_clip_ratio_low, ar.kl_ref_coef) == (0.2, 0.5, 1e-3)
   ae = _get("adaptive_entropy", arg).loss
   assert ae.adaptive_entropy and ae.entropy_coef == 0.0
@@ -81,9 +90,13 @@ def test_typed_config_carries_every_value_it_reads():
   assert dataclasses.asdict(run.mesh) == c.mesh.to_dict()
   rollout = dataclasses.asdict(run.rollout)
   assert {k: rollout[k] for k in c.rollout} == c.rollout.to_dict()
-  assert (run.rollout.max_prompt_len, run.rollout.dynamic_sampling,
-          run.rollout.dynamic_sampling_max_draws, run.rollout.filter_groups_metric,
-          run.rollout.reward_timeout_s) == (1024, True, 3, "acc", 5.0)
+  assert (
+      run.rollout.max_prompt_len,
+      run.rollout.dynamic_sampling,
+      run.rollout.dynamic_sampling_max_draws,
+      run.rollout.filter_groups_metric,
+      run.rollout.reward_timeout_s,
+  ) == (1024, True, 3, "acc", 5.0)
   assert dataclasses.asdict(run.eval) == {k: c.eval[k] for k in dataclasses.asdict(run.eval)}
   update = dataclasses.asdict(run.update)
   assert {k: update[k] for k in update if k in c.rl} == {k: c.rl[k] for k in update if k in c.rl}
@@ -96,7 +109,9 @@ def test_typed_config_carries_every_value_it_reads():
 def test_unknown_loss_option_is_a_config_error():
   c = config_lib.base_config()
   c.loss.clip_ratio = 0.2
-  with pytest.raises(config_lib.ConfigError, match=r"config\.loss\.clip_ratio is not a loss option"):
+  with pytest.raises(
+      config_lib.ConfigError, match=r"config\.loss\.clip_ratio is not a loss option"
+  ):
     config_lib.validate(c, num_devices=8)
 
 
@@ -115,10 +130,20 @@ def _ref_batch():
 
 
 # grpo and clip_higher run in test_step.py; bottom/random share top_entropy's code path.
-@pytest.mark.parametrize("family,arg", [("clip_cov", "tiny"), ("kl_cov", "tiny"),
-                                        ("top_entropy", "tiny"), ("top_entropy", "tiny,quantile"),
-                                        ("gspo", "tiny"), ("cispo", "tiny"), ("archer", "tiny"),
-                                        ("entropy_advantage", "tiny"), ("w_reinforce", "tiny")])
+@pytest.mark.parametrize(
+    "family,arg",
+    [
+        ("clip_cov", "tiny"),
+        ("kl_cov", "tiny"),
+        ("top_entropy", "tiny"),
+        ("top_entropy", "tiny,quantile"),
+        ("gspo", "tiny"),
+        ("cispo", "tiny"),
+        ("archer", "tiny"),
+        ("entropy_advantage", "tiny"),
+        ("w_reinforce", "tiny"),
+    ],
+)
 def test_tiny_preset_runs_an_update_step(family, arg):
   c = _tiny(family, arg)
   batch = _ref_batch()
@@ -148,12 +173,17 @@ def _adaptive_update(c, mesh):
   abstract = jax.eval_shape(init, params)
   replicated = NamedSharding(mesh, P())
   shardings = step_lib.state_shardings(abstract, optimizer, mesh, pshard).replace(
-      entropy_coef=replicated, entropy_last=replicated)
+      entropy_coef=replicated, entropy_last=replicated
+  )
   state = jax.jit(init, out_shardings=shardings)(params)
-  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings,
-                                rules)
-  return state, update, jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings, rules)
+  return (
+      state,
+      update,
+      jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+      ),
+  )
 
 
 @pytest.mark.parametrize("target", [100.0, 0.0])

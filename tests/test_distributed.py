@@ -5,9 +5,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from entropy_rl import distributed, sharding
 
-_ENV = ("ENTROPY_RL_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-        "JAX_PROCESS_ID", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES",
-        "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_ENV = (
+    "ENTROPY_RL_DISTRIBUTED",
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "TPU_PROCESS_ADDRESSES",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+)
 
 
 @pytest.fixture
@@ -27,16 +36,19 @@ def test_single_process_does_not_initialize(calls):
   assert calls == []
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({"ENTROPY_RL_DISTRIBUTED": "1"}, "ENTROPY_RL_DISTRIBUTED"),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
-    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}, "TPU_WORKER_HOSTNAMES"),
-    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1"}, None),
-    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "MEGASCALE_COORDINATOR_ADDRESS"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "SLURM_NTASKS"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE"),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"ENTROPY_RL_DISTRIBUTED": "1"}, "ENTROPY_RL_DISTRIBUTED"),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+        ({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}, "TPU_WORKER_HOSTNAMES"),
+        ({"TPU_WORKER_HOSTNAMES": "10.0.0.1"}, None),
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "MEGASCALE_COORDINATOR_ADDRESS"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, "SLURM_NTASKS"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE"),
+    ],
+)
 def test_detect_multihost(calls, monkeypatch, env, reason):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
@@ -114,16 +126,19 @@ def test_rows_by_process():
 def test_every_host_of_a_pod_feeds_its_block(name):
   pytest.importorskip("libtpu")
   from entropy_rl import plan
+
   devices = plan.topology_devices(plan.parse_topology(name))
   hosts = len({d.process_index for d in devices})
   mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)
   rows = distributed.rows_by_process(256, sharding.batch_sharding(mesh))
   assert len(rows) == hosts
   assert sorted((r.start, r.stop) for r in rows.values()) == [
-      (i * 256 // hosts, (i + 1) * 256 // hosts) for i in range(hosts)]
+      (i * 256 // hosts, (i + 1) * 256 // hosts) for i in range(hosts)
+  ]
   for p, r in rows.items():
-    assert distributed.process_shard(256, sharding.batch_sharding(mesh), [
-        d for d in devices if d.process_index == p]) == (r.start // (256 // hosts), hosts)
+    assert distributed.process_shard(
+        256, sharding.batch_sharding(mesh), [d for d in devices if d.process_index == p]
+    ) == (r.start // (256 // hosts), hosts)
   by_x = sorted(devices, key=lambda d: tuple(d.coords))  # a column of chips spans hosts
   interleaved = jax.sharding.Mesh(np.array(by_x).reshape(1, -1, 1), sharding.MESH_AXES)
   with pytest.raises(ValueError, match="not contiguous"):

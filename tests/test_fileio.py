@@ -1,4 +1,5 @@
 """The path layer: local and URI paths alike, whole-file writes, staging, the workdir lock."""
+
 import os
 
 import pytest

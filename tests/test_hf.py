@@ -1,4 +1,5 @@
 """Hugging Face bridge: parity with transformers' PyTorch models, save/load round trips, errors."""
+
 import dataclasses
 import functools
 import json
@@ -17,15 +18,29 @@ from entropy_rl.models.decoder import rope_inv_freq
 from entropy_rl.models import hf as hf_lib
 from entropy_rl.models.hf import load_config, load_hf, load_tokenizer, save_hf
 
-TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 HF_CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**TINY, rope_theta=5000.0, rms_norm_eps=1e-5),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True),
     # original_max_position_embeddings=64 puts the 4 frequencies in all three llama3 regimes.
-    "llama": lambda: transformers.LlamaConfig(**TINY, rope_theta=10000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=64)),
+    "llama": lambda: transformers.LlamaConfig(
+        **TINY,
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
 }
 TOKENS = np.random.default_rng(0).integers(0, 61, (2, 7))
 MASK = np.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7])  # row 0 is left-padded
@@ -47,8 +62,11 @@ def forward(model, params, tokens_BxT, attn_mask_BxT):
 
 def torch_logits(hf_model):
   with torch.no_grad():
-    return hf_model(input_ids=torch.tensor(TOKENS), attention_mask=torch.tensor(MASK),
-                    position_ids=torch.tensor(POSITIONS)).logits.numpy()
+    return hf_model(
+        input_ids=torch.tensor(TOKENS),
+        attention_mask=torch.tensor(MASK),
+        position_ids=torch.tensor(POSITIONS),
+    ).logits.numpy()
 
 
 @functools.cache
@@ -76,8 +94,9 @@ def test_parity_with_transformers(family, root):
   cfg = model.config
   assert cfg.model_type == family
   assert cfg.tie_word_embeddings == (family == "qwen3")
-  np.testing.assert_allclose(rope_inv_freq(cfg), hf_model.model.rotary_emb.inv_freq.numpy(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      rope_inv_freq(cfg), hf_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6
+  )
   out = np.asarray(forward(model, params, TOKENS, MASK))
   ref = torch_logits(hf_model)
   assert np.abs(out[VALID] - ref[VALID]).max() <= 1e-4
@@ -101,8 +120,9 @@ def test_save_load_round_trip(family, root, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, again, params)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
   assert type(reloaded) is type(hf_model)
-  np.testing.assert_allclose(torch_logits(reloaded)[VALID], torch_logits(hf_model)[VALID],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      torch_logits(reloaded)[VALID], torch_logits(hf_model)[VALID], atol=1e-6
+  )
 
 
 def test_save_hf_bf16_llama_loads_in_transformers(tmp_path):
@@ -124,17 +144,22 @@ def test_sharded_index_and_shardings(root, tmp_path):
   path = str(tmp_path)
   hf_model.save_pretrained(path, max_shard_size="20KB")
   assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+      (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   rules = (("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"))
   cfg = load_config(path)
   shardings = jax.tree.map(
-      lambda names: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-          *[dict(rules).get(n) for n in names])),
-      param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+      lambda names: jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(*[dict(rules).get(n) for n in names])
+      ),
+      param_logical_axes(cfg),
+      is_leaf=lambda x: isinstance(x, tuple),
+  )
   reads = []  # (tensor name, shape of the block read)
 
   class Recorded:
+
     def __init__(self, handle):
       self.handle = handle
 
@@ -148,11 +173,13 @@ def test_sharded_index_and_shardings(root, tmp_path):
           block = part[index]
           reads.append((name, block.shape))
           return block
+
       return Slice()
 
   opened = hf_lib._open_tensors
-  with mock.patch.object(hf_lib, "_open_tensors",
-                         lambda p: {k: Recorded(v) for k, v in opened(p).items()}):
+  with mock.patch.object(
+      hf_lib, "_open_tensors", lambda p: {k: Recorded(v) for k, v in opened(p).items()}
+  ):
     model, params = load_hf(path, shardings=shardings)
   q_reads = [shape for name, shape in reads if name == "model.layers.0.self_attn.q_proj.weight"]
   assert q_reads == [(16, 16)] * 4  # [N*H, D] = [32, 32] over tensor x fsdp: four quarters
@@ -167,12 +194,14 @@ def test_sharded_index_and_shardings(root, tmp_path):
     for shard in x.addressable_shards:
       assert shard.data.shape == sharding.shard_shape(x.shape)
       assert full or shard.data.shape != x.shape
+
   jax.tree.map(no_full_copy, params, shardings)
   assert not shardings["layers"]["mlp"]["down_proj"].is_fully_replicated
 
 
 def test_load_from_a_uri(root):
   from entropy_rl import fileio
+
   _, path = hf_checkpoint("qwen3", root)
   uri = "memory://entropy_rl_test_hf/qwen3"
   fileio.upload_dir(path, uri)
@@ -219,11 +248,19 @@ def test_tokenizer_with_chat_template(tmp_path):
   vocab = {"<pad>": 0, "<eos>": 1, "hi": 2, "there": 3, "user": 4, ":": 5}
   backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
   backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                             eos_token="<eos>")
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>"
+  )
   tok.chat_template = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-  cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
-                    num_kv_heads=1, head_dim=4)
+  cfg = ModelConfig(
+      vocab_size=8,
+      hidden_size=8,
+      intermediate_size=8,
+      num_layers=1,
+      num_heads=2,
+      num_kv_heads=1,
+      head_dim=4,
+  )
   save_hf(numpy_params(cfg), cfg, str(tmp_path), tokenizer=tok)
   loaded = load_tokenizer(str(tmp_path))
   assert loaded.eos_token_id == 1 and loaded.pad_token_id == 0
@@ -234,6 +271,7 @@ def test_tokenizer_with_chat_template(tmp_path):
 
 def test_policy_param_shardings_place_a_checkpoint_over_the_mesh(root):
   from entropy_rl import policy, sharding
+
   _, path = hf_checkpoint("qwen2", root)
   mesh = sharding.make_mesh(2, -1, 2)
   shardings = policy.param_shardings(load_config(path), mesh, sharding.default_rules())

@@ -1,6 +1,7 @@
 """launch_tpu.sh: shellcheck, the --dry-run commands of every subcommand, and the run loop
 (start, follow, restart after preemption, stop) against a fake gcloud that runs each worker
 command locally in a fake worker home directory."""
+
 import os
 import pathlib
 import subprocess
@@ -64,14 +65,21 @@ def fake(tmp_path):
   _write_exec(venv / "python", FAKE_PYTHON)
   _write_exec(venv / "pip", "#!/usr/bin/env bash\nexit 0\n")
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
-  env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_DIR=str(tmp_path), TMPDIR=str(tmp_path),
-             TPU_POLL_SECS="0", TPU_PYTHON="fakepy", TPU_LOCAL_LOGS=str(tmp_path / "local"))
+  env.update(
+      PATH=f"{bin_dir}:{env['PATH']}",
+      FAKE_DIR=str(tmp_path),
+      TMPDIR=str(tmp_path),
+      TPU_POLL_SECS="0",
+      TPU_PYTHON="fakepy",
+      TPU_LOCAL_LOGS=str(tmp_path / "local"),
+  )
   return tmp_path, env
 
 
 def _launch(env, *args, check=True):
-  proc = subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True,
-                        timeout=60)
+  proc = subprocess.run(
+      ["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=60
+  )
   if check:
     assert proc.returncode == 0, proc.stderr
   return proc
@@ -91,16 +99,22 @@ def _dry(env, *args):
 
 def test_dry_run_runs_nothing_and_prints_each_command(fake):
   tmp, env = fake
-  lines, _ = _dry(env, "--project=p", "--accelerator-type", "v5p-16", "--version=v2", "--spot",
-                  "create")
-  assert lines[0] == ("+ gcloud compute tpus tpu-vm create t1 --accelerator-type=v5p-16 "
-                      "--version=v2 --spot --zone=z1 --project=p")
+  lines, _ = _dry(
+      env, "--project=p", "--accelerator-type", "v5p-16", "--version=v2", "--spot", "create"
+  )
+  assert lines[0] == (
+      "+ gcloud compute tpus tpu-vm create t1 --accelerator-type=v5p-16 "
+      "--version=v2 --spot --zone=z1 --project=p"
+  )
   assert "tpu-vm describe t1 '--format=value(state)'" in lines[1]
   lines, _ = _dry(env, "--queued", "create")
-  assert lines[0] == ("+ gcloud compute tpus queued-resources create t1 --node-id=t1 "
-                      "--accelerator-type=v4-8 --runtime-version=tpu-ubuntu2204-base --zone=z1")
+  assert lines[0] == (
+      "+ gcloud compute tpus queued-resources create t1 --node-id=t1 "
+      "--accelerator-type=v4-8 --runtime-version=tpu-ubuntu2204-base --zone=z1"
+  )
   assert _dry(env, "--queued", "delete")[0] == [
-      "+ gcloud compute tpus queued-resources delete t1 --force --quiet --zone=z1"]
+      "+ gcloud compute tpus queued-resources delete t1 --force --quiet --zone=z1"
+  ]
   assert _dry(env, "delete")[0] == ["+ gcloud compute tpus tpu-vm delete t1 --quiet --zone=z1"]
 
   lines, _ = _dry(env, "setup")
@@ -108,30 +122,40 @@ def test_dry_run_runs_nothing_and_prints_each_command(fake):
   assert lines[1].startswith("+ gcloud compute tpus tpu-vm scp ") and "--worker=all" in lines[1]
   assert "tar -xzf $HOME/entropy_rl.tgz -C $HOME/entropy_rl" in lines[2]
   assert "--worker=all" in lines[3] and "pip install -q -r requirements-tpu.txt' " in lines[3]
-  jax_pin = next(l for l in (ROOT / "requirements.txt").read_text().splitlines()
-                 if l.startswith("jax=="))
+  jax_pin = next(
+      l for l in (ROOT / "requirements.txt").read_text().splitlines() if l.startswith("jax==")
+  )
   tpu_requirements = (ROOT / "requirements-tpu.txt").read_text().splitlines()
   assert "-r requirements.txt" in tpu_requirements  # the same pins as the CPU install
   assert f"jax[tpu]=={jax_pin[5:]}" in tpu_requirements
 
-  lines, proc = _dry(env, "--workdir=gs://b/r", "run", "--config=configs/grpo.py:tiny",
-                     "--env", "HF_HOME=/h f", "--config.num_steps=3")
+  lines, proc = _dry(
+      env,
+      "--workdir=gs://b/r",
+      "run",
+      "--config=configs/grpo.py:tiny",
+      "--env",
+      "HF_HOME=/h f",
+      "--config.num_steps=3",
+  )
   starts = [l for l in lines if "entropy_rl.main" in l]
   assert len(starts) == 2  # The run, and the same command after a preemption.
   assert all("--worker=all" in l for l in lines if " ssh " in l)
   assert "--workdir=gs://b/r --config=configs/grpo.py:tiny --config.num_steps=3" in starts[0]
   assert "preempted" in proc.stdout
-  after = lines[lines.index(starts[0]):]
+  after = lines[lines.index(starts[0]) :]
   assert any("tpu-vm delete t1" in l for l in after)
   assert any("tpu-vm create t1" in l for l in after)
   assert any("pip install" in l for l in after)
 
   assert _dry(env, "--worker=2", "logs")[0] == [
       "+ gcloud compute tpus tpu-vm ssh t1 --worker=2 "
-      "'--command=tail -n 200 -F $HOME/entropy_rl_logs/run.log' --zone=z1"]
+      "'--command=tail -n 200 -F $HOME/entropy_rl_logs/run.log' --zone=z1"
+  ]
   assert _dry(env, "ssh")[0] == ["+ gcloud compute tpus tpu-vm ssh t1 --worker=0 --zone=z1"]
   assert _dry(env, "ssh", "--", "ls", "-la")[0] == [
-      "+ gcloud compute tpus tpu-vm ssh t1 --worker=0 '--command=ls -la' --zone=z1"]
+      "+ gcloud compute tpus tpu-vm ssh t1 --worker=0 '--command=ls -la' --zone=z1"
+  ]
   (stop,), _ = _dry(env, "stop")
   assert "--worker=all" in stop and "kill -TERM" in stop
 
@@ -139,15 +163,18 @@ def test_dry_run_runs_nothing_and_prints_each_command(fake):
   assert not list(tmp.glob("entropy_rl-*.tgz"))  # Nor tar.
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run"], "run needs --workdir"),
-    (["--workdir=/local/dir", "run"], "must be a gs:// path"),
-    (["launch"], "unknown subcommand 'launch'"),
-    (["--bogus", "run"], "unknown option '--bogus'"),
-    (["--worker=x", "logs"], "--worker must be"),
-    (["--env", "novalue", "run"], "--env needs KEY=VALUE"),
-    (["--name"], "option --name needs a value"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run"], "run needs --workdir"),
+        (["--workdir=/local/dir", "run"], "must be a gs:// path"),
+        (["launch"], "unknown subcommand 'launch'"),
+        (["--bogus", "run"], "unknown option '--bogus'"),
+        (["--worker=x", "logs"], "--worker must be"),
+        (["--env", "novalue", "run"], "--env needs KEY=VALUE"),
+        (["--name"], "option --name needs a value"),
+    ],
+)
 def test_bad_arguments(fake, args, message):
   proc = _launch(fake[1], "--dry-run", *args, check=False)
   assert proc.returncode == 2 and message in proc.stderr
@@ -157,8 +184,16 @@ def _run_with_plan(fake, plan, *extra, check=True):
   tmp, env = fake
   (tmp / "plan").write_text("\n".join(plan) + "\n")
   (tmp / "state").write_text("READY\n")
-  return _launch(env, "--name=t1", "--workdir=gs://b/r", *extra, "run",
-                 "--config=configs/x.py", "--config.task.path=/d/it's here.jsonl", check=check)
+  return _launch(
+      env,
+      "--name=t1",
+      "--workdir=gs://b/r",
+      *extra,
+      "run",
+      "--config=configs/x.py",
+      "--config.task.path=/d/it's here.jsonl",
+      check=check,
+  )
 
 
 def test_run_restarts_after_preemption_with_the_same_command(fake):
@@ -167,8 +202,12 @@ def test_run_restarts_after_preemption_with_the_same_command(fake):
   assert "preempted, restarting" in proc.stderr and "run finished" in proc.stderr
   first, second = (tmp / "args.1").read_text(), (tmp / "args.2").read_text()
   assert first == second
-  assert first.splitlines()[:4] == ["-m", "entropy_rl.main", "--workdir=gs://b/r",
-                                    "--config=configs/x.py"]
+  assert first.splitlines()[:4] == [
+      "-m",
+      "entropy_rl.main",
+      "--workdir=gs://b/r",
+      "--config=configs/x.py",
+  ]
   assert "--config.task.path=/d/it's here.jsonl" in first
   assert f"DIST=1 HF=/h f PWD={tmp}/home/entropy_rl" in first
   calls = (tmp / "gcloud.log").read_text()
@@ -193,8 +232,13 @@ def test_stop_sends_sigterm_and_run_ends(fake):
   tmp, env = fake
   (tmp / "plan").write_text("wait\n")
   (tmp / "state").write_text("READY\n")
-  run = subprocess.Popen(["bash", SCRIPT, "--name=t1", "--workdir=gs://b/r", "run"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  run = subprocess.Popen(
+      ["bash", SCRIPT, "--name=t1", "--workdir=gs://b/r", "run"],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   try:
     deadline = time.time() + 30
     while not (tmp / "waiting").exists():

@@ -1,4 +1,5 @@
 """entropy_rl.losses against float64 NumPy references, with padding."""
+
 import itertools
 import math
 
@@ -83,6 +84,7 @@ def batch():
 def _loss_and_grad(b, cfg, **kw):
   def f(logp):
     return losses.policy_loss(logp, b["old"], b["adv"], b["mask"], cfg, **kw)
+
   (loss, metrics), grad = jax.value_and_grad(f, has_aux=True)(jnp.asarray(b["logp"]))
   return float(loss), metrics, np.asarray(grad)
 
@@ -99,17 +101,40 @@ def test_default_config_is_grpo_and_the_config_files_loss_block():
   assert cfg.token_mask_rho == 0.2 and cfg.selection_scope == "microbatch"
 
 
-@pytest.mark.parametrize("field,value", [
-    ("name", "grpo"), ("clip_ratio_low", -0.1), ("clip_ratio_low", 1.5), ("clip_ratio_high", -1.0),
-    ("clip_ratio_c", 1.0), ("clip_cov_ratio", 0.0), ("clip_cov_ratio", -2e-4),
-    ("clip_cov_ub", 0.5), ("kl_cov_ratio", 0.0), ("kl_cov_coef", -1.0),
-    ("loss_agg_mode", "mean"), ("token_mask", "top"), ("token_mask_rho", 0.0),
-    ("token_mask_rho", 1.2), ("selection_scope", "device"), ("kl_ref_coef", -0.1),
-    ("kl_ref_estimator", "k4"), ("entropy_coef", float("nan")), ("entropy_target", -0.1), ("entropy_coef_delta", -0.01), ("entropy_coef_min", -1.0),
-    ("entropy_coef_max", -1.0), ("entropy_adv_alpha", -0.4), ("entropy_adv_kappa", 0.0),
-    ("positive_adv_weight", -0.1), ("archer_entropy_quantile", 1.5),
-    ("archer_high_clip_ratio_low", 1.5), ("archer_high_clip_ratio_high", -0.5),
-    ("entropy_quantile_scope", "batch")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("name", "grpo"),
+        ("clip_ratio_low", -0.1),
+        ("clip_ratio_low", 1.5),
+        ("clip_ratio_high", -1.0),
+        ("clip_ratio_c", 1.0),
+        ("clip_cov_ratio", 0.0),
+        ("clip_cov_ratio", -2e-4),
+        ("clip_cov_ub", 0.5),
+        ("kl_cov_ratio", 0.0),
+        ("kl_cov_coef", -1.0),
+        ("loss_agg_mode", "mean"),
+        ("token_mask", "top"),
+        ("token_mask_rho", 0.0),
+        ("token_mask_rho", 1.2),
+        ("selection_scope", "device"),
+        ("kl_ref_coef", -0.1),
+        ("kl_ref_estimator", "k4"),
+        ("entropy_coef", float("nan")),
+        ("entropy_target", -0.1),
+        ("entropy_coef_delta", -0.01),
+        ("entropy_coef_min", -1.0),
+        ("entropy_coef_max", -1.0),
+        ("entropy_adv_alpha", -0.4),
+        ("entropy_adv_kappa", 0.0),
+        ("positive_adv_weight", -0.1),
+        ("archer_entropy_quantile", 1.5),
+        ("archer_high_clip_ratio_low", 1.5),
+        ("archer_high_clip_ratio_high", -0.5),
+        ("entropy_quantile_scope", "batch"),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
   with pytest.raises(ValueError, match=rf"config\.loss\.{field}\b"):
     make_cfg(**{field: value})
@@ -140,11 +165,23 @@ def test_bad_arguments_raise_before_tracing(batch):
   with pytest.raises(ValueError, match="entropy_BxT"):
     losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(entropy_adv_alpha=0.4))
   with pytest.raises(ValueError, match="ref_logp_BxT"):
-    losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"],
-                       make_cfg(name="archer", kl_ref_coef=0.1), entropy_BxT=b["entropy"])
+    losses.policy_loss(
+        b["logp"],
+        b["old"],
+        b["adv"],
+        b["mask"],
+        make_cfg(name="archer", kl_ref_coef=0.1),
+        entropy_BxT=b["entropy"],
+    )
   with pytest.raises(ValueError, match="selections"):
-    losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], make_cfg(),
-                       selections={"token_mask": b["mask"], "cov_selected": b["mask"]})
+    losses.policy_loss(
+        b["logp"],
+        b["old"],
+        b["adv"],
+        b["mask"],
+        make_cfg(),
+        selections={"token_mask": b["mask"], "cov_selected": b["mask"]},
+    )
   with pytest.raises(ValueError, match="num_microbatches"):
     losses.global_denominator(b["mask"], make_cfg(), 3)
   with pytest.raises(ValueError, match="mode"):
@@ -175,10 +212,12 @@ def test_ppo_matches_numpy_with_clip_higher_dual_clip_and_clamp(batch):
   np.testing.assert_allclose(grad, np.where(live, -a * ratio, 0) / n, rtol=1e-5, atol=1e-7)
   assert dual[2, :4].all() and metrics["clipfrac_dual"] > 0
   np.testing.assert_allclose(metrics["clipfrac_dual"], dual[valid].mean(), rtol=1e-6)
-  np.testing.assert_allclose(metrics["clipfrac_high"],
-                             ((a > 0) & (ratio > 1.28))[valid].mean(), rtol=1e-6)
-  np.testing.assert_allclose(metrics["clipfrac_low"], ((a < 0) & (ratio < 0.8))[valid].mean(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics["clipfrac_high"], ((a > 0) & (ratio > 1.28))[valid].mean(), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+      metrics["clipfrac_low"], ((a < 0) & (ratio < 0.8))[valid].mean(), rtol=1e-6
+  )
   np.testing.assert_allclose(metrics["ppo_kl"], -raw[valid].mean(), rtol=1e-5)
   assert float(metrics["n_cov_selected"]) == 0 and float(metrics["loss_den"]) == n
 
@@ -198,8 +237,14 @@ def test_clip_cov_selection_gradient_and_denominator(batch, ratio):
   b = batch
   cfg = make_cfg(name="clip_cov", clip_cov_ratio=ratio, clip_cov_lb=0.2, clip_cov_ub=3.0)
   loss, metrics, grad = _loss_and_grad(b, cfg, rng=jax.random.key(3))
-  sel = np.asarray(losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
-                                        rng=jax.random.key(3))["cov_selected"]) > 0
+  sel = (
+      np.asarray(
+          losses.select_tokens(
+              b["logp"], b["old"], b["adv"], b["mask"], cfg, rng=jax.random.key(3)
+          )["cov_selected"]
+      )
+      > 0
+  )
   candidates, _ = _np_clip_cov_candidates(b, cfg)
   valid = b["mask"] > 0
   n = valid.sum()
@@ -222,8 +267,9 @@ def test_clip_cov_never_selects_already_clipped_tokens(batch):
   cfg = make_cfg(name="clip_cov", clip_cov_ratio=1.0, clip_cov_lb=0.05, clip_cov_ub=10.0)
   candidates, clipped_in_band = _np_clip_cov_candidates(b, cfg)
   assert clipped_in_band.sum() > 0 and candidates.sum() > 0
-  sel = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
-                             rng=jax.random.key(0))["cov_selected"]
+  sel = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg, rng=jax.random.key(0))[
+      "cov_selected"
+  ]
   np.testing.assert_array_equal(np.asarray(sel) > 0, candidates)  # k = n takes every candidate
 
 
@@ -240,12 +286,15 @@ def test_clip_cov_draws_uniform_subsets():
   assert len(candidates) == 4
   cfg = make_cfg(name="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=float(lb), clip_cov_ub=float(ub))
   keys = jax.random.split(jax.random.key(1), 3000)
-  sel = jax.jit(jax.vmap(lambda key: losses.select_tokens(
-      logp, logp, adv, mask, cfg, rng=key)["cov_selected"][0]))(keys)
+  sel = jax.jit(
+      jax.vmap(
+          lambda key: losses.select_tokens(logp, logp, adv, mask, cfg, rng=key)["cov_selected"][0]
+      )
+  )(keys)
   sel = np.asarray(sel) > 0
   assert np.all(sel.sum(-1) == 2) and not sel[:, np.setdiff1d(np.arange(t), candidates)].any()
   codes = sel.astype(np.int64) @ (2 ** np.arange(t))
-  counts = [np.sum(codes == 2 ** i + 2 ** j) for i, j in itertools.combinations(candidates, 2)]
+  counts = [np.sum(codes == 2**i + 2**j) for i, j in itertools.combinations(candidates, 2)]
   expected = len(keys) / 6
   assert all(abs(c - expected) < 5 * math.sqrt(expected * 5 / 6) for c in counts), counts
 
@@ -262,8 +311,12 @@ def test_kl_cov_penalises_top_covariance_tokens(batch):
   k = max(1, math.floor(0.1 * n))
   cov = np_cov(b["logp"], b["adv"], b["mask"])
   top = np_top_mask(cov, valid, k)
-  sel = np.asarray(losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"],
-                                        cfg)["cov_selected"]) > 0
+  sel = (
+      np.asarray(
+          losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg)["cov_selected"]
+      )
+      > 0
+  )
   np.testing.assert_array_equal(sel, top)
   assert float(metrics["n_cov_selected"]) == k
   ratio, l1, _ = np_clip_terms(b["logp"], b["old"], b["adv"], cfg, clamp=False)
@@ -374,9 +427,11 @@ def test_gspo_ratio_is_the_sequence_geometric_mean(gspo_batch):
   valid = b["mask"] > 0
   s = np.asarray(losses._gspo_ratio(jnp.asarray(b["logp"]), jnp.asarray(b["old"]), b["mask"]))
   seq = np.where(valid, b["logp"].astype(np.float64) - b["old"], 0).sum(-1) / np.maximum(
-      valid.sum(-1), 1)
-  np.testing.assert_allclose(s[valid], np.broadcast_to(np.exp(np.minimum(seq, 10))[:, None],
-                                                       s.shape)[valid], rtol=1e-5)
+      valid.sum(-1), 1
+  )
+  np.testing.assert_allclose(
+      s[valid], np.broadcast_to(np.exp(np.minimum(seq, 10))[:, None], s.shape)[valid], rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
@@ -394,8 +449,9 @@ def test_cispo_matches_verl(batch, mode, clip):
   np.testing.assert_allclose(loss, num / den, rtol=1e-5)
   np.testing.assert_allclose(grad, -w * a * np_agg_weights(b["mask"], mode), rtol=1e-5, atol=1e-8)
   assert np.all(grad[valid & (a != 0)] != 0)  # clipped weights still pass gradient through logp
-  np.testing.assert_allclose(metrics["clipfrac_high"], (ratio > 1 + clip[1])[valid].mean(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      metrics["clipfrac_high"], (ratio > 1 + clip[1])[valid].mean(), rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------- Archer, advantages
@@ -418,14 +474,22 @@ def test_archer_dual_token_constraints(batch, scope, mode):
   rng = np.random.default_rng(2)
   b["old"] = (b["logp"] + rng.normal(size=b["logp"].shape) * 0.4).astype(np.float32)
   ref = (b["logp"] + rng.normal(size=b["logp"].shape) * 0.3).astype(np.float32)
-  cfg = make_cfg(name="archer", kl_ref_coef=0.3, entropy_quantile_scope=scope, loss_agg_mode=mode,
-                 clip_ratio_low=0.1, clip_ratio_high=0.1, archer_high_clip_ratio_low=0.4,
-                 archer_high_clip_ratio_high=0.5)
+  cfg = make_cfg(
+      name="archer",
+      kl_ref_coef=0.3,
+      entropy_quantile_scope=scope,
+      loss_agg_mode=mode,
+      clip_ratio_low=0.1,
+      clip_ratio_high=0.1,
+      archer_high_clip_ratio_low=0.4,
+      archer_high_clip_ratio_high=0.5,
+  )
   loss, metrics, grad = _loss_and_grad(b, cfg, entropy_BxT=b["entropy"], ref_logp_BxT=ref)
   valid = b["mask"] > 0
   high = np_high_entropy(b["entropy"], b["mask"], 0.8, scope == "response")
-  sel = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
-                             entropy_BxT=b["entropy"])["high_entropy"]
+  sel = losses.select_tokens(
+      b["logp"], b["old"], b["adv"], b["mask"], cfg, entropy_BxT=b["entropy"]
+  )["high_entropy"]
   np.testing.assert_array_equal(np.asarray(sel) > 0, high)
   lp, a = b["logp"].astype(np.float64), b["adv"].astype(np.float64)
   raw = lp - b["old"]
@@ -454,14 +518,17 @@ def test_archer_dual_token_constraints(batch, scope, mode):
 def test_top_quantile_token_mask_scope(batch, scope):
   b = batch
   cfg = make_cfg(token_mask="top_quantile", token_mask_rho=0.3, entropy_quantile_scope=scope)
-  keep = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
-                              entropy_BxT=b["entropy"])["token_mask"]
-  np.testing.assert_array_equal(np.asarray(keep) > 0,
-                                np_high_entropy(b["entropy"], b["mask"], 0.7, scope == "response"))
+  keep = losses.select_tokens(
+      b["logp"], b["old"], b["adv"], b["mask"], cfg, entropy_BxT=b["entropy"]
+  )["token_mask"]
+  np.testing.assert_array_equal(
+      np.asarray(keep) > 0, np_high_entropy(b["entropy"], b["mask"], 0.7, scope == "response")
+  )
 
 
-@pytest.mark.parametrize("alpha,kappa,lam", [(0.4, 2.0, 1.0), (5.0, 2.0, 1.0), (0.0, 2.0, 0.1),
-                                             (0.4, 2.0, 0.1)])
+@pytest.mark.parametrize(
+    "alpha,kappa,lam", [(0.4, 2.0, 1.0), (5.0, 2.0, 1.0), (0.0, 2.0, 0.1), (0.4, 2.0, 0.1)]
+)
 def test_entropy_shaped_and_positive_weighted_advantages(batch, alpha, kappa, lam):
   b = batch
   cfg = make_cfg(entropy_adv_alpha=alpha, entropy_adv_kappa=kappa, positive_adv_weight=lam)
@@ -470,14 +537,17 @@ def test_entropy_shaped_and_positive_weighted_advantages(batch, alpha, kappa, la
     return losses.policy_loss(logp, b["old"], b["adv"], b["mask"], cfg, entropy_BxT=entropy)[0]
 
   loss, (grad, grad_entropy) = jax.value_and_grad(f, argnums=(0, 1))(
-      jnp.asarray(b["logp"]), jnp.asarray(b["entropy"]))
+      jnp.asarray(b["logp"]), jnp.asarray(b["entropy"])
+  )
   valid = b["mask"] > 0
   a = b["adv"].astype(np.float64)
   shaped = a + np.minimum(alpha * b["entropy"], np.abs(a) / kappa)
   shaped = np.where(shaped > 0, lam * shaped, shaped)
   np.testing.assert_allclose(
-      losses.effective_advantages(b["adv"], b["entropy"], b["mask"], cfg)[valid], shaped[valid],
-      rtol=1e-5)
+      losses.effective_advantages(b["adv"], b["entropy"], b["mask"], cfg)[valid],
+      shaped[valid],
+      rtol=1e-5,
+  )
   l = np_ppo(b["logp"], b["old"], shaped, cfg)
   n = valid.sum()
   np.testing.assert_allclose(float(loss), np.where(valid, l, 0).sum() / n, rtol=1e-5)
@@ -492,8 +562,14 @@ def test_entropy_shaped_and_positive_weighted_advantages(batch, alpha, kappa, la
 
 
 def test_adaptive_entropy_controller():
-  cfg = make_cfg(adaptive_entropy=True, entropy_coef=0.01, entropy_target=1.0,
-                 entropy_coef_delta=0.004, entropy_coef_min=0.002, entropy_coef_max=0.02)
+  cfg = make_cfg(
+      adaptive_entropy=True,
+      entropy_coef=0.01,
+      entropy_target=1.0,
+      entropy_coef_delta=0.004,
+      entropy_coef_min=0.002,
+      entropy_coef_max=0.02,
+  )
   entropies = [1.5, 1.2, 0.9, 0.5, 0.7, 1.0, 2.0, 3.0, 0.1, 0.1, 0.1, 0.1]
   coef, last = 0.01, math.inf
   jc, jl = jnp.float32(0.01), jnp.float32(jnp.inf)
@@ -507,9 +583,15 @@ def test_adaptive_entropy_controller():
   assert float(jc) == np.float32(0.02)  # held at the maximum
 
 
-@pytest.mark.parametrize("name,extra", [
-    ("gspo", {}), ("cispo", {}), ("archer", {"entropy_quantile_scope": "response"}),
-    ("archer", {"entropy_quantile_scope": "selection"})])
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("gspo", {}),
+        ("cispo", {}),
+        ("archer", {"entropy_quantile_scope": "response"}),
+        ("archer", {"entropy_quantile_scope": "selection"}),
+    ],
+)
 def test_new_losses_accumulate_over_microbatches(batch, name, extra):
   b = batch
   args = [jnp.asarray(b[k]) for k in ("logp", "old", "adv", "mask")]
@@ -519,11 +601,18 @@ def test_new_losses_accumulate_over_microbatches(batch, name, extra):
     full, _ = losses.policy_loss(*args, cfg, entropy_BxT=b["entropy"])
     sel = losses.select_tokens(*args, cfg, entropy_BxT=b["entropy"])
     den = losses.global_denominator(b["mask"], cfg, micro)
-    total = sum(float(losses.policy_loss(
-        *[x[i * rows:(i + 1) * rows] for x in args], cfg,
-        entropy_BxT=b["entropy"][i * rows:(i + 1) * rows],
-        selections={k: v[i * rows:(i + 1) * rows] for k, v in sel.items()},
-        denominator=den)[0]) for i in range(micro))
+    total = sum(
+        float(
+            losses.policy_loss(
+                *[x[i * rows : (i + 1) * rows] for x in args],
+                cfg,
+                entropy_BxT=b["entropy"][i * rows : (i + 1) * rows],
+                selections={k: v[i * rows : (i + 1) * rows] for k, v in sel.items()},
+                denominator=den,
+            )[0]
+        )
+        for i in range(micro)
+    )
     np.testing.assert_allclose(total, float(full), rtol=1e-5, atol=1e-7, err_msg=mode)
 
 
@@ -535,9 +624,20 @@ def test_entropy_token_mask_loss(batch, token_mask):
   b = batch
   cfg = make_cfg(token_mask=token_mask, token_mask_rho=0.3)
   loss, metrics, grad = _loss_and_grad(b, cfg, entropy_BxT=b["entropy"], rng=jax.random.key(2))
-  keep = np.asarray(losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg,
-                                         entropy_BxT=b["entropy"],
-                                         rng=jax.random.key(2))["token_mask"]) > 0
+  keep = (
+      np.asarray(
+          losses.select_tokens(
+              b["logp"],
+              b["old"],
+              b["adv"],
+              b["mask"],
+              cfg,
+              entropy_BxT=b["entropy"],
+              rng=jax.random.key(2),
+          )["token_mask"]
+      )
+      > 0
+  )
   valid = b["mask"] > 0
   n = valid.sum()
   e = b["entropy"]
@@ -585,28 +685,51 @@ def test_accumulation_over_microbatches_equals_full_batch(batch, mode, token_mas
   rows = b["mask"].shape[0] // micro
 
   def split(x, i):
-    return x[i * rows:(i + 1) * rows]
+    return x[i * rows : (i + 1) * rows]
 
   def run(cfg, args, **kw):
     return losses.policy_loss(*args, cfg, **kw)
 
   # Global scope: selections over the whole batch, sliced; global denominator.
-  cfg = make_cfg(name="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.2, clip_cov_ub=3.0,
-                 loss_agg_mode=mode, token_mask=token_mask, token_mask_rho=0.3,
-                 selection_scope="global")
+  cfg = make_cfg(
+      name="clip_cov",
+      clip_cov_ratio=0.1,
+      clip_cov_lb=0.2,
+      clip_cov_ub=3.0,
+      loss_agg_mode=mode,
+      token_mask=token_mask,
+      token_mask_rho=0.3,
+      selection_scope="global",
+  )
   full_loss, full_metrics = run(cfg, args, entropy_BxT=b["entropy"], rng=key)
   sel = losses.select_tokens(*args, cfg, entropy_BxT=b["entropy"], rng=key)
   den = losses.global_denominator(b["mask"], cfg, micro)
   assert float(den) == float(full_metrics["loss_den"])
-  total = sum(float(run(cfg, [split(x, i) for x in args], entropy_BxT=split(b["entropy"], i),
-                        selections={k: split(v, i) for k, v in sel.items()},
-                        denominator=den)[0]) for i in range(micro))
+  total = sum(
+      float(
+          run(
+              cfg,
+              [split(x, i) for x in args],
+              entropy_BxT=split(b["entropy"], i),
+              selections={k: split(v, i) for k, v in sel.items()},
+              denominator=den,
+          )[0]
+      )
+      for i in range(micro)
+  )
   np.testing.assert_allclose(total, float(full_loss), rtol=1e-5, atol=1e-7)
 
   # Micro-batch scope: the global denominator is the sum of the local ones.
   cfg = make_cfg(loss_agg_mode=mode, token_mask=token_mask, token_mask_rho=0.3)
-  outs = [run(cfg, [split(x, i) for x in args], entropy_BxT=split(b["entropy"], i),
-              rng=jax.random.fold_in(key, i))[1] for i in range(micro)]
+  outs = [
+      run(
+          cfg,
+          [split(x, i) for x in args],
+          entropy_BxT=split(b["entropy"], i),
+          rng=jax.random.fold_in(key, i),
+      )[1]
+      for i in range(micro)
+  ]
   den = losses.global_denominator(b["mask"], cfg, micro)
   assert float(den) == sum(float(m["loss_den"]) for m in outs)
   if token_mask == "all":
@@ -624,9 +747,14 @@ def test_accumulated_gradient_equals_full_batch(batch):
     return losses.policy_loss(logp, old, adv, mask, cfg, denominator=denominator)[0]
 
   full = jax.grad(loss)(jnp.asarray(b["logp"]), *args)
-  parts = [jax.grad(loss)(jnp.asarray(b["logp"][i * 2:(i + 1) * 2]),
-                          *[x[i * 2:(i + 1) * 2] for x in args], denominator=den)
-           for i in range(4)]
+  parts = [
+      jax.grad(loss)(
+          jnp.asarray(b["logp"][i * 2 : (i + 1) * 2]),
+          *[x[i * 2 : (i + 1) * 2] for x in args],
+          denominator=den,
+      )
+      for i in range(4)
+  ]
   np.testing.assert_allclose(np.concatenate(parts), full, rtol=1e-6, atol=1e-9)
 
 
@@ -636,17 +764,19 @@ def test_accumulated_gradient_equals_full_batch(batch):
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_penalty(batch, estimator):
   d = batch["logp"].astype(np.float64) - batch["old"]
-  expected = {"k1": d, "k2": 0.5 * d ** 2, "k3": np.exp(-d) + d - 1}[estimator]
-  np.testing.assert_allclose(losses.kl_penalty(batch["logp"], batch["old"], estimator), expected,
-                             rtol=1e-5, atol=1e-6)
+  expected = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) + d - 1}[estimator]
+  np.testing.assert_allclose(
+      losses.kl_penalty(batch["logp"], batch["old"], estimator), expected, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_entropy_bonus_is_not_double_counted(batch):
   b = batch
   np.testing.assert_allclose(losses.entropy_bonus(b["entropy"], 0.5), -0.5 * b["entropy"])
   base, _, _ = _loss_and_grad(b, make_cfg())
-  with_coefs, _, _ = _loss_and_grad(b, make_cfg(entropy_coef=0.01, kl_ref_coef=0.1),
-                                    entropy_BxT=b["entropy"])
+  with_coefs, _, _ = _loss_and_grad(
+      b, make_cfg(entropy_coef=0.01, kl_ref_coef=0.1), entropy_BxT=b["entropy"]
+  )
   assert with_coefs == base  # the caller adds these terms
 
 
@@ -655,20 +785,30 @@ def test_entropy_bonus_is_not_double_counted(batch):
 
 def test_sharded_mesh_equals_single_device(batch):
   b = batch
-  cfg = make_cfg(name="clip_cov", clip_cov_ratio=0.1, clip_cov_lb=0.2, clip_cov_ub=3.0,
-                 token_mask="top_entropy", token_mask_rho=0.5)
+  cfg = make_cfg(
+      name="clip_cov",
+      clip_cov_ratio=0.1,
+      clip_cov_lb=0.2,
+      clip_cov_ub=3.0,
+      token_mask="top_entropy",
+      token_mask_rho=0.5,
+  )
   key = jax.random.key(7)
 
   @jax.jit
   def f(logp, old, adv, mask, entropy):
     def loss(lp):
       return losses.policy_loss(lp, old, adv, mask, cfg, entropy_BxT=entropy, rng=key)
+
     return jax.value_and_grad(loss, has_aux=True)(logp)
 
   names = ("logp", "old", "adv", "mask", "entropy")
   (loss, metrics), grad = f(*[jnp.asarray(b[k]) for k in names])
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"),
-              axis_types=(AxisType.Auto,) * 3)
+  mesh = Mesh(
+      np.array(jax.devices()[:8]).reshape(2, 2, 2),
+      ("data", "fsdp", "tensor"),
+      axis_types=(AxisType.Auto,) * 3,
+  )
   sharding = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
   sharded = [jax.device_put(b[k], sharding) for k in names]
   (s_loss, s_metrics), s_grad = f(*sharded)

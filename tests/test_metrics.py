@@ -20,8 +20,8 @@ def _events(tb_dir):
     data = open(path, "rb").read()
     i = 0
     while i < len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])
-      out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+      (n,) = struct.unpack("<Q", data[i : i + 8])
+      out.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
       i += 12 + n + 4
   return out
 
@@ -32,8 +32,10 @@ def _scalars(tb_dir):
 
 def test_jsonl_and_tensorboard(tmp_path):
   w = metrics.MetricsWriter(str(tmp_path))
-  w.write(1, {"reward/mean": jnp.float32(0.25), "n": np.int32(3), "scope": "global",
-              "loss": float("nan")})
+  w.write(
+      1,
+      {"reward/mean": jnp.float32(0.25), "n": np.int32(3), "scope": "global", "loss": float("nan")},
+  )
   w.write(2, {"reward/mean": 0.5, "ok": np.bool_(True)})
   w.close()
   lines = open(tmp_path / "metrics.jsonl").read().splitlines()
@@ -105,13 +107,19 @@ def test_plot_and_summary_table(tmp_path):
   path = tmp_path / "metrics.jsonl"
   with metrics.MetricsWriter(str(tmp_path)) as w:
     for step in range(1, 5):
-      w.write(step, {"reward/mean": 0.1 * step, "entropy/token_mean": 1.0 / step,
-                     **({"eval/pass@1": 0.5} if step == 4 else {})})
-  out = metrics.plot_metrics(path, ["reward/mean", "entropy/token_mean", "acc"],
-                             tmp_path / "p.png")
+      w.write(
+          step,
+          {
+              "reward/mean": 0.1 * step,
+              "entropy/token_mean": 1.0 / step,
+              **({"eval/pass@1": 0.5} if step == 4 else {}),
+          },
+      )
+  out = metrics.plot_metrics(path, ["reward/mean", "entropy/token_mean", "acc"], tmp_path / "p.png")
   assert open(out, "rb").read(4) == b"\x89PNG" and os.path.getsize(out) > 1000
-  table = metrics.summary_table(metrics.read_metrics(path),
-                                ["reward/mean", "eval/pass@1", "acc"]).splitlines()
+  table = metrics.summary_table(
+      metrics.read_metrics(path), ["reward/mean", "eval/pass@1", "acc"]
+  ).splitlines()
   assert table[0] == "| metric | first | last | min | max | n |"
   assert table[2] == "| reward/mean | 0.1 | 0.4 | 0.1 | 0.4 | 4 |"
   assert table[3] == "| eval/pass@1 | 0.5 | 0.5 | 0.5 | 0.5 | 1 |"

@@ -2,6 +2,7 @@
 
 Parity with transformers' PyTorch models lives in test_hf.py.
 """
+
 import dataclasses
 import functools
 
@@ -10,28 +11,51 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from entropy_rl.models import (Decoder, ModelConfig, RopeScaling, init_cache, init_params,
-                               param_logical_axes, unembedding, unstack_layers)
+from entropy_rl.models import (
+    Decoder,
+    ModelConfig,
+    RopeScaling,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    unembedding,
+    unstack_layers,
+)
 
-TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=8)
+TINY = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+)
 QWEN2 = ModelConfig(**TINY, model_type="qwen2")
 QWEN3 = ModelConfig(**TINY, model_type="qwen3", tie_word_embeddings=True)
-LLAMA = ModelConfig(**TINY, model_type="llama", rope_theta=500000.0, rope_scaling=RopeScaling(
-    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16))
+LLAMA = ModelConfig(
+    **TINY,
+    model_type="llama",
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+    ),
+)
 LOGICAL_NAMES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", "norm"}
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="return_hidden")
 def forward(cfg, params, tokens_BxT, attn_mask_BxT=None, positions_BxT=None, return_hidden=False):
-  return Decoder(cfg).apply({"params": params}, tokens_BxT, positions_BxT, attn_mask_BxT,
-                            return_hidden)
+  return Decoder(cfg).apply(
+      {"params": params}, tokens_BxT, positions_BxT, attn_mask_BxT, return_hidden
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def decode(cfg, params, tokens_BxT, cache, attn_mask_BxT=None):
-  return Decoder(cfg).apply({"params": params}, tokens_BxT, cache, attn_mask_BxT,
-                            method=Decoder.decode)
+  return Decoder(cfg).apply(
+      {"params": params}, tokens_BxT, cache, attn_mask_BxT, method=Decoder.decode
+  )
 
 
 def random_params(cfg, seed=0):
@@ -46,9 +70,12 @@ def test_params_and_logical_axes(cfg):
   params = jax.eval_shape(init_params, cfg, jax.random.key(0))
   axes = param_logical_axes(cfg)
   assert jax.tree.structure(params) == jax.tree.structure(
-      axes, is_leaf=lambda x: isinstance(x, tuple))
+      axes, is_leaf=lambda x: isinstance(x, tuple)
+  )
   flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  flat_a = dict(jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0])
+  flat_a = dict(
+      jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  )
   for path, x in flat_p.items():
     names = flat_a[path]
     assert len(names) == x.ndim, path
@@ -107,7 +134,7 @@ def test_cached_decoding_equals_full_forward(cfg):
   logits, cache = decode(cfg, params, tokens[:, :5], cache, mask[:, :5])
   steps = [logits]
   for t in range(5, 9):
-    logits, cache = decode(cfg, params, tokens[:, t:t + 1], cache)
+    logits, cache = decode(cfg, params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   assert int(cache["index"]) == 9
   np.testing.assert_array_equal(cache["mask"][:, :9], mask)
@@ -133,11 +160,12 @@ def test_decoding_with_one_index_per_row_equals_full_forward():
   cache = dict(cache, index=jnp.array([5, 7]))
   steps = []
   for t in range(5, 8):
-    logits, cache = decode(cfg, params, tokens[:, t:t + 1], cache)
+    logits, cache = decode(cfg, params, tokens[:, t : t + 1], cache)
     steps.append(logits)
   np.testing.assert_array_equal(cache["index"], [8, 10])
-  np.testing.assert_array_equal(cache["mask"], [[0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0],
-                                                [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(
+      cache["mask"], [[0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0]]
+  )
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, 5:], atol=1e-5)
 
 

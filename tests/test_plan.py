@@ -1,4 +1,5 @@
 """plan: TPU slices from libtpu, loop-aware compiled costs, the pre-flight table and its verdict."""
+
 import os
 import re
 import subprocess
@@ -13,11 +14,18 @@ from entropy_rl import config_lib, models, plan, sharding
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name, generation, shape", [
-    ("v4-32", "v4", "2x2x4"), ("v5litepod-64", "v5e", "8x8"), ("v5e-64", "v5e", "8x8"),
-    ("v5p-64", "v5p", "2x4x4"), ("v6e-16", "v6e", "4x4"), ("v5p:4x4x2", "v5p", "4x4x2"),
-    ("v5e:2x4", "v5e", "2x4"),
-])
+@pytest.mark.parametrize(
+    "name, generation, shape",
+    [
+        ("v4-32", "v4", "2x2x4"),
+        ("v5litepod-64", "v5e", "8x8"),
+        ("v5e-64", "v5e", "8x8"),
+        ("v5p-64", "v5p", "2x4x4"),
+        ("v6e-16", "v6e", "4x4"),
+        ("v5p:4x4x2", "v5p", "4x4x2"),
+        ("v5e:2x4", "v5e", "2x4"),
+    ],
+)
 def test_parse_topology(name, generation, shape):
   topo = plan.parse_topology(name)
   assert (topo.generation, topo.shape) == (generation, shape)
@@ -41,14 +49,16 @@ def test_hlo_costs_count_every_loop_iteration():
   assert costs.hbm_bytes >= 10 * 4 * (32 * 64 * 2 + 64 * 64)
 
 
-
 def _nested_scans(w_LxKxK, x_AxBxMxK):
   """Mini-batches (A) of micro-batches (B) through L layers, as the update nests its scans."""
+
   def minibatch(total, x_BxMxK):
     def microbatch(total, x_MxK):
       h_MxK, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x_MxK, w_LxKxK)
       return total + h_MxK.sum(), None
+
     return jax.lax.scan(microbatch, total, x_BxMxK)[0], None
+
   return jax.lax.scan(minibatch, 0.0, x_AxBxMxK)[0]
 
 
@@ -61,6 +71,7 @@ def test_hlo_costs_multiply_the_trip_counts_of_nested_scans():
 
 def test_hlo_costs_count_the_slice_a_loop_reads_of_stacked_layers():
   """Twice the layers is twice the bytes: each iteration reads its layer, not the whole stack."""
+
   def hbm_bytes(layers):
     w, x = jnp.zeros((layers, 64, 64)), jnp.zeros((3, 5, 32, 64))
     return plan.hlo_costs(jax.jit(_nested_scans).lower(w, x).compile().as_text()).hbm_bytes
@@ -70,11 +81,13 @@ def test_hlo_costs_count_the_slice_a_loop_reads_of_stacked_layers():
 
 def test_hlo_costs_take_the_trip_count_from_the_counter_start_step_and_bound():
   def f(w_KxK, x_MxK):  # the counter runs 2, 5, 8: three iterations, though the bound is 11
-    return jax.lax.while_loop(lambda s: s[0] < 11, lambda s: (s[0] + 3, jnp.tanh(s[1] @ w_KxK)),
-                              (2, x_MxK))[1]
+    return jax.lax.while_loop(
+        lambda s: s[0] < 11, lambda s: (s[0] + 3, jnp.tanh(s[1] @ w_KxK)), (2, x_MxK)
+    )[1]
 
-  costs = plan.hlo_costs(jax.jit(f).lower(jnp.zeros((64, 64)), jnp.zeros((32, 64))).compile()
-                         .as_text())
+  costs = plan.hlo_costs(
+      jax.jit(f).lower(jnp.zeros((64, 64)), jnp.zeros((32, 64))).compile().as_text()
+  )
   assert costs.flops == 3 * 2 * 32 * 64 * 64
   assert costs.unknown_trip_counts == 0
 
@@ -84,6 +97,7 @@ def test_hlo_costs_of_fsdp_matmuls_inside_nested_scans_on_a_pod():
   step 2) of padded convolutions; the per-chip FLOPs must still be the hand count."""
   pytest.importorskip("libtpu")
   from jax.sharding import NamedSharding, PartitionSpec as P
+
   devices = plan.topology_devices(plan.parse_topology("v5p-64"))
   mesh = jax.sharding.Mesh(devices, ("fsdp",))
   rows = NamedSharding(mesh, P("fsdp"))
@@ -91,28 +105,41 @@ def test_hlo_costs_of_fsdp_matmuls_inside_nested_scans_on_a_pod():
 
   def f(wq_LxKxHxD, wo_LxHxDxK, x_AxBxRxTxK):
     def layer(x_RxTxK, w):
-      q_RxTxHxD = jax.lax.with_sharding_constraint(jnp.einsum("rtk,khd->rthd", x_RxTxK, w[0]),
-                                                   rows)
-      return jax.lax.with_sharding_constraint(
-          jnp.tanh(jnp.einsum("rthd,hdk->rtk", q_RxTxHxD, w[1])), rows), None
+      q_RxTxHxD = jax.lax.with_sharding_constraint(jnp.einsum("rtk,khd->rthd", x_RxTxK, w[0]), rows)
+      return (
+          jax.lax.with_sharding_constraint(
+              jnp.tanh(jnp.einsum("rthd,hdk->rtk", q_RxTxHxD, w[1])), rows
+          ),
+          None,
+      )
 
     def minibatch(total, x_BxRxTxK):
       def microbatch(total, x_RxTxK):
         out, _ = jax.lax.scan(layer, x_RxTxK, (wq_LxKxHxD, wo_LxHxDxK))
         return total + out.astype(jnp.float32).sum(), None
+
       return jax.lax.scan(microbatch, total, x_BxRxTxK)[0], None
+
     return jax.lax.scan(minibatch, 0.0, x_AxBxRxTxK)[0]
 
   def arg(shape, spec):
     return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
 
-  text = jax.jit(f).lower(arg((layers, k, h, d), P(None, "fsdp")),
-                          arg((layers, h, d, k), P(None, None, None, "fsdp")),
-                          arg((a, b, r, t, k), P(None, None, "fsdp"))).compile().as_text()
+  text = (
+      jax.jit(f)
+      .lower(
+          arg((layers, k, h, d), P(None, "fsdp")),
+          arg((layers, h, d, k), P(None, None, None, "fsdp")),
+          arg((a, b, r, t, k), P(None, None, "fsdp")),
+      )
+      .compile()
+      .as_text()
+  )
   assert "windowed_dot_general" in text and "pad=" in text  # the case this test is about
   costs = plan.hlo_costs(text)
   assert costs.flops == a * b * layers * 2 * (2 * r * t * k * h * d) / len(devices)
   assert costs.unknown_trip_counts == 0
+
 
 def _tiny_config():
   c = config_lib.get_config_for("tiny", config_lib.ppo_method(0.2))
@@ -135,8 +162,7 @@ def _collectives_of_layer_activations(hlo_text: str, seq_len: int) -> list[str]:
     if not op_name or "layers/" not in op_name.group(1):
       continue
     for dtype, dims in plan._ARRAY.findall(inst[1]):
-      if dtype in ("bf16", "f32") and any(
-          int(d) % seq_len == 0 for d in dims.split(",") if d):
+      if dtype in ("bf16", "f32") and any(int(d) % seq_len == 0 for d in dims.split(",") if d):
         found.append(f"{inst[2]} {dtype}[{dims}] at {op_name.group(1)}")
   return found
 
@@ -144,8 +170,16 @@ def _collectives_of_layer_activations(hlo_text: str, seq_len: int) -> list[str]:
 def test_update_under_the_mesh_gathers_weights_not_activations():
   pytest.importorskip("libtpu")
   c = _tiny_config()
-  cfg = models.ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
-                           num_heads=4, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+  cfg = models.ModelConfig(
+      vocab_size=512,
+      hidden_size=256,
+      intermediate_size=512,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      dtype="bfloat16",
+  )
   devices = plan.topology_devices(plan.parse_topology("v5p-16"))
   assert len({d.process_index for d in devices}) == 2
   mesh = sharding.make_mesh(1, -1, 1, devices=devices)
@@ -156,8 +190,9 @@ def test_update_under_the_mesh_gathers_weights_not_activations():
 
 def test_plan_single_host_names_the_fields_when_it_does_not_fit():
   pytest.importorskip("libtpu")
-  result = plan.plan(config_lib.get_config_for("tiny", config_lib.ppo_method(0.2)), "v5p-8",
-                     headroom=0.99999)
+  result = plan.plan(
+      config_lib.get_config_for("tiny", config_lib.ppo_method(0.2)), "v5p-8", headroom=0.99999
+  )
   assert (result.hosts, result.rows_per_host) == (1, 32)
   (update,) = result.programs
   assert 0 < update.argument_bytes < update.peak_bytes
@@ -170,9 +205,20 @@ def test_plan_single_host_names_the_fields_when_it_does_not_fit():
 def test_plan_cli_on_a_multi_host_slice():
   pytest.importorskip("libtpu")
   out = subprocess.run(
-      [sys.executable, "-m", "entropy_rl.plan", "--config=configs/grpo.py", "--topology=v5p-16",
-       "--config.mesh.data=1", "--config.mesh.fsdp=-1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "entropy_rl.plan",
+          "--config=configs/grpo.py",
+          "--topology=v5p-16",
+          "--config.mesh.data=1",
+          "--config.mesh.fsdp=-1",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "over 2 hosts; each host feeds 16 of 32 prompts" in out.stdout
   assert re.search(r"^update +1 +[\d.]+ +[\d.]+ +[\d.]+ +95 ", out.stdout, re.M), out.stdout
@@ -190,8 +236,9 @@ def test_the_em_preset_derives_its_micro_batches_from_the_slice(devices, micro):
 def test_derived_micro_batches_that_do_not_divide_the_mini_batch_name_the_fields():
   c = config_lib.get_config_for("qwen2_5_7b", config_lib.ppo_method(0.2))
   c.rl.microbatch_rows_per_device = 3
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"config.rl.microbatch_rows_per_device=3 .* of 32 data-parallel"):
+  with pytest.raises(
+      config_lib.ConfigError, match=r"config.rl.microbatch_rows_per_device=3 .* of 32 data-parallel"
+  ):
     config_lib.validate(c, 32)
 
 

@@ -5,6 +5,7 @@ its relative workdir, shortened only by appended `--config.*` overrides, through
 and a rerun that resumes. Its `python3 -m venv .venv` is the one part not rerun: the copy's
 `.venv` is this interpreter's environment, which the pip part then checks against the pins.
 """
+
 import os
 import re
 import shutil
@@ -14,8 +15,10 @@ import sys
 from entropy_rl import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHORT = ("--config.warm_start.steps=30 --config.eval.num_prompts=32 --config.eval_every=2 "
-         "--config.checkpoint_every=2")
+SHORT = (
+    "--config.warm_start.steps=30 --config.eval.num_prompts=32 --config.eval_every=2 "
+    "--config.checkpoint_every=2"
+)
 
 
 def _readme_command(after: str) -> str:
@@ -32,8 +35,13 @@ def test_ci_runs_the_readme_test_command():
 
 
 def _fresh_copy(dst):
-  shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
-      ".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache"))
+  shutil.copytree(
+      ROOT,
+      dst,
+      ignore=shutil.ignore_patterns(
+          ".git", ".venv", "runs", "__pycache__", "*.egg-info", ".pytest_cache"
+      ),
+  )
   os.symlink(sys.prefix, os.path.join(dst, ".venv"))
 
 
@@ -48,9 +56,15 @@ def test_readme_main_command_runs_as_typed(tmp_path):
   workdir = repo / re.search(r"--workdir=(\S+)", rest[-1]).group(1)
 
   def run(num_steps):
-    out = subprocess.run(" && ".join(rest) + f" {SHORT} --config.num_steps={num_steps}",
-                         shell=True, cwd=repo, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        " && ".join(rest) + f" {SHORT} --config.num_steps={num_steps}",
+        shell=True,
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

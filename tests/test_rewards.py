@@ -1,4 +1,5 @@
 """Rewards: math-verify in a time-bounded pool, format, DAPO overlong shaping, task rewards, pass@k."""
+
 import itertools
 import json
 import os
@@ -32,15 +33,25 @@ def _ex(answer):
 
 
 def test_math_equivalent_forms(math_fn):
-  cases = [("\\frac{1}{2}", "So the answer is \\boxed{0.5}.", 1), ("0.5", "$\\boxed{\\frac{1}{2}}$", 1),
-           ("\\frac{1}{2}", "\\boxed{1/2}", 1), ("\\frac{1}{2}", "\\boxed{\\dfrac12}", 1),
-           ("1/2", "The answer is 0.5", 1), ("\\frac{1}{2}", "\\boxed{0.51}", 0),
-           ("\\frac{1}{2}", "\\boxed{2}", 0), ("3\\sqrt{2}", "\\boxed{\\sqrt{18}}", 1),
-           ("(1,2)", "\\boxed{(1, 2)}", 1), ("(1,2)", "\\boxed{(2,1)}", 0),
-           ("18", "Janet makes \\boxed{\\$18}", 1), ("x^2+1", "\\boxed{1+x^2}", 1),
-           ("5", "I don't know", 0), ("5", "", 0),
-           # The last box is the answer; earlier ones are drafts (not the set {1, 5}).
-           ("5", "first \\boxed{1}, then \\boxed{5}", 1), ("1", "\\boxed{1} \\boxed{5}", 0)]
+  cases = [
+      ("\\frac{1}{2}", "So the answer is \\boxed{0.5}.", 1),
+      ("0.5", "$\\boxed{\\frac{1}{2}}$", 1),
+      ("\\frac{1}{2}", "\\boxed{1/2}", 1),
+      ("\\frac{1}{2}", "\\boxed{\\dfrac12}", 1),
+      ("1/2", "The answer is 0.5", 1),
+      ("\\frac{1}{2}", "\\boxed{0.51}", 0),
+      ("\\frac{1}{2}", "\\boxed{2}", 0),
+      ("3\\sqrt{2}", "\\boxed{\\sqrt{18}}", 1),
+      ("(1,2)", "\\boxed{(1, 2)}", 1),
+      ("(1,2)", "\\boxed{(2,1)}", 0),
+      ("18", "Janet makes \\boxed{\\$18}", 1),
+      ("x^2+1", "\\boxed{1+x^2}", 1),
+      ("5", "I don't know", 0),
+      ("5", "", 0),
+      # The last box is the answer; earlier ones are drafts (not the set {1, 5}).
+      ("5", "first \\boxed{1}, then \\boxed{5}", 1),
+      ("1", "\\boxed{1} \\boxed{5}", 0),
+  ]
   got, info = math_fn([_ex(g) for g, _, _ in cases], [r for _, r, _ in cases])
   assert got.dtype == np.float32
   np.testing.assert_array_equal(got, [w for _, _, w in cases])
@@ -91,7 +102,9 @@ def test_math500_gold_solutions_verify(math_fn):
   shifted = [golds[(i + 7) % len(rows)] for i in range(len(rows))]
   cross, _ = math_fn(shifted, [r["solution"] for r in rows])
   accepted = np.flatnonzero(cross)
-  same, _ = math_fn([shifted[i] for i in accepted], [f"\\boxed{{{rows[i]['answer']}}}" for i in accepted])
+  same, _ = math_fn(
+      [shifted[i] for i in accepted], [f"\\boxed{{{rows[i]['answer']}}}" for i in accepted]
+  )
   assert same.all(), [(rows[i]["answer"], shifted[i].answer) for i in accepted]
   assert len(accepted) <= 5
   print(f"MATH-500: own {int(own.sum())}/500, cross accepted {len(accepted)}/500")

@@ -1,4 +1,5 @@
 """Rollout collection: DAPO's group filter on the configured metric; reward faults reported."""
+
 import logging
 
 import jax
@@ -17,6 +18,7 @@ def _config(metric):
 
 
 class _Source:
+
   def next_batch(self, n):
     return [None] * n
 
@@ -24,6 +26,7 @@ class _Source:
 def _fake_generate(draws):
   """Draw 0: group 0 all wrong but with different (overlong-shaped) rewards, group 1 mixed.
   Draw 1: both groups mixed."""
+
   def generate(params, examples, key, **kw):
     del params, examples, key, kw
     d = len(draws)
@@ -32,15 +35,18 @@ def _fake_generate(draws):
     rewards = correct + np.array([0, -0.5, 0, 0], np.float32)
     z = np.full((4, 3), d, np.float32)
     return rollout.Rollout(z, z, z, z, z, z, rewards, correct)
+
   return generate
 
 
-@pytest.mark.parametrize("metric,draws,kept_draw,kept_correct", [
-    ("acc", 2, [0, 0, 1, 1], [1, 0, 1, 0]),  # draw 0's all-wrong group replaced from draw 1
-    ("reward", 1, [0, 0, 0, 0], [0, 0, 1, 0]),  # kept: its rewards differ by the penalty
-])
-def test_dynamic_sampling_filters_on_the_configured_metric(metric, draws, kept_draw,
-                                                           kept_correct):
+@pytest.mark.parametrize(
+    "metric,draws,kept_draw,kept_correct",
+    [
+        ("acc", 2, [0, 0, 1, 1], [1, 0, 1, 0]),  # draw 0's all-wrong group replaced from draw 1
+        ("reward", 1, [0, 0, 0, 0], [0, 0, 1, 0]),  # kept: its rewards differ by the penalty
+    ],
+)
+def test_dynamic_sampling_filters_on_the_configured_metric(metric, draws, kept_draw, kept_correct):
   r = rollout.Rollouts(_config(metric), None, None, None)
   r.generate = _fake_generate([])
   kept, every, n = r.collect(None, _Source(), jax.random.key(0))

@@ -1,6 +1,7 @@
 """KV-cache sampler: agreement with the teacher-forced training forward, stop ids and padding,
 truncation (top-k / top-p / greedy), determinism, compile reuse, sharded == unsharded, continuous
 batching (responses independent of the rows in flight, bounded cache), serving weights."""
+
 import dataclasses
 import functools
 
@@ -13,16 +14,30 @@ import pytest
 from entropy_rl import sampling, stats
 from entropy_rl.models import Decoder, ModelConfig, init_params, param_logical_axes
 
-CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                  num_kv_heads=2, head_dim=8, model_type="qwen2")
+CFG = ModelConfig(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    model_type="qwen2",
+)
 MODEL = Decoder(CFG)
 PROMPT = np.array([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 9, 8, 7, 6, 5], [0, 0, 0, 0, 0, 4]])
 PROMPT_MASK = (np.arange(6)[None] >= np.array([3, 0, 1, 5])[:, None]).astype(np.int32)
 STOP_IDS = tuple(range(10, 20))
 PAD = 60
 G, L = 2, 10
-MAIN = dict(num_samples=G, max_new_tokens=L, temperature=0.7, stop_ids=STOP_IDS, pad_id=PAD,
-            return_entropy=True)
+MAIN = dict(
+    num_samples=G,
+    max_new_tokens=L,
+    temperature=0.7,
+    stop_ids=STOP_IDS,
+    pad_id=PAD,
+    return_entropy=True,
+)
 
 
 @functools.cache
@@ -38,7 +53,7 @@ def teacher_forced_logits(params, out: sampling.SampleOutput):
   tokens = jnp.concatenate([out.prompt_NxP, out.tokens_NxL], axis=1)
   mask = jnp.concatenate([out.prompt_mask_NxP, out.mask_NxL], axis=1)
   P = out.prompt_NxP.shape[1]
-  return MODEL.apply({"params": params}, tokens, attn_mask_BxT=mask)[:, P - 1:-1]
+  return MODEL.apply({"params": params}, tokens, attn_mask_BxT=mask)[:, P - 1 : -1]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +65,13 @@ def _check_against_training_forward(out, temperature):
   logits = teacher_forced_logits(params(), out)
   logp, entropy = stats.token_logprobs_and_entropy(logits, out.tokens_NxL, temperature)
   valid = np.asarray(out.mask_NxL, bool)
-  np.testing.assert_allclose(np.asarray(out.logprobs_NxL)[valid], np.asarray(logp)[valid],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(out.logprobs_NxL)[valid], np.asarray(logp)[valid], atol=1e-5
+  )
   if out.entropy_NxL is not None:
-    np.testing.assert_allclose(np.asarray(out.entropy_NxL)[valid], np.asarray(entropy)[valid],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.entropy_NxL)[valid], np.asarray(entropy)[valid], atol=1e-5
+    )
   return logits
 
 
@@ -67,8 +84,9 @@ def test_logprobs_match_training_forward_t07(main_rollout):
 
 
 def test_logprobs_match_training_forward_t1():
-  out = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(1), num_samples=G,
-                        max_new_tokens=L)
+  out = sampling.sample(
+      MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(1), num_samples=G, max_new_tokens=L
+  )
   assert out.entropy_NxL is None
   assert np.asarray(out.mask_NxL).all()  # no stop ids: every row runs to max_new_tokens
   _check_against_training_forward(out, 1.0)
@@ -78,8 +96,9 @@ def test_logprobs_match_training_forward_t1():
 def test_rows_in_flight_do_not_change_responses(main_rollout, rows):
   """With fewer slots than pairs, slots are refilled as rows stop (at different steps), yet every
   pair's response, log-probs and entropies are those drawn with all rows in flight."""
-  out = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42),
-                        max_rows_in_flight=rows, **MAIN)
+  out = sampling.sample(
+      MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42), max_rows_in_flight=rows, **MAIN
+  )
   np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
   np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
   np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
@@ -88,12 +107,23 @@ def test_rows_in_flight_do_not_change_responses(main_rollout, rows):
 
 
 def test_cache_holds_rows_in_flight_and_prefill_the_prompt_only():
-  s = sampling._Settings(num_samples=G, max_new_tokens=L, temperature=1.0, top_p=1.0, top_k=0,
-                         greedy=False, stop_ids=(), pad_id=PAD, return_entropy=False,
-                         rows_in_flight=3, rows=None)
-  state = jax.eval_shape(lambda p: sampling._prefill(
-      p, PROMPT, PROMPT_MASK, jax.random.key(0), model=MODEL, s=s)[0],
-      sampling._serving_params(params(), dtype=CFG.dtype))
+  s = sampling._Settings(
+      num_samples=G,
+      max_new_tokens=L,
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      greedy=False,
+      stop_ids=(),
+      pad_id=PAD,
+      return_entropy=False,
+      rows_in_flight=3,
+      rows=None,
+  )
+  state = jax.eval_shape(
+      lambda p: sampling._prefill(p, PROMPT, PROMPT_MASK, jax.random.key(0), model=MODEL, s=s)[0],
+      sampling._serving_params(params(), dtype=CFG.dtype),
+  )
   B, P = PROMPT.shape
   K, H = CFG.num_kv_heads, CFG.head_dim
   assert [x.shape for x in state["slots"]["k"]] == [(3, K, H, P + L)] * CFG.num_layers
@@ -111,11 +141,12 @@ def test_serving_weights_in_the_compute_dtype():
   assert isinstance(serving["layers"], tuple) and len(serving["layers"]) == CFG.num_layers
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(serving))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(master))
-  out = sampling.sample(model, master, PROMPT, PROMPT_MASK, jax.random.key(2), num_samples=G,
-                        max_new_tokens=L)
+  out = sampling.sample(
+      model, master, PROMPT, PROMPT_MASK, jax.random.key(2), num_samples=G, max_new_tokens=L
+  )
   tokens = jnp.concatenate([out.prompt_NxP, out.tokens_NxL], axis=1)
   mask = jnp.concatenate([out.prompt_mask_NxP, out.mask_NxL], axis=1)
-  logits = model.apply({"params": master}, tokens, attn_mask_BxT=mask)[:, PROMPT.shape[1] - 1:-1]
+  logits = model.apply({"params": master}, tokens, attn_mask_BxT=mask)[:, PROMPT.shape[1] - 1 : -1]
   logp, _ = stats.token_logprobs_and_entropy(logits, out.tokens_NxL, 1.0)
   np.testing.assert_allclose(out.logprobs_NxL, logp, atol=0.05)
 
@@ -148,8 +179,17 @@ def test_same_key_same_samples_and_one_compile(main_rollout):
 
 
 def test_greedy_follows_argmax():
-  out = sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(3), num_samples=G,
-                        max_new_tokens=L, greedy=True, temperature=0.7)
+  out = sampling.sample(
+      MODEL,
+      params(),
+      PROMPT,
+      PROMPT_MASK,
+      jax.random.key(3),
+      num_samples=G,
+      max_new_tokens=L,
+      greedy=True,
+      temperature=0.7,
+  )
   logits = _check_against_training_forward(out, 0.7)
   np.testing.assert_array_equal(out.tokens_NxL, np.argmax(logits, axis=-1))
   np.testing.assert_array_equal(out.tokens_NxL[0], out.tokens_NxL[1])
@@ -183,9 +223,19 @@ def test_sampled_frequencies_follow_truncated_distribution():
   decode loop) pooled: the count of each token minus the sum of its teacher-forced truncated
   probabilities over all drawn positions has mean 0 and variance sum p (1 - p)."""
   n, temperature, top_k, top_p = 4000, 1.3, 8, 0.8
-  out = sampling.sample(MODEL, params(), PROMPT[1:2], PROMPT_MASK[1:2], jax.random.key(5),
-                        num_samples=n, max_new_tokens=3, temperature=temperature, top_k=top_k,
-                        top_p=top_p, max_rows_in_flight=64)
+  out = sampling.sample(
+      MODEL,
+      params(),
+      PROMPT[1:2],
+      PROMPT_MASK[1:2],
+      jax.random.key(5),
+      num_samples=n,
+      max_new_tokens=3,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      max_rows_in_flight=64,
+  )
   z = np.asarray(teacher_forced_logits(params(), out), np.float64) / temperature  # [n, 3, V]
   kept = np.stack([_truncated_reference(row, top_k, top_p) for row in z.reshape(-1, 61)])
   expected = np.where(kept, np.exp(z.reshape(-1, 61) - z.max(-1).reshape(-1, 1)), 0.0)
@@ -202,10 +252,14 @@ def test_sampled_frequencies_follow_truncated_distribution():
   assert observed[mean == 0].sum() == 0 and (mean > 1).sum() >= 5
   assert np.all(np.abs(observed - mean) <= 4.5 * np.sqrt(var) + 1e-9), (observed, mean)
   # Log-probs are those of the full (untruncated) temperature-scaled distribution.
-  full_logp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(
-      -1, keepdims=True))
-  np.testing.assert_allclose(out.logprobs_NxL, np.take_along_axis(
-      full_logp, tokens[..., None], -1)[..., 0], atol=1e-5)
+  full_logp = (
+      z
+      - z.max(-1, keepdims=True)
+      - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  )
+  np.testing.assert_allclose(
+      out.logprobs_NxL, np.take_along_axis(full_logp, tokens[..., None], -1)[..., 0], atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("V", [5, 300, 1000])
@@ -217,23 +271,33 @@ def test_categorical_draws_follow_softmax(V):
   z[rng.choice(V, V // 5, replace=False)] = -np.inf
   z[np.argmax(np.isfinite(z))] = 30.0 if V == 1000 else z[np.argmax(np.isfinite(z))]
   n = 200_000
-  draws = np.asarray(jax.jit(sampling._categorical)(jax.random.split(jax.random.key(V), n),
-                                                     jnp.tile(z, (n, 1))))
+  draws = np.asarray(
+      jax.jit(sampling._categorical)(jax.random.split(jax.random.key(V), n), jnp.tile(z, (n, 1)))
+  )
   expected = np.exp(np.float64(z) - np.max(z))
   expected /= expected.sum()
   counts = np.bincount(draws, minlength=V) / n
   assert draws.min() >= 0 and draws.max() < V and counts[~np.isfinite(z)].sum() == 0
   tolerance = 4.5 * np.sqrt(expected * (1 - expected) / n) + 1e-6
-  assert np.all(np.abs(counts - expected) <= tolerance), np.max(np.abs(counts - expected) / tolerance)
+  assert np.all(np.abs(counts - expected) <= tolerance), np.max(
+      np.abs(counts - expected) / tolerance
+  )
 
 
 def test_sharded_equals_unsharded(main_rollout):
-  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh(
+      (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
   rules = (("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"))
   shardings = nn.logical_to_mesh_sharding(
-      jax.tree.map(lambda names: jax.sharding.PartitionSpec(*names), param_logical_axes(CFG),
-                   is_leaf=lambda x: isinstance(x, tuple)), mesh, rules)
+      jax.tree.map(
+          lambda names: jax.sharding.PartitionSpec(*names),
+          param_logical_axes(CFG),
+          is_leaf=lambda x: isinstance(x, tuple),
+      ),
+      mesh,
+      rules,
+  )
   sharded_params = jax.device_put(params(), shardings)
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   prompt, mask = jax.device_put(PROMPT, rows), jax.device_put(PROMPT_MASK, rows)
@@ -246,11 +310,18 @@ def test_sharded_equals_unsharded(main_rollout):
   np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(num_samples=0), "num_samples"), (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=100), "top_k"),
-    (dict(max_rows_in_flight=-1), "max_rows_in_flight")])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(num_samples=0), "num_samples"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=100), "top_k"),
+        (dict(max_rows_in_flight=-1), "max_rows_in_flight"),
+    ],
+)
 def test_bad_arguments(kwargs, field):
   args = dict(num_samples=1, max_new_tokens=4)
   args.update(kwargs)
@@ -260,25 +331,52 @@ def test_bad_arguments(kwargs, field):
 
 def test_mismatched_prompt_mask():
   with pytest.raises(ValueError, match="prompt_mask_BxP"):
-    sampling.sample(MODEL, params(), PROMPT, PROMPT_MASK[:, 1:], jax.random.key(0), num_samples=1,
-                    max_new_tokens=4)
+    sampling.sample(
+        MODEL,
+        params(),
+        PROMPT,
+        PROMPT_MASK[:, 1:],
+        jax.random.key(0),
+        num_samples=1,
+        max_new_tokens=4,
+    )
 
 
 def test_decode_loop_updates_the_cache_in_place():
   """The compiled decode loop's temporaries stay below one layer's K (or V) cache buffer: the cache
-  is written and read in place (a scanned layer loop copies each layer's K and V slices per step)."""
+  is written and read in place (a scanned layer loop copies each layer's K and V slices per step).
+  """
   B, S = 4, 2048
-  cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
-                    num_kv_heads=2, head_dim=64, model_type="qwen2")
+  cfg = ModelConfig(
+      vocab_size=61,
+      hidden_size=32,
+      intermediate_size=48,
+      num_layers=3,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=64,
+      model_type="qwen2",
+  )
   model = Decoder(cfg)
   p = init_params(cfg, jax.random.key(0))
   prompt = np.ones((B, 8), np.int32)
-  s = sampling._Settings(num_samples=1, max_new_tokens=S - 8, temperature=1.0, top_p=1.0, top_k=0,
-                         greedy=False, stop_ids=(), pad_id=0, return_entropy=False,
-                         rows_in_flight=B, rows=None)
+  s = sampling._Settings(
+      num_samples=1,
+      max_new_tokens=S - 8,
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      greedy=False,
+      stop_ids=(),
+      pad_id=0,
+      return_entropy=False,
+      rows_in_flight=B,
+      rows=None,
+  )
   p = sampling._serving_params(p, dtype=cfg.dtype)
-  state = jax.eval_shape(lambda p: sampling._prefill(p, prompt, prompt, jax.random.key(0),
-                                                     model=model, s=s)[0], p)
+  state = jax.eval_shape(
+      lambda p: sampling._prefill(p, prompt, prompt, jax.random.key(0), model=model, s=s)[0], p
+  )
   layer_cache_bytes = B * cfg.num_kv_heads * S * cfg.head_dim * 4  # 4 MiB
   memory = sampling._decode.lower(p, state, model=model, s=s).compile().memory_analysis()
   assert memory.temp_size_in_bytes < layer_cache_bytes / 4, memory.temp_size_in_bytes

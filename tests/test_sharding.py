@@ -18,13 +18,16 @@ def test_make_mesh_sizes_and_auto_axes():
   assert sub.devices.size == 2
 
 
-@pytest.mark.parametrize("kw, key", [
-    (dict(data=-1, fsdp=3), "config.mesh.data"),
-    (dict(data=3, fsdp=1, tensor=1), "config.mesh.data"),
-    (dict(data=2, fsdp=2, tensor=4), "config.mesh.data"),
-    (dict(data=-1, fsdp=-1), "config.mesh.fsdp"),
-    (dict(data=-1, tensor=0), "config.mesh.tensor"),
-])
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        (dict(data=-1, fsdp=3), "config.mesh.data"),
+        (dict(data=3, fsdp=1, tensor=1), "config.mesh.data"),
+        (dict(data=2, fsdp=2, tensor=4), "config.mesh.data"),
+        (dict(data=-1, fsdp=-1), "config.mesh.fsdp"),
+        (dict(data=-1, tensor=0), "config.mesh.tensor"),
+    ],
+)
 def test_make_mesh_bad_sizes_name_the_key(kw, key):
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
     sharding.make_mesh(**kw)
@@ -70,8 +73,9 @@ def test_tuple_rule_skips_non_dividing_axis_and_repeats():
 def test_sharded_arrays_place_as_specified():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   params = {"w": jnp.arange(64.0).reshape(8, 8)}
-  shard = sharding.logical_to_mesh_sharding({"w": ("embed", "mlp")}, mesh,
-                                            sharding.default_rules(), params)
+  shard = sharding.logical_to_mesh_sharding(
+      {"w": ("embed", "mlp")}, mesh, sharding.default_rules(), params
+  )
   w = jax.device_put(params["w"], shard["w"])
   assert w.addressable_shards[0].data.shape == (4, 4)
   np.testing.assert_array_equal(np.asarray(w), np.asarray(params["w"]))
@@ -87,8 +91,9 @@ def test_bad_rules_and_unknown_logical_names():
   with pytest.raises(ValueError, match=r"\['w'\].*'experts' has no sharding rule"):
     sharding.logical_to_mesh_sharding({"w": ("experts",)}, mesh, sharding.default_rules())
   with pytest.raises(ValueError, match="do not match shape"):
-    sharding.logical_to_mesh_sharding({"w": ("embed",)}, mesh, sharding.default_rules(),
-                                      {"w": np.zeros((2, 2))})
+    sharding.logical_to_mesh_sharding(
+        {"w": ("embed",)}, mesh, sharding.default_rules(), {"w": np.zeros((2, 2))}
+    )
 
 
 MULTI_HOST = ("v4-16", "v4-32", "v5litepod-16", "v5e-64", "v5p-16", "v5p-64", "v6e-16")
@@ -97,6 +102,7 @@ MULTI_HOST = ("v4-16", "v4-32", "v5litepod-16", "v5e-64", "v5p-16", "v5p-64", "v
 def _topology_devices(name):
   pytest.importorskip("libtpu")
   from entropy_rl import plan
+
   return plan.topology_devices(plan.parse_topology(name))
 
 
@@ -136,6 +142,7 @@ def test_consecutive_hosts_along_fsdp_are_neighbours(name):
 
 
 class _FakeDevice:
+
   def __init__(self, i, process_index):
     self.id, self.process_index = i, process_index
     self.platform = self.device_kind = "fake"
@@ -144,8 +151,16 @@ class _FakeDevice:
     return f"D{self.id}@{self.process_index}"
 
 
-@pytest.mark.parametrize("shape, block", [((1, 16, 1), (1, 4, 1)), ((4, 2, 2), (1, 2, 2)), ((8, 1, 2), (2, 1, 2)),
-                                          ((1, 2, 8), (1, 1, 4)), ((2, 8, 1), (1, 4, 1))])
+@pytest.mark.parametrize(
+    "shape, block",
+    [
+        ((1, 16, 1), (1, 4, 1)),
+        ((4, 2, 2), (1, 2, 2)),
+        ((8, 1, 2), (2, 1, 2)),
+        ((1, 2, 8), (1, 1, 4)),
+        ((2, 8, 1), (1, 4, 1)),
+    ],
+)
 def test_host_blocked_devices_without_a_tpu(shape, block):
   # Hosts interleaved by id, as a physical layout may number them.
   devices = [_FakeDevice(i, i % 4) for i in range(16)]

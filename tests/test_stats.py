@@ -1,4 +1,5 @@
 """entropy_rl.stats against float64 NumPy references, with padding."""
+
 import fractions
 import math
 
@@ -60,8 +61,9 @@ def logits_case():
 @pytest.mark.parametrize("temperature", [0.6, 1.0, 1.7])
 def test_token_logprobs_and_entropy_matches_float64(logits_case, temperature):
   logits, targets = logits_case
-  logp, entropy = stats.token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                                   temperature)
+  logp, entropy = stats.token_logprobs_and_entropy(
+      jnp.asarray(logits), jnp.asarray(targets), temperature
+  )
   ref_logp, ref_entropy = np_logprobs_and_entropy(logits, targets, temperature)
   assert logp.dtype == entropy.dtype == jnp.float32
   np.testing.assert_allclose(logp, ref_logp, rtol=1e-5, atol=1e-5)
@@ -93,8 +95,10 @@ def _np_grads(h, w, targets, temperature, g_logp, g_entropy):
   p = np.exp(z - lse[..., None])
   entropy = np.sum(p * (lse[..., None] - z), axis=-1)
   onehot = np.eye(w.shape[1])[targets]
-  dz = (g_logp[..., None] * (onehot - p)
-        + g_entropy[..., None] * p * (lse[..., None] - z - entropy[..., None])) / temperature
+  dz = (
+      g_logp[..., None] * (onehot - p)
+      + g_entropy[..., None] * p * (lse[..., None] - z - entropy[..., None])
+  ) / temperature
   dh = dz @ w.astype(np.float64).T
   dw = np.einsum("btd,btv->dv", h.astype(np.float64), dz)
   return dh, dw
@@ -118,6 +122,7 @@ def _weighted(fn, targets, temperature, g_logp, g_entropy, **kw):
   def loss(h, w):
     logp, entropy = fn(h, w, targets, temperature, **kw)
     return jnp.sum(g_logp * logp) + jnp.sum(g_entropy * entropy), (logp, entropy)
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
@@ -130,12 +135,19 @@ def _plain(h, w, targets, temperature):
 def test_fused_equals_plain_values_and_gradients(fused_case, chunk_size, temperature):
   h, w, targets, g_logp, g_entropy = fused_case
   (_, (logp, entropy)), (dh, dw) = _weighted(
-      stats.fused_logprobs_and_entropy, targets, temperature, g_logp, g_entropy,
-      chunk_size=chunk_size)(h, w)
-  (_, (plogp, pentropy)), (pdh, pdw) = _weighted(
-      _plain, targets, temperature, g_logp, g_entropy)(h, w)
+      stats.fused_logprobs_and_entropy,
+      targets,
+      temperature,
+      g_logp,
+      g_entropy,
+      chunk_size=chunk_size,
+  )(h, w)
+  (_, (plogp, pentropy)), (pdh, pdw) = _weighted(_plain, targets, temperature, g_logp, g_entropy)(
+      h, w
+  )
   ref_logp, ref_entropy = np_logprobs_and_entropy(
-      h.astype(np.float64) @ w.astype(np.float64), targets, temperature)
+      h.astype(np.float64) @ w.astype(np.float64), targets, temperature
+  )
   ref_dh, ref_dw = _np_grads(h, w, targets, temperature, g_logp, g_entropy)
   np.testing.assert_allclose(logp, plogp, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(entropy, pentropy, rtol=1e-5, atol=1e-6)
@@ -162,13 +174,15 @@ def _all_avals(jaxpr):
 def test_fused_never_materialises_tokens_by_vocab(fused_case):
   h, w, targets, g_logp, g_entropy = fused_case
   v = w.shape[1]
+
   def loss(h, w):
     logp, entropy = stats.fused_logprobs_and_entropy(h, w, targets, chunk_size=8)
     return jnp.sum(g_logp * logp + g_entropy * entropy)
 
   grad_fn = jax.grad(loss, argnums=(0, 1))
-  shapes = {tuple(a.shape) for a in _all_avals(jax.make_jaxpr(grad_fn)(h, w).jaxpr)
-            if hasattr(a, "shape")}
+  shapes = {
+      tuple(a.shape) for a in _all_avals(jax.make_jaxpr(grad_fn)(h, w).jaxpr) if hasattr(a, "shape")
+  }
   assert (w.shape[0], v) in shapes  # dW is built in place
   assert all(s == (w.shape[0], v) for s in shapes if v in s), shapes
   assert max(math.prod(s) for s in shapes if w.shape[0] not in s) < h.shape[0] * h.shape[1] * v
@@ -178,7 +192,8 @@ def test_fused_bf16_inputs(fused_case):
   h, w, targets, g_logp, g_entropy = fused_case
   h16, w16 = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
   (_, (logp, entropy)), (dh, dw) = _weighted(
-      stats.fused_logprobs_and_entropy, targets, 1.0, g_logp, g_entropy, chunk_size=8)(h16, w16)
+      stats.fused_logprobs_and_entropy, targets, 1.0, g_logp, g_entropy, chunk_size=8
+  )(h16, w16)
   h64, w64 = np.asarray(h16, np.float64), np.asarray(w16, np.float64)
   ref_logp, ref_entropy = np_logprobs_and_entropy(h64 @ w64, targets, 1.0)
   ref_dh, ref_dw = _np_grads(h64, w64, targets, 1.0, g_logp, g_entropy)
@@ -221,8 +236,9 @@ def token_case():
 def test_masked_mean(token_case):
   x, _, mask = token_case
   np.testing.assert_allclose(stats.masked_mean(x, mask), np_masked_mean(x, mask), rtol=1e-6)
-  np.testing.assert_allclose(stats.masked_mean(x, mask, axis=-1), np_masked_mean(x, mask, axis=-1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      stats.masked_mean(x, mask, axis=-1), np_masked_mean(x, mask, axis=-1), rtol=1e-6
+  )
   assert float(stats.masked_mean(x, np.zeros_like(mask))) == 0.0
 
 
@@ -236,8 +252,20 @@ def test_token_covariance(token_case):
   assert np.all(np.asarray(grad) == 0)
 
 
-@pytest.mark.parametrize("rho,n", [(0.2, 10), (0.3, 10), (0.7, 10), (0.1, 30), (2e-4, 5000),
-                                   (2e-3, 1500), (0.28, 25), (1.0, 7), (0.5, 0)])
+@pytest.mark.parametrize(
+    "rho,n",
+    [
+        (0.2, 10),
+        (0.3, 10),
+        (0.7, 10),
+        (0.1, 30),
+        (2e-4, 5000),
+        (2e-3, 1500),
+        (0.28, 25),
+        (1.0, 7),
+        (0.5, 0),
+    ],
+)
 def test_fraction_count_is_exact_for_decimal_fractions(rho, n):
   # Exact decimal arithmetic: float64 itself gets ceil(0.28 * 25) wrong (7.000000000000001 -> 8).
   for m in (n, n + 1, n + 3):
@@ -268,8 +296,11 @@ def test_entropy_mask_random_is_uniform(token_case):
   rho = 0.25
   k = math.ceil(rho * valid.sum())
   keys = jax.random.split(jax.random.key(0), 2000)
-  masks = np.asarray(jax.vmap(
-      lambda key: stats.entropy_token_mask(jnp.zeros(mask.shape), mask, rho, "random", key))(keys))
+  masks = np.asarray(
+      jax.vmap(
+          lambda key: stats.entropy_token_mask(jnp.zeros(mask.shape), mask, rho, "random", key)
+      )(keys)
+  )
   assert np.all(masks.sum(axis=(1, 2)) == k)
   assert np.all(masks[:, ~valid] == 0)
   assert not np.array_equal(masks[0], masks[1])
@@ -314,9 +345,9 @@ def test_entropy_summary(token_case):
   rows = valid.any(axis=1)
   e = entropy.astype(np.float64)
   np.testing.assert_allclose(summary["token_mean"], e[valid].mean(), rtol=1e-6)
-  np.testing.assert_allclose(summary["seq_mean"],
-                             np.mean([e[i][valid[i]].mean() for i in np.flatnonzero(rows)]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      summary["seq_mean"], np.mean([e[i][valid[i]].mean() for i in np.flatnonzero(rows)]), rtol=1e-6
+  )
   for key, q in (("p50", 50), ("p80", 80), ("p95", 95)):
     np.testing.assert_allclose(summary[key], np.percentile(e[valid], q), rtol=1e-6)
   empty = stats.entropy_summary(entropy, np.zeros_like(mask))

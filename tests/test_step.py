@@ -1,4 +1,5 @@
 """The pure update step: sharding-invariance, exact gradient accumulation, non-finite skips."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +22,16 @@ def _config(**loss):
 
 
 def _model():
-  cfg = models.ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2,
-                           num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)
+  cfg = models.ModelConfig(
+      vocab_size=40,
+      hidden_size=32,
+      intermediate_size=64,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      tie_word_embeddings=True,
+  )
   return models.Decoder(cfg), cfg, models.init_params(cfg, jax.random.key(0))
 
 
@@ -53,13 +62,15 @@ def _run(c, mesh, batch, steps=1):
   schedule = step_lib.lr_schedule(run.optim, 10)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
   params = jax.device_put(params, pshard)
-  abstract = jax.eval_shape(lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p,
-                                                          optimizer.init(p)), params)
+  abstract = jax.eval_shape(
+      lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params
+  )
   shardings = step_lib.state_shardings(abstract, optimizer, mesh, pshard)
-  state = jax.jit(lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
-                  out_shardings=shardings)(params)
-  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings,
-                                rules)
+  state = jax.jit(
+      lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+      out_shardings=shardings,
+  )(params)
+  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings, rules)
   gbatch = jax.device_put(batch, sharding.batch_sharding(mesh))
   metrics = None
   for i in range(steps):
@@ -72,8 +83,13 @@ def _close(a, b, tol=1e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("loss", [dict(name="ppo"), dict(name="clip_cov", clip_cov_ratio=0.2,
-                                                          clip_cov_lb=-10.0, clip_cov_ub=10.0)])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        dict(name="ppo"),
+        dict(name="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-10.0, clip_cov_ub=10.0),
+    ],
+)
 def test_sharded_step_equals_single_device(loss):
   c, batch = _config(**loss), _batch()
   one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -86,8 +102,9 @@ def test_sharded_step_equals_single_device(loss):
   assert int(s8.step) == 2
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                  "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
 def test_one_microbatch_equals_four(mode):
   batch = _batch(1)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -1,4 +1,5 @@
 """Synthetic tasks (exact checkers, determinism, disjoint splits) and the character tokenizer."""
+
 import itertools
 
 import numpy as np
@@ -8,10 +9,13 @@ from entropy_rl.data import tasks as tasks_lib
 from entropy_rl.data import tokenizer as tok_lib
 from entropy_rl.data.sources import encode_prompts
 
-TASKS = [tasks_lib.get_task("arithmetic"), tasks_lib.get_task("countdown"),
-         tasks_lib.get_task("countdown_steps"),
-         tasks_lib.get_task("countdown", num_numbers=4, max_number=5, max_target=60, ops="+-*/"),
-         tasks_lib.get_task("countdown_steps", num_numbers=4, max_number=20, ops="+-*/")]
+TASKS = [
+    tasks_lib.get_task("arithmetic"),
+    tasks_lib.get_task("countdown"),
+    tasks_lib.get_task("countdown_steps"),
+    tasks_lib.get_task("countdown", num_numbers=4, max_number=5, max_target=60, ops="+-*/"),
+    tasks_lib.get_task("countdown_steps", num_numbers=4, max_number=20, ops="+-*/"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,16 @@ def test_arithmetic_checker():
   assert task.score(e, f"{first};{final}") == 1.0
   assert task.score(e, f"{first + 1};{final}") == 1.0  # graded on the final answer
   assert task.score(e, f"{final}") == 1.0
-  for wrong in [f"{first};{final + 1}", f"{final};{first}", "", ";", f"{first};{final};",
-                f"{first};x{final}", f"{first} {final}", f"{first};+{final}"]:
+  for wrong in [
+      f"{first};{final + 1}",
+      f"{final};{first}",
+      "",
+      ";",
+      f"{first};{final};",
+      f"{first};x{final}",
+      f"{first} {final}",
+      f"{first};+{final}",
+  ]:
     assert task.score(e, wrong) == 0.0, wrong
   neg = tasks_lib.Example("1-5=", "-4", {"values": [1, 5], "signs": ["-"]})
   assert task.score(neg, "-4") == 1.0 and task.score(neg, "4") == 0.0
@@ -92,8 +104,10 @@ def test_countdown_checker_accepts_every_correct_answer():
     # Every fully parenthesised expression over every order and operator choice, scored independently.
     for perm in set(itertools.permutations(numbers)):
       for ops in itertools.product("+-*", repeat=2):
-        for expr in (f"({perm[0]}{ops[0]}{perm[1]}){ops[1]}{perm[2]}",
-                     f"{perm[0]}{ops[0]}({perm[1]}{ops[1]}{perm[2]})"):
+        for expr in (
+            f"({perm[0]}{ops[0]}{perm[1]}){ops[1]}{perm[2]}",
+            f"{perm[0]}{ops[0]}({perm[1]}{ops[1]}{perm[2]})",
+        ):
           want = float(_reference_value(expr) == target)
           assert task.score(e, expr) == want, (e.prompt, expr)
           n_correct += want
@@ -112,9 +126,12 @@ def test_countdown_checker_accepts_every_correct_answer():
 def test_countdown_demonstrations_are_diverse():
   task = tasks_lib.get_task("countdown")
   rng = np.random.default_rng(0)
-  e = max((task.example(0, i, "train") for i in range(50)),
-          key=lambda e: len(tasks_lib._expressions(tuple(e.meta["numbers"]), task.ops)
-                            [e.meta["target"]]))
+  e = max(
+      (task.example(0, i, "train") for i in range(50)),
+      key=lambda e: len(
+          tasks_lib._expressions(tuple(e.meta["numbers"]), task.ops)[e.meta["target"]]
+      ),
+  )
   demos = {task.demonstration(e, rng, 0.0) for _ in range(50)}
   assert len(demos) >= 3
 
@@ -180,9 +197,22 @@ def test_countdown_steps_checker_rejects_malformed():
   e = tasks_lib.Example("3,7,9:20=", "20", {"numbers": (3, 7, 9), "target": 20})
   assert task.score(e, "9*3=27;27-7=20") == 1.0
   assert task.score(e, "3*9=27;27-7=20") == 1.0  # either operand order
-  for bad in ["9*3=27;27-7=20;", "9*3=27", "9*3=27;27-7=20;20-0=20", "9*3=28;28-7=21",
-              "9*3=27;7-27=20", "9*3=27;27-3=24", "9*3=027;27-7=20", "9*03=27;27-7=20",
-              "9 *3=27;27-7=20", "9*3=27,27-7=20", "", ";", "9*3=27;27-7=20=20", "7-9=-2;..."]:
+  for bad in [
+      "9*3=27;27-7=20;",
+      "9*3=27",
+      "9*3=27;27-7=20;20-0=20",
+      "9*3=28;28-7=21",
+      "9*3=27;7-27=20",
+      "9*3=27;27-3=24",
+      "9*3=027;27-7=20",
+      "9*03=27;27-7=20",
+      "9 *3=27;27-7=20",
+      "9*3=27,27-7=20",
+      "",
+      ";",
+      "9*3=27;27-7=20=20",
+      "7-9=-2;...",
+  ]:
     assert task.score(e, bad) == 0.0, bad
   e = tasks_lib.Example("2,9,12:50=", "50", {"numbers": (2, 9, 12), "target": 50})
   assert task.score(e, "12*9=108;108/2=54") == 0.0  # 108 > max_result = 99
@@ -206,9 +236,12 @@ def test_countdown_steps_demonstrations_fork_only_on_choices():
       assert all(1 <= c <= task.max_result for *_, c in steps)
       assert _reference_steps_score(e.meta["numbers"], steps[-1][3], text, task.max_result) == 1.0
       assert (steps[-1][3] == e.meta["target"]) == (corrupt == 0.0)
-  e = max((task.example(0, i, "train") for i in range(50)),
-          key=lambda e: len(tasks_lib._worked_steps(e.meta["numbers"], task.ops, task.max_result)
-                            [e.meta["target"]]))
+  e = max(
+      (task.example(0, i, "train") for i in range(50)),
+      key=lambda e: len(
+          tasks_lib._worked_steps(e.meta["numbers"], task.ops, task.max_result)[e.meta["target"]]
+      ),
+  )
   assert len({task.demonstration(e, rng, 0.0) for _ in range(50)}) >= 3
 
 
@@ -220,9 +253,16 @@ def test_countdown_steps_targets_and_options():
   assert e.prompt == ",".join(map(str, e.meta["numbers"])) + f":{e.meta['target']}="
   assert list(e.meta["numbers"]) == sorted(e.meta["numbers"]) and max(e.meta["numbers"]) <= 6
   from entropy_rl import config_lib  # pylint: disable=import-outside-toplevel
+
   options = config_lib.base_config().task.options.countdown_steps
-  assert dict(options) == {"eval_fraction": 0.1, "num_numbers": 3, "max_number": 12,
-                           "max_target": 99, "max_result": 99, "ops": "+-*"}
+  assert dict(options) == {
+      "eval_fraction": 0.1,
+      "num_numbers": 3,
+      "max_number": 12,
+      "max_target": 99,
+      "max_result": 99,
+      "ops": "+-*",
+  }
 
 
 def test_bad_knobs():
@@ -241,7 +281,9 @@ def test_bad_knobs():
   with pytest.raises(ValueError, match="countdown_steps.max_result"):
     tasks_lib.get_task("countdown_steps", max_result=50)
   with pytest.raises(ValueError, match="reachable"):
-    tasks_lib.get_task("countdown_steps", ops="-", num_numbers=2, max_number=1).example(0, 0, "train")
+    tasks_lib.get_task("countdown_steps", ops="-", num_numbers=2, max_number=1).example(
+        0, 0, "train"
+    )
 
 
 def test_tokenizer_round_trip(tokenizer, tmp_path):
@@ -275,7 +317,9 @@ def test_decode_responses(tokenizer):
 def test_encode_prompts_left_pads(tokenizer):
   prompt_BxP, mask_BxP = encode_prompts(tokenizer, ["1+2=", "12+34="], max_len=9)
   assert prompt_BxP.dtype == np.int32 and mask_BxP.dtype == np.int32 and prompt_BxP.shape == (2, 9)
-  np.testing.assert_array_equal(mask_BxP, [[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(
+      mask_BxP, [[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1, 1]]
+  )
   np.testing.assert_array_equal(prompt_BxP[0, :4], 0)
   assert prompt_BxP[0, 4] == tokenizer.bos_token_id
   assert tokenizer.decode(prompt_BxP[1, 3:]) == "12+34="

@@ -6,6 +6,7 @@
 -eta Cov(log pi, A), which the token covariance of Eq. 10 (`stats.token_covariance`) estimates from
 tokens sampled from pi.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,17 +42,19 @@ def test_entropy_change_is_minus_eta_cov_to_first_order(natural):
     z_new, adv = step(z, reward, eta, natural)
     p = softmax(z)
     predicted = float(analysis.first_order_entropy_change(z[None], z_new[None])[0])
-    np.testing.assert_allclose(predicted, -eta * cov_pi(p, np.log(p), adv if natural else p * adv),
-                               rtol=1e-10)
-    actual = float(analysis.entropy_of_logits(z_new[None])[0]
-                   - analysis.entropy_of_logits(z[None])[0])
+    np.testing.assert_allclose(
+        predicted, -eta * cov_pi(p, np.log(p), adv if natural else p * adv), rtol=1e-10
+    )
+    actual = float(
+        analysis.entropy_of_logits(z_new[None])[0] - analysis.entropy_of_logits(z[None])[0]
+    )
     assert np.sign(actual) == np.sign(predicted)
     residuals.append(actual - predicted)
     assert abs(actual - predicted) < 0.1 * abs(predicted) * eta / etas[0] + 1e-12
   residuals = np.abs(residuals)
   # O(eta^2): halving eta divides the residual by ~4.
   np.testing.assert_allclose(residuals[1:] / residuals[:-1], 0.25, atol=0.03)
-  np.testing.assert_allclose(residuals / etas ** 2, residuals[-1] / etas[-1] ** 2, rtol=0.2)
+  np.testing.assert_allclose(residuals / etas**2, residuals[-1] / etas[-1] ** 2, rtol=0.2)
 
 
 @pytest.mark.parametrize("natural", [False, True])
@@ -82,8 +85,9 @@ def test_policy_loss_gradient_is_the_vanilla_policy_gradient():
   def loss(z_V):
     logits_1xVxV = jnp.broadcast_to(z_V, (1, v, v))
     logp_1xV, _ = stats.token_logprobs_and_entropy(logits_1xVxV, jnp.arange(v)[None])
-    return losses.policy_loss(logp_1xV, jax.lax.stop_gradient(logp_1xV), weighted_1xV, mask_1xV,
-                              config_lib.LossConfig())[0]
+    return losses.policy_loss(
+        logp_1xV, jax.lax.stop_gradient(logp_1xV), weighted_1xV, mask_1xV, config_lib.LossConfig()
+    )[0]
 
   dz = -np.asarray(jax.grad(loss)(jnp.asarray(z, jnp.float32)))
   np.testing.assert_allclose(dz, p * adv, rtol=1e-4, atol=1e-6)
@@ -99,8 +103,10 @@ def test_token_covariance_predicts_the_natural_pg_entropy_change():
   actual = analysis.entropy_of_logits(z_new[None])[0] - analysis.entropy_of_logits(z[None])[0]
   p = softmax(z)
   actions = rng.choice(len(p), size=200_000, p=p)
-  cov_1xN = stats.token_covariance(jnp.asarray(np.log(p)[actions], jnp.float32)[None],
-                                   jnp.asarray(adv[actions], jnp.float32)[None],
-                                   jnp.ones((1, len(actions)), jnp.float32))
+  cov_1xN = stats.token_covariance(
+      jnp.asarray(np.log(p)[actions], jnp.float32)[None],
+      jnp.asarray(adv[actions], jnp.float32)[None],
+      jnp.ones((1, len(actions)), jnp.float32),
+  )
   predicted = -eta * float(jnp.mean(cov_1xN))
   assert predicted == pytest.approx(actual, rel=0.05)

@@ -1,5 +1,6 @@
 """The RL loop: resume after SIGTERM equals an uninterrupted run; faults that must not lose work;
 bad configs; end to end."""
+
 import logging
 import os
 import signal
@@ -97,8 +98,12 @@ def test_nonfinite_updates_stop_the_run_with_a_good_checkpoint(tmp_path, caplog)
   c.reward.overlong_buffer, c.reward.overlong_penalty = 12, 1.0  # a reward that varies at init
   c.max_nonfinite_steps = 2
   start = policy.build_policy(c, str(tmp_path / "p"), None)[1]
-  with caplog.at_level(logging.WARNING), pytest.raises(
-      FloatingPointError, match="max_nonfinite_steps=2.*checkpoint 2 holds the state of step 0"):
+  with (
+      caplog.at_level(logging.WARNING),
+      pytest.raises(
+          FloatingPointError, match="max_nonfinite_steps=2.*checkpoint 2 holds the state of step 0"
+      ),
+  ):
     trainer.train(c, str(tmp_path))
   recs = metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
   assert [(r["step"], r["nonfinite"]) for r in recs] == [(1, 1.0), (2, 1.0)]
@@ -123,8 +128,9 @@ def test_rerun_without_a_checkpoint_replaces_the_rows(tmp_path):
 def test_a_second_run_on_the_workdir_fails_naming_the_first(tmp_path):
   c = tiny_config(num_steps=1)
   with fileio.WorkdirLock(str(tmp_path)):
-    with pytest.raises(ConfigError, match=f"--workdir={tmp_path} is in use by another run "
-                                          f"\\(pid {os.getpid()}"):
+    with pytest.raises(
+        ConfigError, match=f"--workdir={tmp_path} is in use by another run " f"\\(pid {os.getpid()}"
+    ):
       trainer.train(c, str(tmp_path))
   assert not os.path.exists(tmp_path / "metrics.jsonl")
   trainer.train(c, str(tmp_path))  # the lock went with its holder
@@ -133,6 +139,7 @@ def test_a_second_run_on_the_workdir_fails_naming_the_first(tmp_path):
 
 def test_ctrl_c_during_the_warm_start_stops_the_run(tmp_path, monkeypatch):
   from entropy_rl import warmstart
+
   c = tiny_config(num_steps=2)
   c.warm_start.enabled, c.warm_start.steps, c.warm_start.batch_size = True, 50, 8
   batch = warmstart.demonstration_batch
@@ -159,8 +166,9 @@ def test_a_failed_background_save_stops_the_run_when_it_happens(tmp_path, monkey
   c = tiny_config(num_steps=6)
   c.eval_every, c.checkpoint_every = 0, 1
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", disk_full)
-  with pytest.raises(checkpoint.CheckpointSaveError,
-                     match="saving checkpoint 1 .*No space left on device"):
+  with pytest.raises(
+      checkpoint.CheckpointSaveError, match="saving checkpoint 1 .*No space left on device"
+  ):
     trainer.train(c, str(tmp_path))
   assert max(r["step"] for r in _records(str(tmp_path))) <= 3  # caught within a step or two
 
@@ -197,19 +205,22 @@ def test_reward_faults_are_logged(tmp_path):
   assert last["reward/timeouts"] == 0 and last["reward/errors"] == 0
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("rl.num_minibatches", 3, "config.rl.num_minibatches"),
-    ("rl.num_microbatches", 3, "config.rl.num_microbatches"),
-    ("loss.name", "dpo", "config.loss.name"),
-    ("loss.token_mask_rho", 1.5, "config.loss.token_mask_rho"),
-    ("rl.advantage", "ppo", "config.rl.advantage"),
-    ("mesh.data", 3, "config.mesh"),
-    ("model.source", "hf", "config.model.hf_path"),
-    ("checkpoint_every", 0, "config.checkpoint_every"),
-    ("keep_checkpoints", 0, "config.keep_checkpoints"),
-    ("task.answer_format", "latex", "config.task.answer_format"),
-    ("rl.filter_groups_metric", "len", "config.rl.filter_groups_metric"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("rl.num_minibatches", 3, "config.rl.num_minibatches"),
+        ("rl.num_microbatches", 3, "config.rl.num_microbatches"),
+        ("loss.name", "dpo", "config.loss.name"),
+        ("loss.token_mask_rho", 1.5, "config.loss.token_mask_rho"),
+        ("rl.advantage", "ppo", "config.rl.advantage"),
+        ("mesh.data", 3, "config.mesh"),
+        ("model.source", "hf", "config.model.hf_path"),
+        ("checkpoint_every", 0, "config.checkpoint_every"),
+        ("keep_checkpoints", 0, "config.keep_checkpoints"),
+        ("task.answer_format", "latex", "config.task.answer_format"),
+        ("rl.filter_groups_metric", "len", "config.rl.filter_groups_metric"),
+    ],
+)
 def test_bad_config_names_the_key(key, value, match):
   c = tiny_config()
   *section, field = key.split(".")
@@ -232,23 +243,40 @@ def test_task_options_and_answer_format_can_be_set():
   c.task.answer_format = "gsm8k"
   config_lib.validate(c, num_devices=8)
   from entropy_rl import data
+
   assert data.make_task(c.task).max_target == 20
   c.task.options.countdown.num_numbers = 9
   with pytest.raises(ConfigError, match="config.task.options.countdown"):
     config_lib.validate(c, num_devices=8)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.rl.num_minibatchs=2"], "error: --config.rl.num_minibatchs=2: the config has no "
-     "field 'rl.num_minibatchs'; did you mean config.rl.num_minibatches"),
-    (["--config.checkpoint_every=0"], "error: config.checkpoint_every=0: must be positive"),
-    (["--config=configs/nope.py"], "error: --config: [Errno 2] No such file or directory"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--config.rl.num_minibatchs=2"],
+            "error: --config.rl.num_minibatchs=2: the config has no "
+            "field 'rl.num_minibatchs'; did you mean config.rl.num_minibatches",
+        ),
+        (["--config.checkpoint_every=0"], "error: config.checkpoint_every=0: must be positive"),
+        (["--config=configs/nope.py"], "error: --config: [Errno 2] No such file or directory"),
+    ],
+)
 def test_cli_bad_input_is_one_line_naming_the_key(tmp_path, args, message):
   out = subprocess.run(
-      [sys.executable, "-m", "entropy_rl.main", "--config=configs/default.py",
-       f"--workdir={tmp_path}", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "entropy_rl.main",
+          "--config=configs/default.py",
+          f"--workdir={tmp_path}",
+          *args,
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert out.returncode == 2
   lines = [l for l in out.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith(message), out.stderr
@@ -259,16 +287,31 @@ def test_cli_bad_input_is_one_line_naming_the_key(tmp_path, args, message):
 def test_cli_exits_143_on_sigterm_after_checkpointing(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "entropy_rl.main", "--config=configs/default.py",
-       f"--workdir={workdir}", "--config.warm_start.enabled=False", "--config.num_steps=1000",
-       "--config.eval_every=0", "--config.checkpoint_every=1000",
-       "--config.rollout.prompts_per_step=8", "--config.rollout.num_samples=2",
-       "--config.rl.num_minibatches=2"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-m",
+          "entropy_rl.main",
+          "--config=configs/default.py",
+          f"--workdir={workdir}",
+          "--config.warm_start.enabled=False",
+          "--config.num_steps=1000",
+          "--config.eval_every=0",
+          "--config.checkpoint_every=1000",
+          "--config.rollout.prompts_per_step=8",
+          "--config.rollout.num_samples=2",
+          "--config.rl.num_minibatches=2",
+      ],
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   import time
+
   deadline = time.monotonic() + 240
   while time.monotonic() < deadline and not (
-      os.path.exists(workdir / "metrics.jsonl") and _records(str(workdir))):
+      os.path.exists(workdir / "metrics.jsonl") and _records(str(workdir))
+  ):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
@@ -282,10 +325,12 @@ def test_cli_exits_143_on_sigterm_after_checkpointing(tmp_path):
 def test_default_config_improves_reward(tmp_path):
   """End to end: the embedded default (warm start + GRPO) raises the reward within its budget."""
   from configs import default
+
   c = default.get_config()
   trainer.train(c, str(tmp_path))
-  recs = [r for r in metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
-          if "reward/mean" in r]  # step 0 holds the starting policy's eval only
+  recs = [
+      r for r in metrics.read_metrics(os.path.join(tmp_path, "metrics.jsonl")) if "reward/mean" in r
+  ]  # step 0 holds the starting policy's eval only
   first = np.mean([r["reward/mean"] for r in recs[:20]])
   last = np.mean([r["reward/mean"] for r in recs[-20:]])
   assert last > first + 0.05, (first, last)
@@ -302,6 +347,7 @@ def test_law_hint_recovers_the_ceiling():
 
 def test_evaluation_never_holds_more_rows_than_a_training_rollout(monkeypatch, tmp_path):
   from entropy_rl import rollout, sampling
+
   c = tiny_config(num_steps=1)
   c.eval.num_samples = 8  # 8 prompts x 8 samples: twice a training rollout's 8 x 4 rows
   assert rollout.eval_rows_in_flight(config_lib.typed(c)) == 32

@@ -1,4 +1,5 @@
 """Warm start: demonstration batches, supervised training, evaluation, caching and the base window."""
+
 import json
 import os
 
@@ -18,17 +19,27 @@ def tokenizer(tmp_path_factory):
 
 
 def _config(vocab_size, hidden=32, layers=1):
-  return ModelConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
-                     num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
-                     tie_word_embeddings=True, max_position_embeddings=1024)
+  return ModelConfig(
+      vocab_size=vocab_size,
+      hidden_size=hidden,
+      intermediate_size=3 * hidden,
+      num_layers=layers,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=hidden // 4,
+      tie_word_embeddings=True,
+      max_position_embeddings=1024,
+  )
 
 
 def test_demonstration_batch_layout(tokenizer):
   task = tasks_lib.get_task("arithmetic")
   tokens, attn, target = warmstart.demonstration_batch(
-      task, tokenizer, seed=3, step=2, batch_size=6, corrupt_prob=0.5, max_new_tokens=32)
+      task, tokenizer, seed=3, step=2, batch_size=6, corrupt_prob=0.5, max_new_tokens=32
+  )
   again = warmstart.demonstration_batch(
-      task, tokenizer, seed=3, step=2, batch_size=6, corrupt_prob=0.5, max_new_tokens=32)
+      task, tokenizer, seed=3, step=2, batch_size=6, corrupt_prob=0.5, max_new_tokens=32
+  )
   for a, b in zip((tokens, attn, target), again):
     np.testing.assert_array_equal(a, b)
   assert tokens.dtype == np.int32 and tokens.shape[1] % 8 == 0
@@ -46,8 +57,9 @@ def test_demonstration_batch_layout(tokenizer):
   assert len(set(starts.tolist())) == 1
   assert np.all(attn[:, starts[0] - 1] == 1)
   with pytest.raises(ValueError, match="max_new_tokens=4"):
-    warmstart.demonstration_batch(task, tokenizer, seed=0, step=0, batch_size=4, corrupt_prob=0.0,
-                                  max_new_tokens=4)
+    warmstart.demonstration_batch(
+        task, tokenizer, seed=0, step=0, batch_size=4, corrupt_prob=0.0, max_new_tokens=4
+    )
 
 
 def test_supervised_training_lowers_the_loss(tokenizer):
@@ -55,12 +67,23 @@ def test_supervised_training_lowers_the_loss(tokenizer):
   cfg = _config(len(tokenizer))
   model = Decoder(cfg)
   params = init_params(cfg, jax.random.key(0))
-  batch = warmstart.demonstration_batch(task, tokenizer, seed=9, step=0, batch_size=32,
-                                        corrupt_prob=0.5, max_new_tokens=32)
+  batch = warmstart.demonstration_batch(
+      task, tokenizer, seed=9, step=0, batch_size=32, corrupt_prob=0.5, max_new_tokens=32
+  )
   before = float(warmstart._loss(params, model, *batch))
   assert before == pytest.approx(np.log(len(tokenizer)), rel=0.1)
-  params, _ = warmstart.train_supervised(model, params, task, tokenizer, steps=20, batch_size=32,
-                                         lr=1e-2, corrupt_prob=0.5, seed=0, max_new_tokens=32)
+  params, _ = warmstart.train_supervised(
+      model,
+      params,
+      task,
+      tokenizer,
+      steps=20,
+      batch_size=32,
+      lr=1e-2,
+      corrupt_prob=0.5,
+      seed=0,
+      max_new_tokens=32,
+  )
   assert float(warmstart._loss(params, model, *batch)) < 0.75 * before
 
 
@@ -82,20 +105,39 @@ def test_evaluate_task_scores_what_the_sampler_returns(tokenizer, monkeypatch):
       ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
       rows.append(ids + [0] * (32 - len(ids)))
     tokens = np.array(rows, np.int32)
-    mask = (np.cumsum(tokens == tokenizer.eos_token_id, axis=1) - (tokens == tokenizer.eos_token_id)) == 0
+    mask = (
+        np.cumsum(tokens == tokenizer.eos_token_id, axis=1) - (tokens == tokenizer.eos_token_id)
+    ) == 0
     return sampling.SampleOutput(tokens, mask.astype(np.int32), None, None, None, None)
 
   monkeypatch.setattr(sampling, "sample", fake_sample)
-  got = warmstart.evaluate_task(None, None, task, tokenizer, num_prompts=5, num_samples=4,
-                                max_new_tokens=32, max_prompt_len=32, prompts_per_call=3)
+  got = warmstart.evaluate_task(
+      None,
+      None,
+      task,
+      tokenizer,
+      num_prompts=5,
+      num_samples=4,
+      max_new_tokens=32,
+      max_prompt_len=32,
+      prompts_per_call=3,
+  )
   assert got == {"pass@1": 0.5, "pass@4": 1.0}
 
 
 def test_warm_start_is_cached_and_reused(tokenizer, tmp_path, monkeypatch, capsys):
   task = tasks_lib.get_task("countdown")
   cfg = _config(len(tokenizer))
-  kw = dict(workdir=str(tmp_path), steps=3, batch_size=8, lr=1e-3, corrupt_prob=0.5, seed=1,
-            num_eval_prompts=4, num_eval_samples=4)
+  kw = dict(
+      workdir=str(tmp_path),
+      steps=3,
+      batch_size=8,
+      lr=1e-3,
+      corrupt_prob=0.5,
+      seed=1,
+      num_eval_prompts=4,
+      num_eval_samples=4,
+  )
   params, info = warmstart.warm_start(cfg, task, tokenizer, **kw)
   assert not info["cached"] and 0.0 <= info["pass@1"] <= info["pass@4"] <= 1.0
   assert "pass@1" in capsys.readouterr().out
@@ -118,14 +160,24 @@ def test_warm_start_lands_in_the_base_window(tmp_path):
   5 minutes on 2 CPU cores, for the default model and task of the embedded config."""
   from entropy_rl import config_lib
   from entropy_rl import data
+
   c = config_lib.base_config()
   tokenizer = data.build_tokenizer(str(tmp_path / "tok"))
   m = c.model
-  cfg = ModelConfig(vocab_size=len(tokenizer), hidden_size=m.hidden_size,
-                    intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                    num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-                    tie_word_embeddings=True, max_position_embeddings=1024)
-  _, info = warmstart.warm_start(cfg, data.make_task(c.task), tokenizer, workdir=str(tmp_path / "ws"))
+  cfg = ModelConfig(
+      vocab_size=len(tokenizer),
+      hidden_size=m.hidden_size,
+      intermediate_size=m.intermediate_size,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads,
+      head_dim=m.head_dim,
+      tie_word_embeddings=True,
+      max_position_embeddings=1024,
+  )
+  _, info = warmstart.warm_start(
+      cfg, data.make_task(c.task), tokenizer, workdir=str(tmp_path / "ws")
+  )
   assert 0.10 <= info["pass@1"] <= 0.40, info
   assert 0.55 <= info["pass@16"] <= 0.85, info
   assert info["train_seconds"] + info["eval_seconds"] <= 300, info

@@ -4,12 +4,21 @@ The config-level entry points read `config.task` (source, name, path, split, dat
 question_field, answer_field, answer_format, template, max_prompt_len, and options: each synthetic
 task's difficulty knobs) and `config.eval` (num_prompts, data_dir, files).
 """
+
 from __future__ import annotations
 
 import os
 
-from entropy_rl.data.sources import (ExampleListSource, JsonlSource, SyntheticSource, TfdsSource,  # noqa: F401
-                                     encode_prompts, examples_from_records, format_prompt, read_jsonl)
+from entropy_rl.data.sources import (  # noqa: F401  (the package's API)
+    ExampleListSource,
+    JsonlSource,
+    SyntheticSource,
+    TfdsSource,
+    encode_prompts,
+    examples_from_records,
+    format_prompt,
+    read_jsonl,
+)
 from entropy_rl.data.tasks import TASKS, Example, Task, get_task  # noqa: F401
 from entropy_rl.errors import ConfigError
 from entropy_rl.data.tokenizer import build_char_tokenizer, decode_responses, load_tokenizer  # noqa: F401
@@ -19,12 +28,16 @@ BENCHMARKS = {
     "math500.jsonl": dict(question_field="problem", answer_field="answer"),
     "aime24.jsonl": dict(question_field="problem", answer_field="answer"),
     "amc23.jsonl": dict(question_field="problem", answer_field="answer"),
-    "minerva_math.jsonl": dict(question_field="problem", answer_field="solution",
-                               answer_format="boxed"),
+    "minerva_math.jsonl": dict(
+        question_field="problem", answer_field="solution", answer_format="boxed"
+    ),
     "olympiadbench.jsonl": dict(question_field="question", answer_field="final_answer"),
-    "gsm8k_test.jsonl": dict(question_field="question", answer_field="answer", answer_format="gsm8k"),
-    "gsm8k_train.jsonl": dict(question_field="question", answer_field="answer",
-                              answer_format="gsm8k"),
+    "gsm8k_test.jsonl": dict(
+        question_field="question", answer_field="answer", answer_format="gsm8k"
+    ),
+    "gsm8k_train.jsonl": dict(
+        question_field="question", answer_field="answer", answer_format="gsm8k"
+    ),
 }
 EVAL_SEED = 0  # the synthetic eval set is the same for every run
 
@@ -52,35 +65,61 @@ def answer_format(task_cfg, path: str) -> str:
 def _text_kwargs(task_cfg, tokenizer):
   """Prompt formatting: `template`, or the tokenizer's chat template when it is empty."""
   if tokenizer is None:
-    raise ValueError(f"config.task.source={task_cfg.source!r} needs the tokenizer (prompt length "
-                     "filter and chat template)")
+    raise ValueError(
+        f"config.task.source={task_cfg.source!r} needs the tokenizer (prompt length "
+        "filter and chat template)"
+    )
   if not task_cfg.template and not getattr(tokenizer, "chat_template", None):
     raise ConfigError(
         "config.task.template is empty, which means the tokenizer's chat template, but this "
         "tokenizer has none: set config.task.template to 'he', 'instruction', 'plain' or a "
-        "str.format string with {question}")
-  return dict(template=task_cfg.template or "instruction", chat_template=not task_cfg.template,
-              tokenizer=tokenizer, max_prompt_len=task_cfg.max_prompt_len)
+        "str.format string with {question}"
+    )
+  return dict(
+      template=task_cfg.template or "instruction",
+      chat_template=not task_cfg.template,
+      tokenizer=tokenizer,
+      max_prompt_len=task_cfg.max_prompt_len,
+  )
 
 
-def make_source(task_cfg, *, seed: int, shard_index: int = 0, num_shards: int = 1,
-                task: Task | None = None, tokenizer=None):
+def make_source(
+    task_cfg,
+    *,
+    seed: int,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    task: Task | None = None,
+    tokenizer=None,
+):
   """This host's training prompt source for `config.task`."""
   shards = dict(seed=seed, shard_index=shard_index, num_shards=num_shards)
   if task_cfg.source == "synthetic":
-    return SyntheticSource(task or make_task(task_cfg), split=task_cfg.get("split", "train"), **shards)
-  fields = dict(question_field=task_cfg.question_field, answer_field=task_cfg.answer_field,
-                answer_format=answer_format(task_cfg, task_cfg.path))
+    return SyntheticSource(
+        task or make_task(task_cfg), split=task_cfg.get("split", "train"), **shards
+    )
+  fields = dict(
+      question_field=task_cfg.question_field,
+      answer_field=task_cfg.answer_field,
+      answer_format=answer_format(task_cfg, task_cfg.path),
+  )
   if task_cfg.source == "jsonl":
     return JsonlSource(task_cfg.path, **fields, **_text_kwargs(task_cfg, tokenizer), **shards)
   if task_cfg.source == "tfds":
-    return TfdsSource(task_cfg.path, split=task_cfg.split, data_dir=task_cfg.data_dir or None,
-                      **fields, **_text_kwargs(task_cfg, tokenizer), **shards)
+    return TfdsSource(
+        task_cfg.path,
+        split=task_cfg.split,
+        data_dir=task_cfg.data_dir or None,
+        **fields,
+        **_text_kwargs(task_cfg, tokenizer),
+        **shards,
+    )
   raise ValueError(f"config.task.source must be synthetic, jsonl or tfds, got {task_cfg.source!r}")
 
 
-def make_eval_examples(config, *, task: Task | None = None, tokenizer=None, shard_index: int = 0,
-                       num_shards: int = 1) -> list[Example]:
+def make_eval_examples(
+    config, *, task: Task | None = None, tokenizer=None, shard_index: int = 0, num_shards: int = 1
+) -> list[Example]:
   """This host's share (every num_shards-th) of the evaluation problems: the synthetic task's fixed
   eval split, or the first `eval.num_prompts` (-1: all) of each file in `eval.files` under
   `eval.data_dir`, fields from BENCHMARKS by file name; meta['source'] names the file."""
@@ -96,11 +135,15 @@ def make_eval_examples(config, *, task: Task | None = None, tokenizer=None, shar
     for name in config.eval.files:
       path = os.path.join(config.eval.data_dir, name)
       if not os.path.exists(path):
-        raise ConfigError(f"config.eval.files: {path} does not exist (config.eval.data_dir="
-                         f"{config.eval.data_dir!r})")
-      fields = BENCHMARKS.get(os.path.basename(name), dict(question_field="problem",
-                                                           answer_field="answer"))
-      loaded = examples_from_records(read_jsonl(path), name=name, **fields,
-                                     **_text_kwargs(config.task, tokenizer))
+        raise ConfigError(
+            f"config.eval.files: {path} does not exist (config.eval.data_dir="
+            f"{config.eval.data_dir!r})"
+        )
+      fields = BENCHMARKS.get(
+          os.path.basename(name), dict(question_field="problem", answer_field="answer")
+      )
+      loaded = examples_from_records(
+          read_jsonl(path), name=name, **fields, **_text_kwargs(config.task, tokenizer)
+      )
       examples += loaded[:n] if n > 0 else loaded
   return examples[shard_index::num_shards]

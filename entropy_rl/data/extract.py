@@ -1,4 +1,5 @@
 """Answer extraction from free text: the last \\boxed{} and GSM8K's '#### N'. No heavy imports."""
+
 from __future__ import annotations
 
 import re
@@ -17,7 +18,7 @@ def extract_boxed(text: str) -> str | None:
     for i in range(start, len(text)):
       depth += {"{": 1, "}": -1}.get(text[i], 0)
       if depth == 0:
-        return text[start + 1:i]
+        return text[start + 1 : i]
     return None
   m = re.match(r"[^\s$]+", text[start:])
   return m.group(0) if m else None

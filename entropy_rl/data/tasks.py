@@ -8,6 +8,7 @@ policy behaves like a base model: often wrong, sometimes right, and diverse.
 Train and eval splits are disjoint by construction: a problem belongs to the eval split iff a stable
 hash of its prompt falls below `eval_fraction`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ SPLITS = ("train", "eval")
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One prompt with its reference answer; `meta` holds task- or source-specific fields."""
+
   prompt: str
   answer: str
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -41,6 +43,7 @@ def split_of(prompt: str, eval_fraction: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Task:
   """A family of generated problems. Subclasses define `alphabet`, `_generate`, `demonstration`, `score`."""
+
   eval_fraction: float = 0.1
 
   name = "task"
@@ -95,6 +98,7 @@ class ArithmeticChain(Task):
   Difficulty knobs: `num_terms` operands drawn uniformly from [0, `max_value`]. Corrupted
   demonstrations perturb one step (an intermediate or the final) and carry the error forward.
   """
+
   num_terms: int = 4
   max_value: int = 99
 
@@ -154,6 +158,7 @@ class Countdown(Task):
   [1, `max_number`], operators `ops`, targets in [1, `max_target`] (always reachable). Corrupted
   demonstrations are well-formed expressions over the same numbers that miss the target.
   """
+
   num_numbers: int = 3
   max_number: int = 12
   max_target: int = 99
@@ -177,9 +182,12 @@ class Countdown(Task):
       if reachable:
         target = int(reachable[int(rng.integers(len(reachable)))])
         prompt = ",".join(map(str, numbers)) + f":{target}="
-        return Example(prompt, str(target), {"task": self.name, "numbers": numbers, "target": target})
-    raise ValueError(f"countdown: no target in [1, max_target={self.max_target}] is reachable; "
-                     "widen the task")
+        return Example(
+            prompt, str(target), {"task": self.name, "numbers": numbers, "target": target}
+        )
+    raise ValueError(
+        f"countdown: no target in [1, max_target={self.max_target}] is reachable; " "widen the task"
+    )
 
   def demonstration(self, example, rng, corrupt_prob):
     values = _expressions(tuple(example.meta["numbers"]), self.ops)
@@ -243,6 +251,7 @@ class CountdownSteps(Task):
   operators `ops`, targets drawn uniformly from the reachable values in [1, `max_target`].
   Corrupted demonstrations are valid worked steps over the same numbers that end off the target.
   """
+
   num_numbers: int = 3
   max_number: int = 12
   max_target: int = 99
@@ -257,10 +266,14 @@ class CountdownSteps(Task):
     if not 2 <= self.num_numbers <= 5:
       raise ValueError(f"countdown_steps.num_numbers must be in [2, 5], got {self.num_numbers}")
     if not self.ops or set(self.ops) - set(_PRECEDENCE):
-      raise ValueError(f"countdown_steps.ops must be a non-empty subset of '+-*/', got {self.ops!r}")
+      raise ValueError(
+          f"countdown_steps.ops must be a non-empty subset of '+-*/', got {self.ops!r}"
+      )
     if self.max_result < max(self.max_number, self.max_target):
-      raise ValueError(f"countdown_steps.max_result must be >= max_number and max_target, got "
-                       f"{self.max_result}")
+      raise ValueError(
+          f"countdown_steps.max_result must be >= max_number and max_target, got "
+          f"{self.max_result}"
+      )
 
   def _generate(self, rng):
     for _ in range(1000):
@@ -270,9 +283,13 @@ class CountdownSteps(Task):
       if reachable:
         target = reachable[int(rng.integers(len(reachable)))]
         prompt = ",".join(map(str, numbers)) + f":{target}="
-        return Example(prompt, str(target), {"task": self.name, "numbers": numbers, "target": target})
-    raise ValueError(f"countdown_steps: no target in [1, max_target={self.max_target}] is "
-                     "reachable; widen the task")
+        return Example(
+            prompt, str(target), {"task": self.name, "numbers": numbers, "target": target}
+        )
+    raise ValueError(
+        f"countdown_steps: no target in [1, max_target={self.max_target}] is "
+        "reachable; widen the task"
+    )
 
   def demonstration(self, example, rng, corrupt_prob):
     paths = _worked_steps(tuple(example.meta["numbers"]), self.ops, self.max_result)
@@ -310,7 +327,7 @@ def _worked_steps(pool: tuple[int, ...], ops: str, max_result: int) -> dict[int,
   out: dict[int, set[str]] = {}
   for i, j in itertools.combinations(range(len(pool)), 2):
     b, a = pool[i], pool[j]  # sorted, so a >= b
-    rest = pool[:i] + pool[i + 1:j] + pool[j + 1:]
+    rest = pool[:i] + pool[i + 1 : j] + pool[j + 1 :]
     for op in ops:
       if op == "/" and a % b:
         continue
@@ -377,8 +394,7 @@ def _evaluate(text: str):
     return None, []
 
 
-TASKS = {"arithmetic": ArithmeticChain, "countdown": Countdown,
-         "countdown_steps": CountdownSteps}
+TASKS = {"arithmetic": ArithmeticChain, "countdown": Countdown, "countdown_steps": CountdownSteps}
 
 
 def get_task(name: str, **kwargs) -> Task:

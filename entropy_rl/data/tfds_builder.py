@@ -9,6 +9,7 @@ Each record holds `question`, `answer` (the gold answer as text, after `answer_f
       --split=train=../shared/data/gsm8k_train.jsonl --split=test=../shared/data/gsm8k_test.jsonl \
       --question_field=question --answer_field=answer --answer_format=gsm8k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,15 +25,23 @@ from entropy_rl.data.sources import question_and_answer, read_jsonl
 
 def _records(path, question_field, answer_field, answer_format):
   for index, (where, record) in enumerate(read_jsonl(path)):
-    question, answer = question_and_answer(where, record, question_field, answer_field,
-                                           answer_format)
+    question, answer = question_and_answer(
+        where, record, question_field, answer_field, answer_format
+    )
     yield index, {"question": question, "answer": answer, "index": index}
 
 
-def build_jsonl_dataset(name: str, splits: Mapping[str, str | os.PathLike],
-                        data_dir: str | os.PathLike, *, question_field: str = "problem",
-                        answer_field: str = "answer", answer_format: str = "raw",
-                        version: str = "1.0.0", overwrite: bool = False) -> str:
+def build_jsonl_dataset(
+    name: str,
+    splits: Mapping[str, str | os.PathLike],
+    data_dir: str | os.PathLike,
+    *,
+    question_field: str = "problem",
+    answer_field: str = "answer",
+    answer_format: str = "raw",
+    version: str = "1.0.0",
+    overwrite: bool = False,
+) -> str:
   """Builds dataset `name` with one split per JSONL file; returns its directory. An existing build
   of the same name and version is reused unless `overwrite`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -53,10 +62,16 @@ def build_jsonl_dataset(name: str, splits: Mapping[str, str | os.PathLike],
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self, description=f"JSONL prompts: {dict(splits)}",
-        features=tfds.features.FeaturesDict({
-            "question": tfds.features.Text(), "answer": tfds.features.Text(),
-            "index": tfds.features.Scalar(dtype=np.int64)}))
+        builder=self,
+        description=f"JSONL prompts: {dict(splits)}",
+        features=tfds.features.FeaturesDict(
+            {
+                "question": tfds.features.Text(),
+                "answer": tfds.features.Text(),
+                "index": tfds.features.Scalar(dtype=np.int64),
+            }
+        ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
@@ -66,19 +81,31 @@ def build_jsonl_dataset(name: str, splits: Mapping[str, str | os.PathLike],
     return _records(path, question_field, answer_field, answer_format)
 
   with tfds.core.registered.skip_registration():
-    builder_cls = type(f"JsonlBuilder_{name}", (tfds.core.GeneratorBasedBuilder,), {
-        "name": name, "VERSION": tfds.core.Version(version), "_info": _info,
-        "_split_generators": _split_generators, "_generate_examples": _generate_examples})
+    builder_cls = type(
+        f"JsonlBuilder_{name}",
+        (tfds.core.GeneratorBasedBuilder,),
+        {
+            "name": name,
+            "VERSION": tfds.core.Version(version),
+            "_info": _info,
+            "_split_generators": _split_generators,
+            "_generate_examples": _generate_examples,
+        },
+    )
   builder = builder_cls(data_dir=os.fspath(data_dir), file_format="array_record")
   builder.download_and_prepare()
   return builder_dir
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+  )
   parser.add_argument("--name", required=True)
   parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR"))
-  parser.add_argument("--split", action="append", required=True, help="SPLIT=PATH.jsonl, repeatable")
+  parser.add_argument(
+      "--split", action="append", required=True, help="SPLIT=PATH.jsonl, repeatable"
+  )
   parser.add_argument("--question_field", default="problem")
   parser.add_argument("--answer_field", default="answer")
   parser.add_argument("--answer_format", default="raw")
@@ -89,9 +116,17 @@ def main(argv=None):
   if not all("=" in s for s in args.split):
     parser.error("--split takes SPLIT=PATH.jsonl")
   splits = dict(s.split("=", 1) for s in args.split)
-  print(build_jsonl_dataset(args.name, splits, args.data_dir, question_field=args.question_field,
-                            answer_field=args.answer_field, answer_format=args.answer_format,
-                            overwrite=args.overwrite))
+  print(
+      build_jsonl_dataset(
+          args.name,
+          splits,
+          args.data_dir,
+          question_field=args.question_field,
+          answer_field=args.answer_field,
+          answer_format=args.answer_format,
+          overwrite=args.overwrite,
+      )
+  )
 
 
 if __name__ == "__main__":

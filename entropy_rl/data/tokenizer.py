@@ -6,6 +6,7 @@ with `AutoTokenizer.from_pretrained` exactly like a real model's tokenizer, so o
 the embedded default and real checkpoints. A character outside the alphabet is an encoding error,
 never silently dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,10 +32,12 @@ def build_char_tokenizer(path: str | os.PathLike, alphabet: str | None = None):
   tok.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
   tok.decoder = decoders.Fuse()
   tok.post_processor = processors.TemplateProcessing(
-      single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
+      single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
+  )
   tok.add_special_tokens(list(SPECIAL_TOKENS))
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left")
+      tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
+  )
   fast.save_pretrained(str(path))
   return load_tokenizer(path)
 
@@ -53,5 +56,6 @@ def load_tokenizer(path: str | os.PathLike):
 def decode_responses(tokenizer, tokens_NxL: np.ndarray, mask_NxL: np.ndarray) -> list[str]:
   """Response strings: the masked tokens of each row, special tokens (EOS included) removed."""
   tokens_NxL, mask_NxL = np.asarray(tokens_NxL), np.asarray(mask_NxL).astype(bool)
-  return tokenizer.batch_decode([row[m].tolist() for row, m in zip(tokens_NxL, mask_NxL)],
-                                skip_special_tokens=True)
+  return tokenizer.batch_decode(
+      [row[m].tolist() for row, m in zip(tokens_NxL, mask_NxL)], skip_special_tokens=True
+  )

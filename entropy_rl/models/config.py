@@ -6,6 +6,7 @@ RMSNorm) and differ only in:
   qwen3: per-head RMSNorm on queries and keys (before RoPE), explicit head_dim;
   llama: no biases; Llama 3.1+ scale RoPE frequencies (rope_type 'llama3').
 """
+
 import dataclasses
 from typing import Any
 
@@ -22,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama 3 RoPE frequency scaling (Hugging Face rope_type 'llama3')."""
+
   factor: float
   low_freq_factor: float
   high_freq_factor: float
@@ -31,6 +33,7 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static description of a decoder; hashable, so it can key jit caches."""
+
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -51,14 +54,23 @@ class ModelConfig:
   def __post_init__(self):
     if self.model_type not in ARCHITECTURES:
       raise ValueError(
-          f"model_type={self.model_type!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim"):
+          f"model_type={self.model_type!r} is not supported; expected one of {sorted(ARCHITECTURES)}"
+      )
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+    ):
       if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+      )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
     for name in ("dtype", "param_dtype"):
@@ -91,13 +103,18 @@ class ModelConfig:
     if model_type not in ARCHITECTURES:
       raise ValueError(
           f"config.json model_type={model_type!r} is not supported; expected one of "
-          f"{sorted(ARCHITECTURES)}")
+          f"{sorted(ARCHITECTURES)}"
+      )
     archs = hf.get("architectures") or [ARCHITECTURES[model_type]]
     if list(archs) != [ARCHITECTURES[model_type]]:
-      raise ValueError(f"config.json architectures={archs!r} is not supported for model_type="
-                       f"{model_type!r}; expected [{ARCHITECTURES[model_type]!r}]")
+      raise ValueError(
+          f"config.json architectures={archs!r} is not supported for model_type="
+          f"{model_type!r}; expected [{ARCHITECTURES[model_type]!r}]"
+      )
     if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"config.json hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+      raise ValueError(
+          f"config.json hidden_act={hf['hidden_act']!r} is not supported (only 'silu')"
+      )
     if hf.get("use_sliding_window", False):
       raise ValueError("config.json use_sliding_window=True is not supported")
     if model_type != "qwen2" and hf.get("attention_bias", False):
@@ -119,13 +136,17 @@ class ModelConfig:
           factor=float(rope["factor"]),
           low_freq_factor=float(rope["low_freq_factor"]),
           high_freq_factor=float(rope["high_freq_factor"]),
-          original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+          original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+      )
     else:
       raise ValueError(
-          f"config.json rope_type={rope_type!r} is not supported (only 'default' and 'llama3')")
+          f"config.json rope_type={rope_type!r} is not supported (only 'default' and 'llama3')"
+      )
 
     num_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or (128 if model_type == "qwen3" else hf["hidden_size"] // num_heads)
+    head_dim = hf.get("head_dim") or (
+        128 if model_type == "qwen3" else hf["hidden_size"] // num_heads
+    )
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],

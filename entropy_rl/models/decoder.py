@@ -16,6 +16,7 @@ Two entry points:
     one-token decoding are the same call.
   `Decoder.unembed(hidden_BxTxD)`: logits from hidden states (e.g. only the last prefill position).
 """
+
 import functools
 import logging
 from typing import Any
@@ -69,7 +70,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   wavelen = np.float32(2 * np.pi) / inv_freq
   scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(s.factor), inv_freq)
   smooth = (old_len / wavelen - np.float32(s.low_freq_factor)) / np.float32(
-      s.high_freq_factor - s.low_freq_factor)
+      s.high_freq_factor - s.low_freq_factor
+  )
   smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
   is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
   return np.where(is_medium, smoothed, scaled).astype(np.float32)
@@ -102,6 +104,7 @@ class Attention(nn.Module):
   their own. Returns the output and the updated (keys, values) cache; the write-then-read order
   lets XLA update the donated cache in place with no copy.
   """
+
   config: ModelConfig
 
   @nn.compact
@@ -137,8 +140,10 @@ class Attention(nn.Module):
     else:
       valid_BxS, index = mask
       kc_BxKxHxS, vc_BxKxSxH = cache_kv
-      cache_kv = (_write_slots(kc_BxKxHxS, jnp.transpose(k_BxTxKxH, (0, 2, 3, 1)), index, axis=3),
-                  _write_slots(vc_BxKxSxH, jnp.transpose(v_BxTxKxH, (0, 2, 1, 3)), index, axis=2))
+      cache_kv = (
+          _write_slots(kc_BxKxHxS, jnp.transpose(k_BxTxKxH, (0, 2, 3, 1)), index, axis=3),
+          _write_slots(vc_BxKxSxH, jnp.transpose(v_BxTxKxH, (0, 2, 1, 3)), index, axis=2),
+      )
       out_BxTxNxH = _cached_attention(q_BxTxNxH, *cache_kv, valid_BxS, index)
     out_BxTxD = dense(out_BxTxNxH.reshape(B, T, N * H), o_proj.reshape(N * H, D).astype(dtype))
     return out_BxTxD, cache_kv
@@ -164,16 +169,19 @@ def _cached_attention(q_BxTxNxH, kc_BxKxHxS, vc_BxKxSxH, valid_BxS, index):
     scores = jnp.sum(q_BxKxGxHx1 * kc_BxKxHxS[:, :, None].astype(jnp.float32), axis=-2)
     scores = scores[:, :, :, None]
   else:
-    scores = jnp.einsum("btkgh,bkhs->bkgts", q_BxTxKxGxH, kc_BxKxHxS,
-                        preferred_element_type=jnp.float32)
+    scores = jnp.einsum(
+        "btkgh,bkhs->bkgts", q_BxTxKxGxH, kc_BxKxHxS, preferred_element_type=jnp.float32
+    )
   query_slot_Bx1x1 = jnp.reshape(index, (-1, 1, 1))  # B or 1 rows
   slot_BxTxS = query_slot_Bx1x1 + jnp.arange(T)[:, None] >= jnp.arange(S)[None, :]
   allowed_BxTxS = valid_BxS.astype(bool)[:, None, :] & slot_BxTxS
   scores = jnp.where(allowed_BxTxS[:, None, None], scores * H**-0.5, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
   if T == 1:
-    out = jnp.sum(probs[:, :, :, 0, :, None].astype(jnp.float32)
-                  * vc_BxKxSxH[:, :, None].astype(jnp.float32), axis=-2).astype(dtype)[:, None]
+    out = jnp.sum(
+        probs[:, :, :, 0, :, None].astype(jnp.float32) * vc_BxKxSxH[:, :, None].astype(jnp.float32),
+        axis=-2,
+    ).astype(dtype)[:, None]
   else:
     out = jnp.einsum("bkgts,bksh->btkgh", probs, vc_BxKxSxH)
   return out.reshape(B, T, N, H)
@@ -182,8 +190,9 @@ def _cached_attention(q_BxTxNxH, kc_BxKxHxS, vc_BxKxSxH, valid_BxS, index):
 def _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_Bx1x1xT, cfg: ModelConfig):
   """Causal GQA with padded keys masked: cuDNN flash attention on GPUs in half precision (it
   never materialises [T, T] scores), XLA elsewhere or when cuDNN rejects the shapes."""
-  attend = functools.partial(jax.nn.dot_product_attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH,
-                             is_causal=True)
+  attend = functools.partial(
+      jax.nn.dot_product_attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True
+  )
   if jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16"):
     B, T = q_BxTxNxH.shape[:2]
     try:  # cuDNN takes the mask as a bias with the full [T, T] extent
@@ -195,6 +204,7 @@ def _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_Bx1x1xT, cfg: ModelC
 
 class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
+
   config: ModelConfig
 
   @nn.compact
@@ -214,6 +224,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """One pre-norm decoder layer, shaped for nn.scan (carry h). `cache_kv`: None in training, this
   layer's cached (keys, values) when decoding; returns h and the updated (keys, values)."""
+
   config: ModelConfig
 
   @nn.compact
@@ -234,6 +245,7 @@ class Block(nn.Module):
 
 class Decoder(nn.Module):
   """Decoder-only language model; see the module docstring for the two entry points."""
+
   config: ModelConfig
 
   def setup(self):
@@ -266,8 +278,9 @@ class Decoder(nn.Module):
     h_BxTxD = rms_norm(h_BxTxD, self.final_norm, self.config.rms_norm_eps, self.config.jnp_dtype)
     return h_BxTxD if return_hidden else self.unembed(h_BxTxD)
 
-  def decode(self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None,
-             return_hidden=False):
+  def decode(
+      self, tokens_BxT, cache: Cache, attn_mask_BxT=None, positions_BxT=None, return_hidden=False
+  ):
     """Appends T tokens at slot cache['index'] and returns (logits_BxTxV or hidden_BxTxD, cache).
 
     The index is a scalar (every row writes the same slots) or one per row, [B] (a continuous-
@@ -283,7 +296,9 @@ class Decoder(nn.Module):
       attn_mask_BxT = jnp.ones((B, T), jnp.int32)
     index = cache["index"]
     if positions_BxT is None:
-      positions_BxT = jnp.sum(cache["mask"], axis=1, keepdims=True) + default_positions(attn_mask_BxT)
+      positions_BxT = jnp.sum(cache["mask"], axis=1, keepdims=True) + default_positions(
+          attn_mask_BxT
+      )
     h_BxTxD, sin_BxTxH, cos_BxTxH = self._embed(tokens_BxT, positions_BxT)
     valid_BxS = _write_slots(cache["mask"], attn_mask_BxT, index, axis=1)
     block = Block(self.config, parent=None)
@@ -293,8 +308,13 @@ class Decoder(nn.Module):
     new_k, new_v = [], []
     for params, k_BxKxHxS, v_BxKxSxH in zip(layers, cache["k"], cache["v"]):
       h_BxTxD, (k_BxKxHxS, v_BxKxSxH) = block.apply(
-          {"params": params}, h_BxTxD, (k_BxKxHxS, v_BxKxSxH), sin_BxTxH, cos_BxTxH,
-          (valid_BxS, index))
+          {"params": params},
+          h_BxTxD,
+          (k_BxKxHxS, v_BxKxSxH),
+          sin_BxTxH,
+          cos_BxTxH,
+          (valid_BxS, index),
+      )
       new_k.append(k_BxKxHxS)
       new_v.append(v_BxKxSxH)
     h_BxTxD = rms_norm(h_BxTxD, self.final_norm, self.config.rms_norm_eps, self.config.jnp_dtype)
@@ -308,11 +328,16 @@ class Decoder(nn.Module):
 
   def unembed(self, h_BxTxD):
     """Float32 logits_BxTxV from final-normed hidden states."""
-    unembed_DxV = unembedding({"embed": self.embed, "lm_head": getattr(self, "lm_head", None)},
-                              self.config)
+    unembed_DxV = unembedding(
+        {"embed": self.embed, "lm_head": getattr(self, "lm_head", None)}, self.config
+    )
     dtype = self.config.jnp_dtype
-    return jnp.einsum("btd,dv->btv", h_BxTxD.astype(dtype), unembed_DxV.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "btd,dv->btv",
+        h_BxTxD.astype(dtype),
+        unembed_DxV.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
 
 
 def default_positions(attn_mask_BxT):
@@ -329,8 +354,10 @@ def unstack_layers(params) -> dict:
   """
   stacked = params["layers"]
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
-  return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
-                                    for i in range(num_layers))}
+  return {
+      **params,
+      "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)),
+  }
 
 
 def _write_slots(cache, new, index, axis: int):

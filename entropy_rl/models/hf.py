@@ -5,6 +5,7 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or
 layers in our layout and cast to the configured param dtype, one parameter at a time and straight
 into its sharding: each host reads only the blocks of each tensor that its devices hold.
 """
+
 import dataclasses
 import functools
 import json
@@ -30,6 +31,7 @@ INDEX_FILE = "model.safetensors.index.json"
 class _Layout:
   """How an HF tensor becomes ours: each of its dimensions split into `split[i]`, then the split
   dimensions transposed by `perm` (e.g. q_proj: [N*H, D] -> [N, H, D] -> [D, N, H])."""
+
   split: tuple[tuple[int, ...], ...]
   perm: tuple[int, ...]
 
@@ -52,7 +54,7 @@ class _Layout:
       outer, inner = split_index[k], math.prod(group[1:])
       hf_index.append(slice(outer.start * inner, outer.stop * inner))
       block_shape += [outer.stop - outer.start, *group[1:]]
-      inner_index += [slice(None), *split_index[k + 1:k + len(group)]]
+      inner_index += [slice(None), *split_index[k + 1 : k + len(group)]]
       k += len(group)
     block = np.asarray(tensor[tuple(hf_index)]).reshape(block_shape)
     return block[tuple(inner_index)].transpose(self.perm)
@@ -74,8 +76,10 @@ def _tensor_map(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, _Layout]]:
       ("layers", "attn", "q_proj"): (f"{attn}.q_proj.weight", heads_in(N)),
       ("layers", "attn", "k_proj"): (f"{attn}.k_proj.weight", heads_in(K)),
       ("layers", "attn", "v_proj"): (f"{attn}.v_proj.weight", heads_in(K)),
-      ("layers", "attn", "o_proj"): (f"{attn}.o_proj.weight",  # [D, N*H] -> [N, H, D]
-                                     _Layout(((D,), (N, H)), (1, 2, 0))),
+      ("layers", "attn", "o_proj"): (
+          f"{attn}.o_proj.weight",  # [D, N*H] -> [N, H, D]
+          _Layout(((D,), (N, H)), (1, 2, 0)),
+      ),
       ("layers", "mlp", "gate_proj"): (f"{mlp}.gate_proj.weight", matrix(F, D)),
       ("layers", "mlp", "up_proj"): (f"{mlp}.up_proj.weight", matrix(F, D)),
       ("layers", "mlp", "down_proj"): (f"{mlp}.down_proj.weight", matrix(D, F)),
@@ -160,8 +164,9 @@ def _load_local(local: str, path: str, shardings, overrides) -> tuple[Decoder, d
       raise ValueError(f"tensor {name} is missing from the checkpoint at {path}")
     t = tensors[name].get_slice(name)
     if tuple(t.get_shape()) != layout.hf_shape:
-      raise ValueError(f"tensor {name} has shape {tuple(t.get_shape())}, expected "
-                       f"{layout.hf_shape}")
+      raise ValueError(
+          f"tensor {name} has shape {tuple(t.get_shape())}, expected " f"{layout.hf_shape}"
+      )
     return t
 
   params = {}
@@ -172,8 +177,7 @@ def _load_local(local: str, path: str, shardings, overrides) -> tuple[Decoder, d
     handles = [tensor(n, layout) for n in names]  # shapes checked before anything is read
     blocks = {}
 
-    def block(index, handles=handles, layout=layout, layered=layered, shape=shape,
-              blocks=blocks):
+    def block(index, handles=handles, layout=layout, layered=layered, shape=shape, blocks=blocks):
       bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
       if bounds not in blocks:  # devices holding the same block (replicas) share one read
         index = tuple(slice(*b) for b in bounds)
@@ -184,8 +188,11 @@ def _load_local(local: str, path: str, shardings, overrides) -> tuple[Decoder, d
         blocks[bounds] = w.astype(dtype)
       return blocks[bounds]
 
-    sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if shardings is None
-                else _get(shardings, key))
+    sharding = (
+        jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if shardings is None
+        else _get(shardings, key)
+    )
     _set(params, key, jax.make_array_from_callback(shape, sharding, block))
   return Decoder(cfg), params
 

@@ -11,6 +11,7 @@ punishment (arXiv 2503.14476, Eq. 13) when `overlong_buffer` > 0: a response of 
 `clip(((max_response_len - overlong_buffer) - L) / overlong_buffer, -1, 0) * overlong_penalty`,
 for which `lengths` (response tokens) is required.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,12 +25,15 @@ from entropy_rl.rewards.passk import avg_at_k, mean_pass_at_k, pass_at_k  # noqa
 REWARD_NAMES = ("task", "math", "format")
 
 
-def dapo_overlong_penalty(lengths_N, max_response_len: int, overlong_buffer: int,
-                     penalty_factor: float = 1.0) -> np.ndarray:
+def dapo_overlong_penalty(
+    lengths_N, max_response_len: int, overlong_buffer: int, penalty_factor: float = 1.0
+) -> np.ndarray:
   """DAPO's soft overlong punishment: 0 up to the expected length, linear to -factor at the max."""
   if not 0 < overlong_buffer <= max_response_len:
-    raise ValueError(f"overlong_buffer must be in (0, max_response_len={max_response_len}], "
-                     f"got {overlong_buffer}")
+    raise ValueError(
+        f"overlong_buffer must be in (0, max_response_len={max_response_len}], "
+        f"got {overlong_buffer}"
+    )
   excess = np.asarray(lengths_N, np.float32) - (max_response_len - overlong_buffer)
   return (np.clip(-excess / overlong_buffer, -1.0, 0.0) * penalty_factor).astype(np.float32)
 
@@ -51,16 +55,24 @@ class TaskReward:
   def __call__(self, examples: Sequence[Example], responses: Sequence[str]):
     if len(examples) != len(responses):
       raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
-    correct = np.asarray([self._task_of(e).score(e, r) for e, r in zip(examples, responses)],
-                         np.float32)
+    correct = np.asarray(
+        [self._task_of(e).score(e, r) for e, r in zip(examples, responses)], np.float32
+    )
     return correct, {"correct": correct, "timeouts": 0, "errors": 0}
 
 
 class RewardFn:
   """A base reward plus optional format bonus and overlong shaping."""
 
-  def __init__(self, base, *, format_coef: float = 0.0, max_response_len: int | None = None,
-               overlong_buffer: int = 0, overlong_penalty: float = 1.0):
+  def __init__(
+      self,
+      base,
+      *,
+      format_coef: float = 0.0,
+      max_response_len: int | None = None,
+      overlong_buffer: int = 0,
+      overlong_penalty: float = 1.0,
+  ):
     if overlong_buffer:
       if max_response_len is None:
         raise ValueError("overlong_buffer needs max_response_len")
@@ -76,8 +88,9 @@ class RewardFn:
     if self.overlong_buffer:
       if lengths is None or len(lengths) != len(responses):
         raise ValueError("overlong shaping needs `lengths`, one per response")
-      penalty = dapo_overlong_penalty(lengths, self.max_response_len, self.overlong_buffer,
-                                 self.penalty_factor)
+      penalty = dapo_overlong_penalty(
+          lengths, self.max_response_len, self.overlong_buffer, self.penalty_factor
+      )
       rewards = rewards + penalty
       info = {**info, "overlong_penalty": penalty}
     return rewards, info
@@ -87,10 +100,17 @@ class RewardFn:
       self.base.close()
 
 
-def get_reward_fn(name: str, *, task: Task | None = None, num_workers: int | None = None,
-                  timeout_s: float = 5.0, format_coef: float = 0.0,
-                  max_response_len: int | None = None, overlong_buffer: int = 0,
-                  overlong_penalty: float = 1.0) -> RewardFn:
+def get_reward_fn(
+    name: str,
+    *,
+    task: Task | None = None,
+    num_workers: int | None = None,
+    timeout_s: float = 5.0,
+    format_coef: float = 0.0,
+    max_response_len: int | None = None,
+    overlong_buffer: int = 0,
+    overlong_penalty: float = 1.0,
+) -> RewardFn:
   """The reward function `name` (one of REWARD_NAMES) with optional shaping (see the module doc)."""
   if name == "task":
     base = TaskReward(task)
@@ -100,5 +120,10 @@ def get_reward_fn(name: str, *, task: Task | None = None, num_workers: int | Non
     base = format_reward
   else:
     raise ValueError(f"reward.name must be one of {REWARD_NAMES}, got {name!r}")
-  return RewardFn(base, format_coef=format_coef, max_response_len=max_response_len,
-                  overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty)
+  return RewardFn(
+      base,
+      format_coef=format_coef,
+      max_response_len=max_response_len,
+      overlong_buffer=overlong_buffer,
+      overlong_penalty=overlong_penalty,
+  )

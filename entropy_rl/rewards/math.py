@@ -7,6 +7,7 @@ by LaTeX, symbolic and numeric equivalence, so 0.5, 1/2 and \\frac{1}{2} all mat
 timeouts are off: the pool kills a worker that overruns, which also stops computations that a
 signal cannot interrupt; such an answer scores 0 and is counted in `info['timeouts']`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,6 +24,7 @@ from entropy_rl.rewards.pool import TimeoutPool
 @functools.lru_cache(maxsize=1024)
 def _parse_gold(gold: str):
   import math_verify  # pylint: disable=g-import-not-at-top
+
   text = gold if "\\boxed" in gold else "\\boxed{" + gold + "}"
   return math_verify.parse(text, parsing_timeout=None)
 
@@ -31,6 +33,7 @@ def verify_answer(gold: str, response: str) -> float:
   """1.0 iff math-verify finds the response's final answer equivalent to `gold` (no time limit)."""
   import logging  # pylint: disable=g-import-not-at-top
   import math_verify  # pylint: disable=g-import-not-at-top
+
   logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" warnings
   gold_parsed = _parse_gold(gold)
   boxed = extract_boxed(response)
@@ -54,13 +57,19 @@ class MathReward:
     if len(examples) != len(responses):
       raise ValueError(f"{len(examples)} examples but {len(responses)} responses")
     if self._pool is None:
-      self._pool = TimeoutPool(verify_answer, num_workers=self.num_workers,
-                               timeout_s=self.timeout_s, default=0.0)
+      self._pool = TimeoutPool(
+          verify_answer, num_workers=self.num_workers, timeout_s=self.timeout_s, default=0.0
+      )
     scores, timed_out, failed = self._pool.map(
-        [(ex.answer, r) for ex, r in zip(examples, responses)])
+        [(ex.answer, r) for ex, r in zip(examples, responses)]
+    )
     correct = np.asarray(scores, np.float32)
-    return correct, {"correct": correct, "timeouts": int(timed_out.sum()),
-                     "errors": int(failed.sum()), "error_messages": self._pool.errors[:3]}
+    return correct, {
+        "correct": correct,
+        "timeouts": int(timed_out.sum()),
+        "errors": int(failed.sum()),
+        "error_messages": self._pool.errors[:3],
+    }
 
   def close(self):
     if self._pool is not None:

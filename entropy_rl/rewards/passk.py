@@ -4,6 +4,7 @@ Unbiased pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on 
 samples of which c are correct, pass@k = 1 - C(n-c, k) / C(n, k), computed as the stable product
 1 - prod_{i=n-c+1}^{n} (1 - k / i), averaged over problems.
 """
+
 from __future__ import annotations
 
 import numpy as np

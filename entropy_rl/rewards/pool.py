@@ -8,6 +8,7 @@ from when its worker received it) is abandoned: its worker is killed and replace
 the item is reported as failed, as is an item whose `fn` raised. So a pathological input can cost
 at most `timeout_s` of one worker, never a stalled step.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,8 +26,10 @@ import numpy as np
 _STARTUP_TIMEOUT_S = 120.0
 
 
-_CHILD = ("import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
-          "from entropy_rl.rewards.pool import _child_main; _child_main()")
+_CHILD = (
+    "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
+    "from entropy_rl.rewards.pool import _child_main; _child_main()"
+)
 
 
 def _child_main():
@@ -55,8 +58,18 @@ class _Worker:
   def __init__(self, fn):
     parent, child = socket.socketpair()
     self.process = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, json.dumps(sys.path), str(child.fileno()), fn.__module__,
-         fn.__qualname__], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            json.dumps(sys.path),
+            str(child.fileno()),
+            fn.__module__,
+            fn.__qualname__,
+        ],
+        pass_fds=(child.fileno(),),
+        stdin=subprocess.DEVNULL,
+    )
     child.close()
     self.conn = Connection(parent.detach())
     self.ready = False
@@ -87,8 +100,9 @@ class TimeoutPool:
   """`map(items)` runs `fn(*item)` for each item in `num_workers` spawned processes, each item
   limited to `timeout_s` seconds. `fn` must be a module-level function of an importable module."""
 
-  def __init__(self, fn: Callable[..., Any], *, num_workers: int, timeout_s: float,
-               default: Any = 0.0):
+  def __init__(
+      self, fn: Callable[..., Any], *, num_workers: int, timeout_s: float, default: Any = 0.0
+  ):
     if num_workers < 1:
       raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if timeout_s <= 0:
