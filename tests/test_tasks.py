@@ -193,7 +193,7 @@ def test_countdown_steps_checker_matches_a_reference_on_every_path():
 
 
 def test_countdown_steps_checker_rejects_malformed():
-  task = tasks_lib.get_task("countdown_steps", num_numbers=3)
+  task = tasks_lib.get_task("countdown_steps")
   e = tasks_lib.Example("3,7,9:20=", "20", {"numbers": (3, 7, 9), "target": 20})
   assert task.score(e, "9*3=27;27-7=20") == 1.0
   assert task.score(e, "3*9=27;27-7=20") == 1.0  # either operand order
@@ -252,13 +252,21 @@ def test_countdown_steps_targets_and_options():
   e = task.example(0, 0, "train")
   assert e.prompt == ",".join(map(str, e.meta["numbers"])) + f":{e.meta['target']}="
   assert list(e.meta["numbers"]) == sorted(e.meta["numbers"]) and max(e.meta["numbers"]) <= 6
+  default = tasks_lib.get_task("countdown_steps")  # a held-out set of >= 1,024 problems exists
+  prompts = [
+      ",".join(map(str, c)) + f":{v}="
+      for c in itertools.combinations_with_replacement(range(1, default.max_number + 1), 3)
+      for v in tasks_lib._worked_steps(c, default.ops, default.max_result)
+      if v <= 99
+  ]
+  assert sum(tasks_lib.split_of(p, default.eval_fraction) == "eval" for p in prompts) >= 1024
   from entropy_rl import config_lib  # pylint: disable=import-outside-toplevel
 
   options = config_lib.base_config().task.options.countdown_steps
   assert dict(options) == {
       "eval_fraction": 0.1,
       "num_numbers": 3,
-      "max_number": 12,
+      "max_number": 20,
       "max_target": 99,
       "max_result": 99,
       "ops": "+-*",
