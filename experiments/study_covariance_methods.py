@@ -75,7 +75,7 @@ def main():
   for rec in runs["grpo"]:
     steps, r = common.series(rec, R)
     try:
-      plateaus.append(analysis.detect_plateau(steps, r, window=min(20, len(r) // 2)))
+      plateaus.append(analysis.detect_plateau(steps, r))
     except ValueError:
       plateaus.append(None)
   ref_h = np.concatenate([analysis.window_means(common.series(x, H)[1], 10) for x in runs["grpo"]])

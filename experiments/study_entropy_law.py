@@ -178,8 +178,12 @@ def main():
     steps, _ = common.series(rec, REWARD_KEY)
     h0, h1 = float(np.mean(h[:5])), float(np.mean(h[-10:]))
     try:
-      plat = analysis.detect_plateau(steps, r, window=min(20, len(r) // 2), rel_tol=0.1)
-      plat_s = f"{plat['step']:.0f}" if plat["plateaued"] else "still rising"
+      plat = analysis.detect_plateau(steps, r)
+      plat_s = (
+          f"{plat['step']:.0f}"
+          if plat["plateaued"]
+          else f"{plat['verdict']} (slope {plat['slope']:+.3f} per 100 steps)"
+      )
     except ValueError:
       plat_s = "too short"
     rows.append(
