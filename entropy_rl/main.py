@@ -6,8 +6,6 @@ the run failed (a checkpoint write, repeated non-finite updates); 128 + N when s
 (130 Ctrl-C, 143 SIGTERM) after checkpointing the last completed step.
 """
 
-import difflib
-import importlib.util
 import os
 import re
 import sys
@@ -31,43 +29,22 @@ def _fail(message: str, code: int):
 
 
 def _unknown_override(argv, error: Exception) -> str | None:
-  """The `--config.a.b=v` argument that names no config field, with the closest field names."""
-  quoted = re.search(r"(\w+)", str(error))
-  missing = quoted.group(1) if quoted else str(error)
+  """The `--config.a.b=v` argument that names no config field, with ml_collections' suggestion
+  (its KeyError reads `'b' Did you mean "c" instead of "b"?`) as a full dotted name."""
+  text = str(error)
+  quoted = re.search(r"(\w+)", text)
+  missing = quoted.group(1) if quoted else text
+  suggested = re.search(r'Did you mean \\?"(\w+)\\?"', text)
   for arg in argv[1:]:
     m = re.match(r"--config\.([\w.]+)", arg)
-    if m and missing in m.group(1).split("."):
-      known = _config_keys(argv)
-      close = difflib.get_close_matches(m.group(1), known, n=3)
-      hint = f"; did you mean {', '.join('config.' + k for k in close)}?" if close else ""
+    parts = m.group(1).split(".") if m else []
+    if missing in parts:
+      parent = parts[: parts.index(missing)]
+      hint = (
+          f"; did you mean config.{'.'.join(parent + [suggested.group(1)])}?" if suggested else ""
+      )
       return f"{arg}: the config has no field {m.group(1)!r}{hint}"
   return None
-
-
-def _config_keys(argv) -> list[str]:
-  """Every dotted field of the config file named by --config (for suggestions)."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
-    return []
-  path, *arg = spec.split(":", 1)
-  try:
-    module_spec = importlib.util.spec_from_file_location("_entropy_rl_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(*arg)
-  except Exception:  # pylint: disable=broad-except  # only for suggestions
-    return []
-  out = []
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if hasattr(v, "items"):
-        walk(v, f"{prefix}{k}.")
-      else:
-        out.append(prefix + k)
-
-  walk(config, "")
-  return out
 
 
 def parse_flags(argv):
