@@ -14,6 +14,7 @@ covariance are the trainer's own (`stats.top_count`, `stats.kept_count`, `stats.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from scipy import optimize
 from scipy import stats as stats_lib
 
 from entropy_rl import stats
+
+log = logging.getLogger(__name__)
 
 TOP_FRACTIONS = (0.0002, 0.002, 0.02, 0.2, 0.5, 1.0)
 
@@ -52,19 +55,32 @@ def r_squared(y, y_hat) -> float:
   return 1.0 - float(np.sum((y - y_hat) ** 2)) / ss_tot
 
 
-def fit_law(entropy, reward) -> dict:
+def fit_law(entropy, reward, sigma=None) -> dict:
   """Least-squares fit of R = -a exp(H) + b: a, b, R^2, residual RMSE, ceiling (-a + b), n points.
 
-  The model is linear in (a, b), so the linear least-squares solution seeds `curve_fit`.
+  With `sigma` (the standard error of each reward, a scalar or one per point, e.g. the binomial
+  error of a validation accuracy) the fit is weighted by 1 / sigma^2 and also returns the
+  goodness-of-fit test against that noise: `chi2` = sum((R - law) / sigma)^2 on `dof` = n - 2 and
+  its `p_value` (small: the law misses the curve by more than the noise explains). The model is
+  linear in (a, b), so the linear least-squares solution seeds `curve_fit`.
   """
   h, r = _finite_pairs(entropy, reward)
   if len(h) < 3:
     raise ValueError(f"entropy: need at least 3 finite (entropy, reward) points, got {len(h)}")
+  s = None
+  if sigma is not None:
+    s = np.broadcast_to(np.asarray(sigma, np.float64), np.shape(entropy))
+    s = s[
+        np.isfinite(np.asarray(entropy, np.float64)) & np.isfinite(np.asarray(reward, np.float64))
+    ]
+    if not np.all(s > 0):
+      raise ValueError("sigma: every standard error must be positive")
+  w = np.ones_like(h) if s is None else 1.0 / s
   design = np.stack([-np.exp(h), np.ones_like(h)], axis=1)
-  p0, *_ = np.linalg.lstsq(design, r, rcond=None)
-  (a, b), _ = optimize.curve_fit(law, h, r, p0=p0)
+  p0, *_ = np.linalg.lstsq(design * w[:, None], r * w, rcond=None)
+  (a, b), _ = optimize.curve_fit(law, h, r, p0=p0, sigma=s, absolute_sigma=s is not None)
   residual = r - law(h, a, b)
-  return {
+  out = {
       "a": float(a),
       "b": float(b),
       "r2": r_squared(r, law(h, a, b)),
@@ -72,6 +88,58 @@ def fit_law(entropy, reward) -> dict:
       "ceiling": float(b - a),
       "n": int(len(h)),
   }
+  if s is not None:
+    chi2, dof = float(np.sum((residual / s) ** 2)), len(h) - 2
+    out.update(chi2=chi2, dof=dof, p_value=float(stats_lib.chi2.sf(chi2, dof)))
+  return out
+
+
+def accuracy_se(accuracy, num_prompts: int):
+  """Binomial standard error of an accuracy measured on `num_prompts` fixed prompts."""
+  p = np.clip(np.asarray(accuracy, np.float64), 0.0, 1.0)
+  return np.sqrt(np.maximum(p * (1.0 - p), 0.25 / num_prompts) / num_prompts)
+
+
+def paired_difference(values_a, values_b) -> dict:
+  """Method A minus method B over seeds run in pairs (seed i of A against seed i of B): the mean
+  difference, its standard error std(d) / sqrt(n), t = mean / se, the two-sided p-value (paired
+  t-test, n - 1 dof) and n. With one pair the error is unknown (nan)."""
+  a, b = np.asarray(values_a, np.float64), np.asarray(values_b, np.float64)
+  if a.shape != b.shape or a.ndim != 1 or not len(a):
+    raise ValueError(
+        f"values_a / values_b: need two equal-length 1-D series, got {a.shape} / {b.shape}"
+    )
+  d = a - b
+  n = len(d)
+  mean = float(d.mean())
+  se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+  t = mean / se if se > 0 else (float("nan") if not n > 1 else math.copysign(math.inf, mean))
+  p = float(2 * stats_lib.t.sf(abs(t), n - 1)) if n > 1 and math.isfinite(t) else float("nan")
+  return {"mean": mean, "se": se, "t": float(t), "p_value": p, "n": n}
+
+
+def law_hint(points, step: int, window: int = 10, min_windows: int = 3) -> dict:
+  """The trainer's early-stopping hint: the law fitted on 10-step means of the (token entropy,
+  rollout accuracy) `points` so far; its ceiling -a + b is the accuracy predicted at H = 0.
+  Empty before `min_windows` windows or while the fit does not converge."""
+  h, r = np.asarray(points, np.float64).T if points else (np.zeros(0), np.zeros(0))
+  if len(h) < window * min_windows:
+    return {}
+  try:
+    fit = fit_law(window_means(h, window), window_means(r, window))
+  except (RuntimeError, ValueError):
+    return {}
+  log.info(
+      "step %d: entropy-performance law R = -%.3f exp(H) + %.3f (R^2 %.2f) predicts an "
+      "accuracy ceiling of %.3f at H = 0; recent accuracy %.3f",
+      step,
+      fit["a"],
+      fit["b"],
+      fit["r2"],
+      fit["ceiling"],
+      float(np.mean(r[-window:])),
+  )
+  return {"law/a": fit["a"], "law/b": fit["b"], "law/r2": fit["r2"], "law/ceiling": fit["ceiling"]}
 
 
 def window_means(x, window: int) -> np.ndarray:

@@ -76,6 +76,9 @@ class LossConfig:
   archer_high_clip_ratio_low: float = 0.5
   archer_high_clip_ratio_high: float = 0.5
   entropy_quantile_scope: str = "selection"
+  # Not a config key: the data-parallel devices (mesh.data x mesh.fsdp) that selection_scope='device'
+  # splits each micro-batch's rows over; `typed` sets it from the mesh.
+  selection_shards: int = 1
 
   def __post_init__(self):
     def fail(key, what):
@@ -129,6 +132,8 @@ class LossConfig:
     real("archer_high_clip_ratio_low", 0.0, 1.0)
     real("archer_high_clip_ratio_high", 0.0)
     choice("entropy_quantile_scope", losses.ENTROPY_QUANTILE_SCOPES)
+    if not (isinstance(self.selection_shards, int) and self.selection_shards >= 1):
+      fail("selection_shards", "a positive int (the mesh's data x fsdp devices)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,17 +221,24 @@ def _from_block(cls, block, **extra):
   )
 
 
-def loss_config(block) -> LossConfig:
+def loss_keys() -> list[str]:
+  """The `config.loss` keys: LossConfig's fields but the mesh-derived `selection_shards`."""
+  return [f.name for f in dataclasses.fields(LossConfig) if f.name != "selection_shards"]
+
+
+def loss_config(block, selection_shards: int = 1) -> LossConfig:
   """The LossConfig of a `config.loss` ConfigDict; raises ValueError naming a bad or unknown key."""
-  known = [f.name for f in dataclasses.fields(LossConfig)]
+  known = loss_keys()
   for key in block.keys():
     if key not in known:
       raise ValueError(f"config.loss.{key} is not a loss option; known: {sorted(known)}")
-  return LossConfig(**block.to_dict())
+  return LossConfig(**block.to_dict(), selection_shards=selection_shards)
 
 
-def typed(c: ml_collections.ConfigDict) -> RunConfig:
-  """The RunConfig of a config after `validate` and `resolve_microbatches`."""
+def typed(c: ml_collections.ConfigDict, num_devices: int = 1) -> RunConfig:
+  """The RunConfig of a config after `validate` and `resolve_microbatches`, for a run on
+  `num_devices` devices (they size selection_scope='device')."""
+  shards = data_parallel_devices(c, num_devices)
   return RunConfig(
       rollout=_from_block(
           RolloutConfig,
@@ -239,7 +251,10 @@ def typed(c: ml_collections.ConfigDict) -> RunConfig:
       ),
       eval=_from_block(EvalConfig, c.eval),
       update=_from_block(
-          UpdateConfig, c.rl, loss=loss_config(c.loss), temperature=c.rollout.temperature
+          UpdateConfig,
+          c.rl,
+          loss=loss_config(c.loss, selection_shards=shards),
+          temperature=c.rollout.temperature,
       ),
       optim=_from_block(OptimConfig, c.optim),
       mesh=_from_block(MeshConfig, c.mesh),
@@ -328,7 +343,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.filter_groups_metric = "acc"  # dynamic sampling drops groups where this agrees (DAPO: acc)
   c.rl.fused_chunk_size = 4096
 
-  c.loss = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(LossConfig)})
+  c.loss = ml_collections.ConfigDict(
+      {f.name: f.default for f in dataclasses.fields(LossConfig) if f.name in loss_keys()}
+  )
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-5
@@ -475,6 +492,14 @@ def _get(c, dotted):
   return c
 
 
+def data_parallel_devices(c: ml_collections.ConfigDict, num_devices: int) -> int:
+  """mesh.data x mesh.fsdp on `num_devices` devices (a -1 axis takes the remaining devices)."""
+  sizes = [c.mesh[a] for a in ("data", "fsdp", "tensor")]
+  fixed = math.prod(s for s in sizes if s != -1)
+  data, fsdp = (s if s != -1 else num_devices // fixed for s in sizes[:2])
+  return data * fsdp
+
+
 def resolve_microbatches(
     c: ml_collections.ConfigDict, num_devices: int
 ) -> ml_collections.ConfigDict:
@@ -483,17 +508,13 @@ def resolve_microbatches(
   mesh.fsdp) rl.microbatch_rows_per_device sequences per micro-batch."""
   if c.rl.num_microbatches:
     return c
-  sizes = [c.mesh[a] for a in ("data", "fsdp", "tensor")]
-  fixed = 1
-  for s in sizes:
-    fixed *= s if s != -1 else 1
-  data, fsdp = (s if s != -1 else num_devices // fixed for s in sizes[:2])
+  devices = data_parallel_devices(c, num_devices)
   rows = c.rollout.prompts_per_step * c.rollout.num_samples // c.rl.num_minibatches
-  per_micro = c.rl.microbatch_rows_per_device * data * fsdp
+  per_micro = c.rl.microbatch_rows_per_device * devices
   if rows % per_micro:
     raise ConfigError(
         f"config.rl.num_microbatches=0 derives micro-batches of config.rl.microbatch_rows_per_device"
-        f"={c.rl.microbatch_rows_per_device} sequences on each of {data * fsdp} data-parallel "
+        f"={c.rl.microbatch_rows_per_device} sequences on each of {devices} data-parallel "
         f"devices ({per_micro} sequences), which must divide the mini-batch of {rows}; change "
         "config.rl.microbatch_rows_per_device or set config.rl.num_microbatches"
     )

@@ -28,8 +28,11 @@
 - Entropy token masks (HE Eq. 6), four aggregation modes returning (numerator, denominator),
   KL-to-reference estimators and an entropy bonus.
 
-Selections happen over whatever arrays `select_tokens` is given (a micro-batch, or the whole update
-batch when the trainer uses `selection_scope='global'` and passes `selections` slices in).
+Selections (entropy token masks, Clip-Cov / KL-Cov tokens, Archer's split) happen over a selection
+set, `selection_scope`: each micro-batch ('microbatch'); each data-parallel device's rows of it
+('device', as verl selects on each rank's micro-batch: `select_tokens` splits the rows into
+`cfg.selection_shards` contiguous blocks, one per device); or the whole update batch ('global': the
+trainer selects once and passes `selections` slices in).
 Every `cfg` is a `config_lib.LossConfig` (valid by construction; its defaults are GRPO's).
 """
 
@@ -48,7 +51,7 @@ TOKEN_MASKS = {
     "random": "random",
     "top_quantile": "top_quantile",
 }
-SELECTION_SCOPES = ("microbatch", "global")
+SELECTION_SCOPES = ("microbatch", "device", "global")
 # Where an entropy quantile (token_mask 'top_quantile', archer's split) is taken: over each response,
 # or over the selection set (the micro-batch, or the whole update batch for selection_scope='global').
 ENTROPY_QUANTILE_SCOPES = ("selection", "response")
@@ -173,15 +176,36 @@ def applied_entropy_coef(coef, last_entropy, cfg):
 
 
 def select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, *, entropy_BxT=None, rng=None):
-  """Float32 [B, T] masks over the given arrays (one selection set), computed stop-gradient.
+  """Float32 [B, T] masks over the given arrays, computed stop-gradient.
 
   `token_mask`: the entropy token mask (`mask` itself when token_mask='all').
   `cov_selected`: Clip-Cov's zeroed tokens, KL-Cov's penalised tokens (zeros for other losses).
   `high_entropy`: Archer's high-entropy tokens (zeros for other losses).
-  Covariances use the effective advantages (`effective_advantages`).
+  Covariances use the effective advantages (`effective_advantages`). The arrays are one selection
+  set, or with selection_scope='device' `cfg.selection_shards` of them (contiguous row blocks, the
+  d-th drawing its random scores from `fold_in(rng, d)`).
   """
   _check_inputs(cfg, logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)
   _check_selection_args(cfg, entropy_BxT, rng)
+  shards = cfg.selection_shards if cfg.selection_scope == "device" else 1
+  if shards == 1:
+    return _select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, entropy_BxT, rng)
+  if logp_BxT.shape[0] % shards:
+    raise ValueError(
+        f"selection_scope='device': {logp_BxT.shape[0]} rows do not split over "
+        f"{shards} devices (config.rl.num_microbatches too large for the mesh?)"
+    )
+  split = lambda x: None if x is None else x.reshape(shards, -1, *x.shape[1:])
+  keys = None if rng is None else jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(shards))
+  out = jax.vmap(
+      lambda lp, old, a, m, h, k: _select_tokens(lp, old, a, m, cfg, h, k),
+      in_axes=(0, 0, 0, 0, None if entropy_BxT is None else 0, None if rng is None else 0),
+  )(*map(split, (logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, entropy_BxT)), keys)
+  return {k: v.reshape(logp_BxT.shape) for k, v in out.items()}
+
+
+def _select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, entropy_BxT, rng):
+  """`select_tokens` over one selection set."""
   adv_BxT = effective_advantages(adv_BxT, entropy_BxT, mask_BxT, cfg)
   logp_BxT, old_logp_BxT, adv_BxT = jax.lax.stop_gradient(
       (logp_BxT.astype(jnp.float32), old_logp_BxT.astype(jnp.float32), adv_BxT.astype(jnp.float32))
@@ -426,6 +450,7 @@ def policy_loss(
       "abs_dlogp": stats.masked_mean(sg(jnp.abs(log_ratio_BxT)), valid_BxT),
       "n_valid": n.astype(jnp.float32),
       "n_cov_selected": jnp.sum(jnp.where(valid_BxT, selected_BxT, 0.0)),
+      "cov_mass_selected": cov_mass_fraction(cov_BxT, selected_BxT, valid_BxT),
       "n_token_mask": jnp.sum(token_mask_BxT),
       "cov_mean": stats.masked_mean(cov_BxT, valid_BxT),
       "cov_selected_mean": stats.masked_mean(cov_BxT, valid_BxT & (selected_BxT > 0)),
@@ -445,6 +470,13 @@ def policy_loss(
     )
     metrics["entropy_token_mask_mean"] = stats.masked_mean(entropy_BxT, token_mask_BxT)
   return loss, metrics
+
+
+def cov_mass_fraction(cov_BxT, selected_BxT, valid_BxT):
+  """The share of the positive covariance mass sum_t max(cov_t, 0) over valid tokens that the
+  selected tokens hold: how much of the entropy-lowering drive Clip-Cov / KL-Cov act on."""
+  pos_BxT = jnp.where(valid_BxT, jnp.maximum(jax.lax.stop_gradient(cov_BxT), 0.0), 0.0)
+  return _safe_div(jnp.sum(pos_BxT * (selected_BxT > 0)), jnp.sum(pos_BxT))
 
 
 def global_denominator(mask_BxT, cfg, num_microbatches):

@@ -23,6 +23,16 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+SUMMARY_KEYS = (
+    "reward/mean",
+    "acc",
+    "entropy/token_mean",
+    "entropy/seq_mean",
+    "cov/mean",
+    "pg/clipfrac_high",
+    "response/len_mean",
+    "eval/pass@1",
+)
 
 
 def _scalar(key: str, v):
@@ -231,3 +241,17 @@ def summary_table(records: Sequence[dict], keys: Sequence[str]) -> str:
         f"| {key} | {fmt(values[0])} | {fmt(values[-1])} | {lo} | {hi} | " f"{len(values)} |"
     )
   return "\n".join(lines)
+
+
+def write_summary(workdir: str) -> str:
+  """End of run: `curves.png` (reward, accuracy and entropy vs step) and `summary.md` (the summary
+  table, every eval/ metric included) in `workdir`; returns the table."""
+  path = fileio.join(workdir, METRICS_FILE)
+  plot_metrics(
+      path, ["reward/mean", "acc", "entropy/token_mean"], fileio.join(workdir, "curves.png")
+  )
+  records = read_metrics(path)
+  eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+  table = summary_table(records, list(dict.fromkeys(SUMMARY_KEYS + tuple(eval_keys))))
+  fileio.write_text(fileio.join(workdir, "summary.md"), table + "\n")
+  return table

@@ -647,7 +647,7 @@ def _abstract(tree, shardings):
   )
 
 
-def update_batch(c, mesh) -> dict:
+def update_batch(c, mesh) -> step_lib.Batch:
   """Abstract update inputs of one rollout: rows over ('data', 'fsdp'), as the trainer feeds."""
   n, p, length = (
       c.rollout.prompts_per_step * c.rollout.num_samples,
@@ -664,9 +664,9 @@ def update_batch(c, mesh) -> dict:
   }
   if c.loss.kl_ref_coef > 0:
     spec["ref_logp"] = ((n, length), jnp.float32)
-  return {
-      k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()
-  }
+  return step_lib.Batch(
+      **{k: jax.ShapeDtypeStruct(shape, dtype, sharding=rows) for k, (shape, dtype) in spec.items()}
+  )
 
 
 def training_programs(c, mesh, model_cfg) -> list[Program]:
@@ -675,7 +675,7 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
 
   rules = sharding.default_rules()
   model = models.Decoder(model_cfg)
-  run = config_lib.typed(c)
+  run = config_lib.typed(c, mesh.devices.size)
   upd_cfg = run.update
   updates = c.num_steps * upd_cfg.num_minibatches * upd_cfg.ppo_epochs
   optimizer = step_lib.make_optimizer(run.optim, updates)
@@ -699,21 +699,7 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
   args = (_abstract(abstract, shardings), batch, key)
   out = [compile_program("update", update.lower(*args), args)]
   if upd_cfg.loss.kl_ref_coef > 0:
-    ref = sharding.under_mesh(
-        jax.jit(
-            lambda p, b: step_lib.logprobs_in_chunks(
-                model,
-                model_cfg,
-                p,
-                b,
-                upd_cfg.num_microbatches * upd_cfg.num_minibatches,
-                upd_cfg.temperature,
-                upd_cfg.fused_chunk_size,
-            )[0]
-        ),
-        mesh,
-        rules,
-    )
+    ref = step_lib.make_reference_logprobs(model, model_cfg, upd_cfg, mesh, rules)
     args = (_abstract(params, param_shardings), batch)
     out.append(compile_program("reference", ref.lower(*args), args))
   return out

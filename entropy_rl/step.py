@@ -53,6 +53,19 @@ class TrainState:
     )
 
 
+@flax.struct.dataclass
+class Batch:
+  """One rollout as the update reads it, N rows of S = P + L tokens (left-padded prompt, then
+  response); the per-token fields cover the L response tokens."""
+
+  tokens: jax.Array  # int32 [N, S]
+  attn_mask: jax.Array  # int32 [N, S], 1 for real tokens
+  response_mask: jax.Array  # float32 [N, L], 1 for response tokens (the stop token included)
+  old_logp: jax.Array  # float32 [N, L], the behaviour (sampler's) log-probs
+  advantages: jax.Array  # float32 [N, L], the group advantage on every response token
+  ref_logp: Any = None  # float32 [N, L], the reference policy's log-probs when a KL term is on
+
+
 def lr_schedule(optim_cfg: config_lib.OptimConfig, total_updates: int) -> optax.Schedule:
   """Linear warmup over `warmup_steps` optimizer updates, then constant or cosine decay to 0."""
   warmup = optax.linear_schedule(0.0, optim_cfg.lr, max(optim_cfg.warmup_steps, 1))
@@ -106,10 +119,10 @@ def response_logprobs(
 
 
 def logprobs_in_chunks(
-    model, model_cfg, params, batch: dict, num_chunks: int, temperature: float, chunk_size: int
+    model, model_cfg, params, batch: Batch, num_chunks: int, temperature: float, chunk_size: int
 ):
   """No-grad response log-probs and entropies of a whole batch, `num_chunks` row-splits at a time."""
-  response_len = batch["response_mask"].shape[1]
+  response_len = batch.response_mask.shape[1]
   params = jax.lax.stop_gradient(params)
 
   def body(_, rows):
@@ -117,14 +130,14 @@ def logprobs_in_chunks(
         model,
         model_cfg,
         params,
-        rows["tokens"],
-        rows["attn_mask"],
+        rows.tokens,
+        rows.attn_mask,
         response_len,
         temperature,
         chunk_size,
     )
 
-  rows = {k: batch[k] for k in ("tokens", "attn_mask", "response_mask")}
+  rows = batch.replace(old_logp=None, advantages=None, ref_logp=None)
   _, out = jax.lax.scan(body, None, split_rows(rows, num_chunks))
   return merge_rows(out)
 
@@ -149,7 +162,7 @@ def merge_rows(tree):
 
 def update(
     state: TrainState,
-    batch: dict,
+    batch: Batch,
     rng: jax.Array,
     *,
     model,
@@ -159,11 +172,7 @@ def update(
     schedule: optax.Schedule,
     rules=(),
 ) -> tuple[TrainState, dict]:
-  """One RL update over a rollout.
-
-  batch: `tokens` [N, S] (left-padded prompt then response), `attn_mask` [N, S], `response_mask`,
-  `old_logp` (the sampler's), `advantages` [N, L], and `ref_logp` [N, L] when a reference KL is used.
-  """
+  """One RL update over a rollout (`batch.ref_logp` is needed when a reference KL is used)."""
   with nn.logical_axis_rules(rules):
     return _update(
         state,
@@ -179,7 +188,7 @@ def update(
 
 def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule):
   loss_cfg = config.loss
-  response_len = batch["response_mask"].shape[1]
+  response_len = batch.response_mask.shape[1]
   temperature, chunk_size = config.temperature, config.fused_chunk_size
   forward = functools.partial(
       response_logprobs,
@@ -199,31 +208,31 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
       chunk_size=chunk_size,
   )
 
-  sampler_logp = batch["old_logp"]
+  sampler_logp = batch.old_logp
   if config.recompute_old_logp:
-    batch = dict(batch, old_logp=forward_all(state.params, batch)[0])
+    batch = batch.replace(old_logp=forward_all(state.params, batch)[0])
 
   archer = loss_cfg.name == "archer"  # its KL (low-entropy tokens only) is inside policy_loss
   bonus = loss_cfg.adaptive_entropy or loss_cfg.entropy_coef > 0
 
   def micro_loss(params, micro, selections, key, pg_den, tok_den, ent_coef):
-    logp, entropy = forward(params, micro["tokens"], micro["attn_mask"])
-    mask = micro["response_mask"]
+    logp, entropy = forward(params, micro.tokens, micro.attn_mask)
+    mask = micro.response_mask
     loss, metrics = losses.policy_loss(
         logp,
-        micro["old_logp"],
-        micro["advantages"],
+        micro.old_logp,
+        micro.advantages,
         mask,
         loss_cfg,
         entropy_BxT=entropy,
         rng=key,
         selections=selections,
         denominator=pg_den,
-        ref_logp_BxT=micro["ref_logp"] if archer and loss_cfg.kl_ref_coef > 0 else None,
+        ref_logp_BxT=micro.ref_logp if archer and loss_cfg.kl_ref_coef > 0 else None,
     )
     metrics = dict(metrics, pg_loss=loss)
     if loss_cfg.kl_ref_coef > 0 and not archer:
-      kl = jnp.sum(losses.kl_penalty(logp, micro["ref_logp"], loss_cfg.kl_ref_estimator) * mask)
+      kl = jnp.sum(losses.kl_penalty(logp, micro.ref_logp, loss_cfg.kl_ref_estimator) * mask)
       loss = loss + loss_cfg.kl_ref_coef * kl / tok_den
       metrics["kl_ref"] = kl / tok_den
     if bonus:
@@ -235,15 +244,15 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   def minibatch_step(state, xs):
     mini, key = xs
     sel_key, loss_key = jax.random.split(key)
-    mask = mini["response_mask"]
+    mask = mini.response_mask
     tok_den = jnp.maximum(jnp.sum(mask), 1.0)
     if loss_cfg.selection_scope == "global":
       logp, entropy = forward_all(state.params, mini)
       selections = split_rows(
           losses.select_tokens(
               logp,
-              mini["old_logp"],
-              mini["advantages"],
+              mini.old_logp,
+              mini.advantages,
               mask,
               loss_cfg,
               entropy_BxT=entropy,
@@ -315,7 +324,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   # first mini-batch of the first epoch (evaluated before any optimizer step).
   if config.recompute_old_logp:
     out["mismatch_logp"] = stats.masked_mean(
-        jnp.abs(batch["old_logp"] - sampler_logp), batch["response_mask"]
+        jnp.abs(batch.old_logp - sampler_logp), batch.response_mask
     )
   else:
     out["mismatch_logp"] = stacked["abs_dlogp"][0, 0]
@@ -324,6 +333,14 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
 
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def init_state(params, optimizer, loss_cfg: config_lib.LossConfig, mesh, param_shardings):
+  """Step 0's TrainState, every leaf placed in its sharding (`state_shardings`); returns (state,
+  shardings)."""
+  init = lambda p: TrainState.create(p, optimizer.init(p), loss_cfg)
+  shardings = state_shardings(jax.eval_shape(init, params), optimizer, mesh, param_shardings)
+  return jax.jit(init, out_shardings=shardings)(params), shardings
 
 
 def state_shardings(state: TrainState, optimizer, mesh, param_shardings) -> TrainState:
@@ -378,3 +395,42 @@ def make_update(
       mesh,
       rules,
   )
+
+
+def make_reference_logprobs(model, model_cfg, config: config_lib.UpdateConfig, mesh, rules=()):
+  """`(ref_params, batch) -> ref_logp [N, L]`, jitted under the mesh: the frozen reference policy's
+  response log-probs for the KL term, in as many row chunks as the update's micro-batches."""
+  num_chunks = config.num_microbatches * config.num_minibatches
+  return sharding.under_mesh(
+      jax.jit(
+          lambda p, b: logprobs_in_chunks(
+              model, model_cfg, p, b, num_chunks, config.temperature, config.fused_chunk_size
+          )[0]
+      ),
+      mesh,
+      rules,
+  )
+
+
+# The update's metrics under their logged names; token-selection counts are logged as select/...
+METRIC_NAMES = {
+    "clipfrac_low": "pg/clipfrac_low",
+    "clipfrac_high": "pg/clipfrac_high",
+    "ppo_kl": "pg/ppo_kl",
+    "pg_loss": "pg/loss",
+    "loss": "loss",
+    "kl_ref": "kl/ref",
+    "grad_norm": "grad_norm",
+    "lr": "lr",
+    "nonfinite": "nonfinite",
+    "mismatch_logp": "mismatch/sampler_vs_trainer_logp",
+    "abs_dlogp": "pg/abs_dlogp",
+    "entropy_coef": "entropy/adaptive_coef",
+    "entropy_last": "entropy/adaptive_measured",
+    "entropy_bonus_coef": "entropy/bonus_coef",
+}
+
+
+def logged_metrics(metrics: dict) -> dict:
+  """`update`'s metrics (fetched to the host) as floats under their logged names."""
+  return {METRIC_NAMES.get(k, f"select/{k}"): float(v) for k, v in metrics.items()}

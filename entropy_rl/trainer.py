@@ -24,6 +24,7 @@ import numpy as np
 
 from entropy_rl import (
     advantages,
+    analysis,
     checkpoint,
     config_lib,
     distributed,
@@ -43,17 +44,6 @@ from entropy_rl.distributed import gather, to_global
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = (
-    "reward/mean",
-    "acc",
-    "entropy/token_mean",
-    "entropy/seq_mean",
-    "cov/mean",
-    "pg/clipfrac_high",
-    "response/len_mean",
-    "eval/pass@1",
-)
-
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the RL run described by `config` in `workdir`; returns the last metrics.
@@ -67,7 +57,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.maybe_initialize(config.distributed)
     config_lib.validate(config, jax.device_count())
     config = config_lib.resolve_microbatches(config, jax.device_count())
-    run = config_lib.typed(config)
+    run = config_lib.typed(config, jax.device_count())
     config_lib.check_inputs(config)
     fileio.makedirs(workdir)
     primary = jax.process_index() == 0
@@ -82,6 +72,7 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
     if distributed.any_process(stop.requested):  # every host stops together
       raise interrupt.Interrupted(stop.signum or signal.SIGTERM, step)
 
+  # 1. The policy, its data and rewards, the train state and the jitted programs.
   mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
   rules = sharding.default_rules()
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
@@ -96,17 +87,7 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
       num_shards=shard[1],
   )
   eval_examples = data_lib.make_eval_examples(c, task=task, tokenizer=policy.tokenizer)
-  reward_fn = rewards_lib.get_reward_fn(
-      c.reward.name,
-      task=task,
-      num_workers=c.reward.num_workers,
-      timeout_s=c.reward.timeout_s,
-      format_coef=c.reward.format_coef,
-      max_response_len=c.rollout.max_new_tokens,
-      overlong_buffer=c.reward.overlong_buffer,
-      overlong_penalty=c.reward.overlong_penalty,
-  )
-
+  reward_fn = rewards_lib.from_config(c.reward, task, c.rollout.max_new_tokens)
   upd_cfg, loss_cfg = run.update, run.update.loss
   total_updates = c.num_steps * upd_cfg.num_minibatches * upd_cfg.ppo_epochs
   schedule = step_lib.lr_schedule(run.optim, total_updates)
@@ -116,41 +97,22 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
   )
   params = jax.device_put(params, param_shardings)
   ref_params = params if loss_cfg.kl_ref_coef > 0 else None
-  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), loss_cfg)
-  abstract = jax.eval_shape(init, params)
-  shardings = step_lib.state_shardings(abstract, optimizer, mesh, param_shardings)
-  state = jax.jit(init, out_shardings=shardings)(params)
+  state, shardings = step_lib.init_state(params, optimizer, loss_cfg, mesh, param_shardings)
   update_fn = step_lib.make_update(
       policy.model, policy.model_cfg, upd_cfg, optimizer, schedule, mesh, shardings, rules
   )
-  ref_fn = None
   if ref_params is not None:
-    ref_fn = sharding.under_mesh(
-        jax.jit(
-            lambda p, b: step_lib.logprobs_in_chunks(
-                policy.model,
-                policy.model_cfg,
-                p,
-                b,
-                upd_cfg.num_microbatches * upd_cfg.num_minibatches,
-                upd_cfg.temperature,
-                upd_cfg.fused_chunk_size,
-            )[0]
-        ),
-        mesh,
-        rules,
-    )
+    ref_fn = step_lib.make_reference_logprobs(policy.model, policy.model_cfg, upd_cfg, mesh, rules)
+  rollouts = rollout_lib.Rollouts(run.rollout, policy, reward_fn, mesh, shard)
+  band = jnp.array([loss_cfg.clip_cov_lb, loss_cfg.clip_cov_ub], jnp.float32)
 
+  # 2. Resume from the newest intact checkpoint.
   ckpt = checkpoint.Checkpointer(
       fileio.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints
   )
   carry = {"prev_entropy": None, "nonfinite_streak": 0, "law_points": []}
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(
-        abstract_state=jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
-    )
+    state, meta = ckpt.restore(abstract_state=state)
     data_states = meta.get("data", {})  # equal on every host (see data/sources.py)
     source.set_state(data_states.get(str(jax.process_index()), data_states.get("0", {})))
     carry.update(meta["carry"])
@@ -161,85 +123,69 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
   writer = metrics.MetricsWriter(workdir, first_step=start + 1 if start else 0)
   bar = metrics.ProgressBar(total=c.num_steps, initial=start)
   base_key = jax.random.key(c.seed)
-  rollouts = rollout_lib.Rollouts(run.rollout, policy, reward_fn, mesh, shard)
-  band = jnp.array([loss_cfg.clip_cov_lb, loss_cfg.clip_cov_ub], jnp.float32)
   last: dict = {}
 
   def save(step: int):
-    ckpt.save(
-        step,
-        state,
-        {
-            "data": distributed.gather_states(source.get_state()),
-            "carry": carry,
-            "seed": c.seed,
-            "config": json.loads(c.to_json_best_effort()),
-        },
-    )
+    data = distributed.gather_states(source.get_state())
+    config_json = json.loads(c.to_json_best_effort())
+    ckpt.save(step, state, {"data": data, "carry": carry, "seed": c.seed, "config": config_json})
 
   try:
     if start == 0 and c.eval_every > 0 and c.eval.at_start:  # the starting policy, as step 0
+      eval_key = jax.random.fold_in(base_key, 2**32 - 1)  # no step uses this key
       writer.write(
           0,
-          rollout_lib.evaluate(
-              rollouts,
-              state.params,
-              eval_examples,
-              jax.random.fold_in(base_key, 2**32 - 1),
-              run,
-              check_stop,
-          ),
-      )  # no step uses this key
+          rollout_lib.evaluate(rollouts, state.params, eval_examples, eval_key, run, check_stop),
+      )
     for step in range(start, c.num_steps):
       check_stop(step)
       done = step + 1
-      key = jax.random.fold_in(base_key, step)
-      roll_key, update_key, eval_key = jax.random.split(key, 3)
+      roll_key, update_key, eval_key = jax.random.split(jax.random.fold_in(base_key, step), 3)
       rollouts.faults = rollout_lib.RewardCounts()
+
+      # 3. Rollout and rewards (dynamic sampling may draw several batches).
       t0 = time.perf_counter()
       roll, every, draws = rollouts.collect(state.params, source, roll_key, check_stop)
       t1 = time.perf_counter()
+
+      # 4. Group advantages, the update's batch, the reference log-probs.
       g = c.rollout.num_samples
-      adv_N = np.asarray(
-          advantages.compute_advantages(
-              jnp.asarray(roll.rewards.reshape(-1, g)),
-              c.rl.advantage,
-              qae_quantile=c.rl.qae_quantile,
-          )
-      ).reshape(-1)
-      batch = make_batch(roll, adv_N, mesh)
-      if ref_fn is not None:
-        batch["ref_logp"] = ref_fn(ref_params, batch)
+      adv_N = advantages.compute_advantages(
+          jnp.asarray(roll.rewards.reshape(-1, g)), c.rl.advantage, qae_quantile=c.rl.qae_quantile
+      )
+      batch = make_batch(roll, np.asarray(adv_N).reshape(-1), mesh)
+      if ref_params is not None:
+        batch = batch.replace(ref_logp=ref_fn(ref_params, batch))
       t2 = time.perf_counter()
+
+      # 5. The update, and the entropy mechanism's statistics of the rollout it learns from.
+      entropy = to_global(roll.entropy, mesh)
       rollout_stats = stats.rollout_token_stats(
-          to_global(roll.entropy, mesh),
-          batch["old_logp"],
-          batch["advantages"],
-          batch["response_mask"],
-          band,
+          entropy, batch.old_logp, batch.advantages, batch.response_mask, band
       )
       state, upd = update_fn(state, batch, update_key)
       upd = jax.device_get(upd)
       t3 = time.perf_counter()
 
+      # 6. Metrics: entropy dynamics, rewards, faults, times.
       m = {k: float(v) for k, v in jax.device_get(rollout_stats).items()}
-      m.update(update_metrics(upd))
+      m.update(step_lib.logged_metrics(upd))
       m.update(rollout_lib.reward_metrics(every, roll, g, draws, policy.stop_ids))
       m["entropy/predicted_delta"] = -float(upd["lr"]) * m["cov/mean"]
       if carry["prev_entropy"] is not None:
         m["entropy/actual_delta"] = m["entropy/token_mean"] - carry["prev_entropy"]
       carry["prev_entropy"] = m["entropy/token_mean"]
       faults = rollouts.faults
-      n_tokens = float(np.sum(gather(np.array([every.mask.sum()]))))
+      total = lambda x: float(np.sum(gather(np.array([x]))))  # summed over hosts
       m.update(
           {
-              "reward/timeouts": float(np.sum(gather(np.array([faults.timeouts])))),
-              "reward/errors": float(np.sum(gather(np.array([faults.errors])))),
+              "reward/timeouts": total(faults.timeouts),
+              "reward/errors": total(faults.errors),
               "time/rollout": t1 - t0 - faults.seconds,
               "time/reward": faults.seconds,
               "time/advantage_batch": t2 - t1,
               "time/update": t3 - t2,
-              "throughput/tokens_per_s": n_tokens / max(t3 - t0, 1e-9),
+              "throughput/tokens_per_s": total(every.mask.sum()) / max(t3 - t0, 1e-9),
           }
       )
       if upd["nonfinite"] > 0:
@@ -254,9 +200,11 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
       else:
         carry["nonfinite_streak"], carry["last_good_step"] = 0, done
       carry["law_points"].append([m["entropy/token_mean"], m["acc"]])
+
+      # 7. Evaluation, logging, checkpoints.
       if c.eval_every > 0 and (done % c.eval_every == 0 or done == c.num_steps):
         m.update(rollout_lib.evaluate(rollouts, state.params, eval_examples, eval_key, run))
-        m.update(law_hint(carry["law_points"], done))
+        m.update(analysis.law_hint(carry["law_points"], done))
       writer.write(done, m)
       bar.update(done, m)
       last = m
@@ -283,80 +231,19 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
       reward_fn.close()
       bar.close()
   if jax.process_index() == 0 and int(state.step) == c.num_steps:
-    write_summary(workdir)
+    print(metrics.write_summary(workdir))
   return last
 
 
-def make_batch(roll: rollout_lib.Rollout, adv_N: np.ndarray, mesh, ref_logp=None) -> dict:
-  """The update's input: [prompt | response] tokens and masks, behaviour log-probs, and the
-  group advantages broadcast to the response tokens, as global arrays over the batch axes."""
-  mask = roll.mask
-  batch = {
-      "tokens": np.concatenate([roll.prompt, roll.tokens], axis=1).astype(np.int32),
-      "attn_mask": np.concatenate([roll.prompt_mask, mask], axis=1).astype(np.int32),
-      "response_mask": mask.astype(np.float32),
-      "old_logp": roll.logp.astype(np.float32),
-      "advantages": (adv_N[:, None] * mask).astype(np.float32),
-  }
-  return {k: to_global(v, mesh) for k, v in batch.items()}
-
-
-def write_summary(workdir: str) -> None:
-  """End of run: PNG plots of reward, accuracy and entropy vs step, and a markdown summary."""
-  path = fileio.join(workdir, metrics.METRICS_FILE)
-  metrics.plot_metrics(
-      path, ["reward/mean", "acc", "entropy/token_mean"], fileio.join(workdir, "curves.png")
+def make_batch(roll: rollout_lib.Rollout, adv_N: np.ndarray, mesh) -> step_lib.Batch:
+  """The update's input from a rollout: [prompt | response] tokens and masks, behaviour
+  log-probs, the group advantages broadcast to the response tokens; global arrays over the mesh."""
+  mask = roll.mask.astype(np.float32)
+  batch = step_lib.Batch(
+      tokens=np.concatenate([roll.prompt, roll.tokens], axis=1).astype(np.int32),
+      attn_mask=np.concatenate([roll.prompt_mask, roll.mask], axis=1).astype(np.int32),
+      response_mask=mask,
+      old_logp=roll.logp.astype(np.float32),
+      advantages=(adv_N[:, None] * mask).astype(np.float32),
   )
-  records = metrics.read_metrics(path)
-  eval_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
-  table = metrics.summary_table(records, list(dict.fromkeys(SUMMARY_KEYS + tuple(eval_keys))))
-  fileio.write_text(fileio.join(workdir, "summary.md"), table + "\n")
-  print(table)
-
-
-def law_hint(points, step: int, window: int = 10, min_windows: int = 3) -> dict:
-  """The early-stopping hint: EM's law R = -a exp(H) + b fitted on 10-step means of (token
-  entropy, rollout accuracy) so far; its ceiling -a + b is the accuracy predicted at H = 0."""
-  from entropy_rl import analysis  # pylint: disable=g-import-not-at-top
-
-  h, r = np.asarray(points, np.float64).T if points else (np.zeros(0), np.zeros(0))
-  if len(h) < window * min_windows:
-    return {}
-  try:
-    fit = analysis.fit_law(analysis.window_means(h, window), analysis.window_means(r, window))
-  except (RuntimeError, ValueError):  # no convergence yet
-    return {}
-  log.info(
-      "step %d: entropy-performance law R = -%.3f exp(H) + %.3f (R^2 %.2f) predicts an "
-      "accuracy ceiling of %.3f at H = 0; recent accuracy %.3f",
-      step,
-      fit["a"],
-      fit["b"],
-      fit["r2"],
-      fit["ceiling"],
-      float(np.mean(r[-window:])),
-  )
-  return {"law/a": fit["a"], "law/b": fit["b"], "law/r2": fit["r2"], "law/ceiling": fit["ceiling"]}
-
-
-UPDATE_METRIC_NAMES = {
-    "clipfrac_low": "pg/clipfrac_low",
-    "clipfrac_high": "pg/clipfrac_high",
-    "ppo_kl": "pg/ppo_kl",
-    "pg_loss": "pg/loss",
-    "loss": "loss",
-    "kl_ref": "kl/ref",
-    "grad_norm": "grad_norm",
-    "lr": "lr",
-    "nonfinite": "nonfinite",
-    "mismatch_logp": "mismatch/sampler_vs_trainer_logp",
-    "abs_dlogp": "pg/abs_dlogp",
-    "entropy_coef": "entropy/adaptive_coef",
-    "entropy_last": "entropy/adaptive_measured",
-    "entropy_bonus_coef": "entropy/bonus_coef",
-}
-
-
-def update_metrics(upd: dict) -> dict:
-  """The update's metrics under their logged names (token-selection counts as select/...)."""
-  return {UPDATE_METRIC_NAMES.get(k, f"select/{k}"): float(v) for k, v in upd.items()}
+  return jax.tree.map(lambda x: to_global(x, mesh), batch)

@@ -292,12 +292,10 @@ def run(args) -> dict:
   optimizer = step_lib.make_optimizer(run_cfg.optim, 1000)
   schedule = step_lib.lr_schedule(run_cfg.optim, 1000)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
-  init = lambda p: step_lib.TrainState.create(p, optimizer.init(p), run_cfg.update.loss)
-  shardings = step_lib.state_shardings(jax.eval_shape(init, params), optimizer, mesh, pshard)
-  state = jax.jit(init, out_shardings=shardings)(jax.device_put(params, pshard))
-  gbatch = jax.device_put(
-      {k: jnp.asarray(v) for k, v in batch.items()}, sharding.batch_sharding(mesh)
+  state, shardings = step_lib.init_state(
+      jax.device_put(params, pshard), optimizer, run_cfg.update.loss, mesh, pshard
   )
+  gbatch = jax.device_put(step_lib.Batch(**batch), sharding.batch_sharding(mesh))
   update = step_lib.make_update(
       models.Decoder(cfg), cfg, run_cfg.update, optimizer, schedule, mesh, shardings, rules
   )

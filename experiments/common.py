@@ -97,7 +97,7 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
     return path
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "spec.json"), "w") as f:
-    json.dump(dataclasses.asdict(s), f, indent=1)
+    json.dump({**dataclasses.asdict(s), "code": code_version()}, f, indent=1)
   cmd = [
       sys.executable,
       "-m",
@@ -120,6 +120,32 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
     raise RuntimeError(f"run {s.name} failed (rc {rc}); see {path}/log.txt")
   log(f"[done] {s.name} in {time.time() - start:.0f} s")
   return path
+
+
+def code_version() -> dict:
+  """The commit a run is launched from and whether the tree had uncommitted changes, so every arm of
+  a comparison can be checked to come from the same code (`same_code`)."""
+
+  def git(*args):
+    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+  dirty = git("status", "--porcelain", "--untracked-files=no", "--", "entropy_rl", "configs")
+  return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None}
+
+
+def same_code(root: str, specs) -> dict:
+  """{commit: [run names]} of the runs of `specs` in `root` (one key: all from the same code)."""
+  out: dict = {}
+  for s in specs:
+    try:
+      with open(os.path.join(run_dir(root, s), "spec.json")) as f:
+        code = json.load(f).get("code", {})
+    except FileNotFoundError:
+      code = {}
+    key = str(code.get("commit")) + ("+dirty" if code.get("dirty") else "")
+    out.setdefault(key, []).append(s.name)
+  return out
 
 
 def read_records(path: str) -> list[dict]:

@@ -279,3 +279,45 @@ def test_noise_r2_ceiling_matches_the_r2_of_the_true_curve():
 def test_noise_r2_ceiling_bad_input():
   with pytest.raises(ValueError, match="at least 20"):
     analysis.noise_r2_ceiling(np.ones(15), 10)
+
+
+def test_law_hint_recovers_the_ceiling():
+  h = np.linspace(0.6, 0.2, 60)
+  r = -0.3 * np.exp(h) + 0.7 + np.random.default_rng(0).normal(0, 0.005, 60)
+  hint = analysis.law_hint(np.stack([h, r], 1).tolist(), 60)
+  assert abs(hint["law/ceiling"] - 0.4) < 0.02 and hint["law/r2"] > 0.95
+  assert analysis.law_hint([[0.5, 0.1]] * 29, 29) == {}  # fewer than 3 windows of 10 steps
+
+
+def test_weighted_law_fit_passes_chi2_on_its_own_noise_and_fails_on_a_wrong_curve():
+  rng = np.random.default_rng(0)
+  h = np.linspace(0.9, 0.1, 40)
+  sigma = analysis.accuracy_se(-0.3 * np.exp(h) + 0.8, 1024)
+  p_values = []
+  for _ in range(200):
+    r = -0.3 * np.exp(h) + 0.8 + rng.normal(0, sigma)
+    p_values.append(analysis.fit_law(h, r, sigma=sigma)["p_value"])
+  assert 0.02 < np.mean(np.asarray(p_values) < 0.05) < 0.09  # ~5% false rejections
+  bent = -0.3 * np.exp(h) + 0.8 + 0.1 * np.sin(6 * h)  # not of the law's form
+  fit = analysis.fit_law(h, bent + rng.normal(0, sigma), sigma=sigma)
+  assert fit["p_value"] < 1e-6 and fit["dof"] == 38
+  assert "chi2" not in analysis.fit_law(h, bent)
+
+
+def test_accuracy_se_is_binomial():
+  np.testing.assert_allclose(analysis.accuracy_se(0.3, 1024), np.sqrt(0.21 / 1024))
+  assert analysis.accuracy_se(0.0, 100) > 0  # floored, so a weighted fit never divides by 0
+
+
+def test_paired_difference_matches_the_paired_t_test():
+  from scipy import stats as st
+
+  a, b = [0.41, 0.44, 0.39, 0.47], [0.38, 0.40, 0.39, 0.42]
+  d = analysis.paired_difference(a, b)
+  ref = st.ttest_rel(a, b)
+  np.testing.assert_allclose(d["t"], ref.statistic)
+  np.testing.assert_allclose(d["p_value"], ref.pvalue)
+  np.testing.assert_allclose(d["mean"], np.mean(np.subtract(a, b)))
+  assert d["n"] == 4 and np.isnan(analysis.paired_difference([1.0], [0.5])["se"])
+  with pytest.raises(ValueError, match="equal-length"):
+    analysis.paired_difference([1.0, 2.0], [1.0])

@@ -83,8 +83,10 @@ def test_method_settings(arg):
 def test_typed_config_carries_every_value_it_reads():
   c = _get("top_entropy", "qwen3_8b")
   c.loss.clip_cov_lb = 2  # an override as the CLI gives it
-  run = config_lib.typed(c)
-  assert dataclasses.asdict(run.update.loss) == c.loss.to_dict()
+  run = config_lib.typed(c, num_devices=64)
+  loss = dataclasses.asdict(run.update.loss)
+  assert loss.pop("selection_shards") == 64 // c.mesh.tensor  # mesh.fsdp = -1 takes the rest
+  assert loss == c.loss.to_dict()
   assert run.update.loss.clip_cov_lb == 2.0
   assert dataclasses.asdict(run.optim) == c.optim.to_dict()
   assert dataclasses.asdict(run.mesh) == c.mesh.to_dict()
@@ -101,7 +103,7 @@ def test_typed_config_carries_every_value_it_reads():
   update = dataclasses.asdict(run.update)
   assert {k: update[k] for k in update if k in c.rl} == {k: c.rl[k] for k in update if k in c.rl}
   assert run.update.temperature == c.rollout.temperature and run.update.num_minibatches == 16
-  assert hash(run) == hash(config_lib.typed(c))  # usable as a static jit argument
+  assert hash(run) == hash(config_lib.typed(c, 64))  # usable as a static jit argument
   with pytest.raises(dataclasses.FrozenInstanceError):
     run.optim.lr = 1.0
 
@@ -125,8 +127,7 @@ def _tiny(family, arg="tiny"):
 
 def _ref_batch():
   batch = test_step._batch()
-  batch["ref_logp"] = (batch["old_logp"] * 0.9).astype(np.float32)
-  return batch
+  return batch.replace(ref_logp=(batch.old_logp * 0.9).astype(np.float32))
 
 
 # grpo and clip_higher run in test_step.py; bottom/random share top_entropy's code path.
@@ -148,7 +149,7 @@ def test_tiny_preset_runs_an_update_step(family, arg):
   c = _tiny(family, arg)
   batch = _ref_batch()
   if family == "gspo":  # sequence ratios ~e^-2.9 < 1 - 3e-4: clipped where A < 0
-    batch["advantages"][:8] *= -1.0
+    batch.advantages[:8] *= -1.0
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   state, m = test_step._run(c, mesh, batch)
   assert m["nonfinite"] == 0 and np.isfinite(m["loss"]) and m["grad_norm"] > 0

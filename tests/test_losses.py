@@ -118,7 +118,8 @@ def test_default_config_is_grpo_and_the_config_files_loss_block():
         ("token_mask", "top"),
         ("token_mask_rho", 0.0),
         ("token_mask_rho", 1.2),
-        ("selection_scope", "device"),
+        ("selection_scope", "rank"),
+        ("selection_shards", 0),
         ("kl_ref_coef", -0.1),
         ("kl_ref_estimator", "k4"),
         ("entropy_coef", float("nan")),
@@ -818,3 +819,63 @@ def test_sharded_mesh_equals_single_device(batch):
   np.testing.assert_allclose(s_grad, grad, rtol=1e-6, atol=1e-9)
   for k in metrics:
     np.testing.assert_allclose(s_metrics[k], metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(name="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-5.0),
+        dict(name="kl_cov", kl_cov_ratio=0.2),
+        dict(token_mask="top_entropy", token_mask_rho=0.3),
+        dict(name="archer"),
+    ],
+)
+def test_device_scope_selects_within_each_devices_rows(batch, extra):
+  """verl's scope: each device's contiguous block of rows is its own selection set."""
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  rng = jax.random.key(3)
+  args = (b["logp"], b["old"], b["adv"], b["mask"])
+  kw = dict(entropy_BxT=b["entropy"])
+  dev = losses.select_tokens(
+      *args, make_cfg(selection_scope="device", selection_shards=2, **extra), rng=rng, **kw
+  )
+  micro = make_cfg(**extra)
+  halves = [
+      losses.select_tokens(
+          *(x[4 * d : 4 * d + 4] for x in args),
+          micro,
+          entropy_BxT=b["entropy"][4 * d : 4 * d + 4],
+          rng=jax.random.fold_in(rng, d),
+      )
+      for d in range(2)
+  ]
+  for k in losses.SELECTION_KEYS:
+    np.testing.assert_array_equal(dev[k], np.concatenate([h[k] for h in halves]))
+  one = losses.select_tokens(
+      *args, make_cfg(selection_scope="device", selection_shards=1, **extra), rng=rng, **kw
+  )
+  whole = losses.select_tokens(*args, micro, rng=rng, **kw)
+  for k in losses.SELECTION_KEYS:
+    np.testing.assert_array_equal(one[k], whole[k])
+  if extra.get("name") == "kl_cov":  # per-device counts: floor(0.2 n_d) each, not floor(0.2 n)
+    n = [int(batch["mask"][4 * d : 4 * d + 4].sum()) for d in range(2)]
+    assert float(dev["cov_selected"].sum()) == sum(max(1, int(0.2 * x)) for x in n)
+
+
+def test_device_scope_rows_must_split(batch):
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  cfg = make_cfg(name="kl_cov", selection_scope="device", selection_shards=3)
+  with pytest.raises(ValueError, match="3 devices"):
+    losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg)
+
+
+def test_cov_mass_selected_is_the_selected_share_of_positive_covariance(batch):
+  b = {k: jnp.asarray(v) for k, v in batch.items()}
+  cfg = make_cfg(name="kl_cov", kl_cov_ratio=0.1)
+  _, metrics = losses.policy_loss(b["logp"], b["old"], b["adv"], b["mask"], cfg)
+  sel = losses.select_tokens(b["logp"], b["old"], b["adv"], b["mask"], cfg)["cov_selected"]
+  cov = np_cov(batch["logp"], batch["adv"], batch["mask"])
+  pos = np.where(batch["mask"] > 0, np.maximum(cov, 0.0), 0.0)
+  expected = (pos * np.asarray(sel)).sum() / pos.sum()
+  np.testing.assert_allclose(float(metrics["cov_mass_selected"]), expected, rtol=1e-5)
+  assert 0.0 < expected < 1.0

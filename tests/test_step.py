@@ -1,7 +1,6 @@
 """The pure update step: sharding-invariance, exact gradient accumulation, non-finite skips."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,31 +44,24 @@ def _batch(seed=0):
   tokens[:, :P_LEN] *= pmask
   tokens[:, P_LEN:] *= rmask.astype(np.int32)
   adv = np.repeat(rng.normal(size=(N // 4, 1)), 4, axis=1).reshape(N)
-  return {
-      "tokens": tokens,
-      "attn_mask": np.concatenate([pmask, rmask.astype(np.int32)], 1),
-      "response_mask": rmask,
-      "old_logp": (np.log(rng.uniform(0.05, 0.9, (N, L_LEN))) * rmask).astype(np.float32),
-      "advantages": (adv[:, None] * rmask).astype(np.float32),
-  }
+  return step_lib.Batch(
+      tokens=tokens,
+      attn_mask=np.concatenate([pmask, rmask.astype(np.int32)], 1),
+      response_mask=rmask,
+      old_logp=(np.log(rng.uniform(0.05, 0.9, (N, L_LEN))) * rmask).astype(np.float32),
+      advantages=(adv[:, None] * rmask).astype(np.float32),
+  )
 
 
 def _run(c, mesh, batch, steps=1):
   model, cfg, params = _model()
   rules = sharding.default_rules()
-  run = config_lib.typed(c)
+  run = config_lib.typed(c, mesh.devices.size)
   optimizer = step_lib.make_optimizer(run.optim, 10)
   schedule = step_lib.lr_schedule(run.optim, 10)
   pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
   params = jax.device_put(params, pshard)
-  abstract = jax.eval_shape(
-      lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params
-  )
-  shardings = step_lib.state_shardings(abstract, optimizer, mesh, pshard)
-  state = jax.jit(
-      lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
-      out_shardings=shardings,
-  )(params)
+  state, shardings = step_lib.init_state(params, optimizer, run.update.loss, mesh, pshard)
   update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings, rules)
   gbatch = jax.device_put(batch, sharding.batch_sharding(mesh))
   metrics = None
@@ -135,17 +127,32 @@ def test_global_scope_selects_over_the_minibatch():
   c = _config(selection_scope="global", token_mask="top_entropy", token_mask_rho=0.3)
   c.rl.num_microbatches = 4
   _, m = _run(c, mesh, batch)
-  mask = batch["response_mask"]
+  mask = batch.response_mask
   minis = [mask[i::2] for i in range(2)]
   expected = np.mean([np.ceil(0.3 * mm.sum()) for mm in minis])
   # n_token_mask is reported per micro-batch; the four micro-batches share the global selection.
   np.testing.assert_allclose(m["n_token_mask"] * 4, expected, rtol=1e-6)
 
 
+def test_device_scope_selects_over_each_devices_rows():
+  """verl's scope on a 2-device mesh: each device keeps ceil(rho * n_d) of its own rows."""
+  batch = _batch(1)
+  mesh = sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])
+  c = _config(selection_scope="device", token_mask="top_entropy", token_mask_rho=0.3)
+  _, m = _run(c, mesh, batch)
+  mask = batch.response_mask
+  minis = [mask[i::2] for i in range(2)]  # strided mini-batches, each split in two row blocks
+  half = len(minis[0]) // 2
+  expected = np.mean(
+      [np.ceil(0.3 * mm[:half].sum()) + np.ceil(0.3 * mm[half:].sum()) for mm in minis]
+  )
+  np.testing.assert_allclose(m["n_token_mask"], expected, rtol=1e-6)
+  assert expected != np.mean([np.ceil(0.3 * mm.sum()) for mm in minis])  # the scopes differ here
+
+
 def test_nonfinite_update_is_skipped():
   batch = _batch(4)
-  batch["advantages"] = batch["advantages"].copy()
-  batch["advantages"][:2, 0] = np.nan  # rows 0 and 1: one in each strided mini-batch
+  batch.advantages[:2, 0] = np.nan  # rows 0 and 1: one in each strided mini-batch
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   c = _config()
   model, cfg, params = _model()
@@ -158,8 +165,7 @@ def test_nonfinite_update_is_skipped():
 def test_step_with_one_bad_minibatch_is_skipped_whole():
   """Only row 1 (mini-batch 1 of 2) is NaN: mini-batch 0's finite update is undone too."""
   batch = _batch(4)
-  batch["advantages"] = batch["advantages"].copy()
-  batch["advantages"][1, 0] = np.nan
+  batch.advantages[1, 0] = np.nan
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   model, cfg, params = _model()
   state, m = _run(_config(), mesh, batch)

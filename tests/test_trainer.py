@@ -337,14 +337,6 @@ def test_default_config_improves_reward(tmp_path):
   assert recs[-1]["entropy/token_mean"] < recs[0]["entropy/token_mean"]  # the collapse
 
 
-def test_law_hint_recovers_the_ceiling():
-  h = np.linspace(0.6, 0.2, 60)
-  r = -0.3 * np.exp(h) + 0.7 + np.random.default_rng(0).normal(0, 0.005, 60)
-  hint = trainer.law_hint(np.stack([h, r], 1).tolist(), 60)
-  assert abs(hint["law/ceiling"] - 0.4) < 0.02 and hint["law/r2"] > 0.95
-  assert trainer.law_hint([[0.5, 0.1]] * 29, 29) == {}  # fewer than 3 windows of 10 steps
-
-
 def test_evaluation_never_holds_more_rows_than_a_training_rollout(monkeypatch, tmp_path):
   from entropy_rl import rollout, sampling
 

@@ -127,3 +127,18 @@ def get_reward_fn(
       overlong_buffer=overlong_buffer,
       overlong_penalty=overlong_penalty,
   )
+
+
+def from_config(reward_cfg, task: Task | None, max_response_len: int) -> RewardFn:
+  """The run's reward function from `config.reward` (the trainer's responses are at most
+  `max_response_len` tokens, the limit DAPO's overlong shaping counts back from)."""
+  return get_reward_fn(
+      reward_cfg.name,
+      task=task,
+      num_workers=reward_cfg.num_workers,
+      timeout_s=reward_cfg.timeout_s,
+      format_coef=reward_cfg.format_coef,
+      max_response_len=max_response_len,
+      overlong_buffer=reward_cfg.overlong_buffer,
+      overlong_penalty=reward_cfg.overlong_penalty,
+  )
