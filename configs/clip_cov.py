@@ -5,6 +5,9 @@ Paper runs: r = 2e-4, band (1, 5), eps_low = eps_high = 1. The paper's r assumes
 preset scales r up: r = 0.02 with band (0.5, 10) detaches ~9 tokens per mini-batch and ended at
 1.23x GRPO's entropy after 100 steps; r = 0.1 (1.87x at 100 steps) diverged after ~80 steps in
 experiments/results/covariance_methods.
+
+`get_config("MODEL,random")` is the count-matched control: each step detaches as many tokens as
+Clip-Cov's band would, drawn at random from all unclipped tokens (`loss.clip_cov_tokens`).
 """
 
 from entropy_rl import config_lib
@@ -25,4 +28,12 @@ def method(c, model):
 
 
 def get_config(arg=None):
-  return config_lib.get_config_for(arg, method)
+  model, _, tokens = (arg or "tiny").partition(",")
+  if tokens not in ("", "band", "random"):
+    raise ValueError(f"configs/clip_cov.py:{arg}: {tokens!r} is not band or random")
+
+  def with_tokens(c, model):
+    method(c, model)
+    c.loss.clip_cov_tokens = tokens or "band"
+
+  return config_lib.get_config_for(model, with_tokens)

@@ -55,6 +55,7 @@ class LossConfig:
   clip_cov_ratio: float = 2e-4
   clip_cov_lb: float = 1.0
   clip_cov_ub: float = 5.0
+  clip_cov_tokens: str = "band"  # band: EM's rule | random: the count-matched random control
   kl_cov_ratio: float = 2e-3
   kl_cov_coef: float = 1.0
   loss_agg_mode: str = "token-mean"
@@ -103,6 +104,7 @@ class LossConfig:
     real("clip_cov_ub")
     if not self.clip_cov_lb < self.clip_cov_ub:
       fail("clip_cov_ub", f"greater than config.loss.clip_cov_lb = {self.clip_cov_lb!r}")
+    choice("clip_cov_tokens", losses.CLIP_COV_TOKENS)
     real("kl_cov_ratio", 0.0, 1.0, lo_open=True)
     real("kl_cov_coef", 0.0)
     choice("loss_agg_mode", losses.AGG_MODES)

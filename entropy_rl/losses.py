@@ -4,7 +4,8 @@
   (`clip_ratio_c`) for negative advantages, ratio = exp(clip(logp - old_logp, -20, 20)).
 - `clip_cov` (EM Eq. 11-12): a random `max(floor(r * n), 1)` of the not-yet-clipped tokens with
   `lb < cov < ub` get loss x 0 (they stay in the denominator); others the PPO surrogate without
-  dual-clip and without the log-ratio clamp.
+  dual-clip and without the log-ratio clamp. `clip_cov_tokens='random'` is its entropy control: as
+  many tokens as the band would give, drawn uniformly from all not-yet-clipped tokens.
 - `kl_cov` (EM Eq. 13-14): `-A * ratio` for every token plus `beta * |logp - old_logp|` on the
   `max(1, floor(kappa * n))` tokens with the largest covariance; ratio = exp(logp - old_logp) without
   a clamp, as in verl's `kl_cov` (a log-ratio above ~88.7 overflows float32 to inf there and here;
@@ -56,6 +57,7 @@ SELECTION_SCOPES = ("microbatch", "device", "global")
 # or over the selection set (the micro-batch, or the whole update batch for selection_scope='global').
 ENTROPY_QUANTILE_SCOPES = ("selection", "response")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+CLIP_COV_TOKENS = ("band", "random")
 LOG_RATIO_CLAMP = 20.0
 GSPO_LOG_RATIO_CAP = 10.0
 SELECTION_KEYS = ("token_mask", "cov_selected", "high_entropy")
@@ -245,6 +247,9 @@ def _select_tokens(logp_BxT, old_logp_BxT, adv_BxT, mask_BxT, cfg, entropy_BxT, 
         valid_BxT & ~(l2_BxT > l1_BxT) & (cov_BxT > cfg.clip_cov_lb) & (cov_BxT < cfg.clip_cov_ub)
     )
     k = stats.top_count(cfg.clip_cov_ratio, n)
+    if cfg.clip_cov_tokens == "random":  # the band's count, from every unclipped token
+      k = jnp.minimum(k, jnp.sum(candidates_BxT, dtype=jnp.int32))
+      candidates_BxT = valid_BxT & ~(l2_BxT > l1_BxT)
     scores_BxT = jax.random.uniform(jax.random.fold_in(rng, 0), valid_BxT.shape)
     selected_BxT = stats.top_k_mask(scores_BxT, candidates_BxT, k)
   elif cfg.name == "kl_cov":

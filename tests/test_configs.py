@@ -13,9 +13,11 @@ from tests import test_step
 
 FAMILIES = ("default", "grpo", "clip_higher", "clip_cov", "kl_cov", "top_entropy")  # EM / HE
 METHODS = ("gspo", "cispo", "archer", "adaptive_entropy", "entropy_advantage", "w_reinforce", "qae")
-TINY = [(f, "tiny") for f in FAMILIES + METHODS] + [
-    ("top_entropy", f"tiny,{m}") for m in ("bottom", "random", "quantile")
-]
+TINY = (
+    [(f, "tiny") for f in FAMILIES + METHODS]
+    + [("top_entropy", f"tiny,{m}") for m in ("bottom", "random", "quantile")]
+    + [("clip_cov", "tiny,random")]
+)
 PAPER = [(f, m) for f in FAMILIES[1:] + METHODS for m in config_lib.PAPER_MODELS]
 
 
@@ -47,6 +49,10 @@ def test_paper_settings():
   assert he.loss.token_mask == "top_entropy" and he.loss.token_mask_rho == 0.2
   assert he.rl.dynamic_sampling and he.rollout.num_samples == 16
   assert _get("top_entropy", "qwen3_8b,bottom").loss.token_mask == "bottom_entropy"
+  assert _get("clip_cov", "qwen2_5_7b,random").loss.clip_cov_tokens == "random"
+  assert _get("clip_cov", "qwen2_5_7b").loss.clip_cov_tokens == "band"
+  with pytest.raises(ValueError, match="clip_cov.py:tiny,top"):
+    _get("clip_cov", "tiny,top")
   with pytest.raises(ValueError, match="token mask"):
     _get("top_entropy", "tiny,middle")
 
@@ -135,6 +141,7 @@ def _ref_batch():
     "family,arg",
     [
         ("clip_cov", "tiny"),
+        ("clip_cov", "tiny,random"),
         ("kl_cov", "tiny"),
         ("top_entropy", "tiny"),
         ("top_entropy", "tiny,quantile"),

@@ -1,5 +1,6 @@
 """entropy_rl.losses against float64 NumPy references, with padding."""
 
+import dataclasses
 import itertools
 import math
 
@@ -112,6 +113,7 @@ def test_default_config_is_grpo_and_the_config_files_loss_block():
         ("clip_cov_ratio", 0.0),
         ("clip_cov_ratio", -2e-4),
         ("clip_cov_ub", 0.5),
+        ("clip_cov_tokens", "top"),
         ("kl_cov_ratio", 0.0),
         ("kl_cov_coef", -1.0),
         ("loss_agg_mode", "mean"),
@@ -272,6 +274,27 @@ def test_clip_cov_never_selects_already_clipped_tokens(batch):
       "cov_selected"
   ]
   np.testing.assert_array_equal(np.asarray(sel) > 0, candidates)  # k = n takes every candidate
+
+
+@pytest.mark.parametrize("ratio", [0.1, 1.0])
+def test_clip_cov_random_control_matches_the_bands_count_from_all_unclipped_tokens(batch, ratio):
+  b = batch
+  band = make_cfg(name="clip_cov", clip_cov_ratio=ratio, clip_cov_lb=0.2, clip_cov_ub=3.0)
+  control = dataclasses.replace(band, clip_cov_tokens="random")
+  candidates, _ = _np_clip_cov_candidates(b, band)
+  _, l1, l2 = np_clip_terms(b["logp"], b["old"], b["adv"], band, clamp=False)
+  unclipped = (b["mask"] > 0) & ~(l2 > l1)
+  k = min(max(math.floor(ratio * (b["mask"] > 0).sum()), 1), candidates.sum())
+  picks = []
+  for seed in range(40):
+    sel = losses.select_tokens(
+        b["logp"], b["old"], b["adv"], b["mask"], control, rng=jax.random.key(seed)
+    )["cov_selected"]
+    sel = np.asarray(sel) > 0
+    assert sel.sum() == k and not (sel & ~unclipped).any()
+    picks.append(sel)
+  assert np.mean([(p & ~candidates).any() for p in picks]) > 0.5  # not confined to the band
+  assert unclipped.sum() > candidates.sum()
 
 
 def test_clip_cov_draws_uniform_subsets():
