@@ -1,6 +1,8 @@
 """Study 2: covariance methods (EM Table 2, Fig. 11; Table 1 for the covariance tail).
 
-GRPO vs clip-higher vs Clip-Cov vs KL-Cov, several seeds each, from one shared warm start. Entropy,
+GRPO vs clip-higher vs Clip-Cov vs KL-Cov, and Clip-Cov's count-matched control (the same number of
+tokens detached, drawn at random: `configs/clip_cov.py:<preset>,random`), several seeds each, from
+one shared warm start. Entropy,
 accuracy, pass@k and response length vs step; a final table (mean ± sd over seeds) at equal steps;
 GRPO's accuracy plateau (detected); each method's residual against GRPO's fitted entropy-reward
 curve (matched entropy: on the curve = spends entropy more slowly, above = a better frontier); the
@@ -19,7 +21,15 @@ import numpy as np
 from entropy_rl import analysis
 from experiments import common
 
-METHODS = ("grpo", "clip_higher", "clip_cov", "kl_cov")
+# Arm -> (config family, preset variant).
+ARMS = {
+    "grpo": ("grpo", ""),
+    "clip_higher": ("clip_higher", ""),
+    "clip_cov": ("clip_cov", ""),
+    "clip_cov_random": ("clip_cov", "random"),
+    "kl_cov": ("kl_cov", ""),
+}
+METHODS = tuple(ARMS)
 H, R = "entropy/token_mean", "acc"
 PAPER_TABLE1 = {0.0002: 5.654, 0.002: 3.112, 0.02: 1.385, 0.2: 0.351, 0.5: 0.152, 1.0: 0.003}
 
@@ -30,7 +40,10 @@ def method_specs(quick: bool, seeds: int, steps: int, methods=METHODS, preset: s
   return {
       m: [
           common.RunSpec(
-              f"{tag}_{m}_s{s}", m, preset, tuple(sorted({**settings, "seed": s}.items()))
+              f"{tag}_{m}_s{s}",
+              ARMS[m][0],
+              f"{preset},{ARMS[m][1]}" if ARMS[m][1] else preset,
+              tuple(sorted({**settings, "seed": s}.items())),
           )
           for s in range(seeds)
       ]
@@ -114,6 +127,7 @@ def main():
           [m, common.mean_std(per_seed), common.mean_std(late), f"{np.mean(inside):.2f}"]
       )
     sel = [common.final_mean(x, "select/n_cov_selected", last=10**6) for x in runs[m]]
+    mass = [common.final_mean(x, "select/cov_mass_selected", last=10**6) for x in runs[m]]
     dlogp = [common.final_mean(x, "pg/abs_dlogp", last=10**6) for x in runs[m]]
     clip = [
         common.final_mean(x, "pg/clipfrac_high", last=10**6)
@@ -127,6 +141,7 @@ def main():
             f"{np.nanmean(sel):.2f}",
             f"{np.nanmean(sel) * 4:.1f}",
             f"{np.nanmean(ntok):.0f}",
+            f"{np.nanmean(mass):.3f}",
             f"{np.nanmean(dlogp):.4f}",
             f"{np.nanmean(clip):.4f}",
         ]
@@ -163,9 +178,15 @@ def main():
       if ref_fit
       else "n/a"
   )
+  code = common.same_code(a.root, [x for v in specs.values() for x in v])
+  code_txt = (
+      f"every run from commit {next(iter(code))}"
+      if len(code) == 1
+      else "runs from different code: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in code.items())
+  )
   text = f"""# Study 2: covariance methods (EM Table 2 / Fig. 11, Table 1)
 
-Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {num_steps} steps per method, one shared warm start.
+Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {num_steps} steps per method, one shared warm start; {code_txt}.
 Methods: configs/grpo.py, clip_higher.py (eps_high 0.28), clip_cov.py (tiny: r = 0.02, band (0.5, 10)),
 kl_cov.py (tiny: k = 0.02, beta = 1), all `:{a.preset}`. Mean ± sd over seeds; "last 10" = mean of the
 last 10 steps; eval = the final evaluation ({specs['grpo'][0].config_overrides()['eval.num_prompts']} held-out problems).
@@ -193,7 +214,7 @@ entropy lies within GRPO's range (outside it the curve is extrapolated).
 
 {common.SCALING_RULE}
 
-{common.md_table(["method", "cov-selected tokens / mini-batch", "per step (4 mini-batches)", "response tokens / mini-batch", "mean abs(logp - old_logp)", "clip fraction"], touch_rows)}
+{common.md_table(["method", "cov-selected tokens / mini-batch", "per step (4 mini-batches)", "response tokens / mini-batch", "positive covariance mass selected", "mean abs(logp - old_logp)", "clip fraction"], touch_rows)}
 
 KL-Cov's penalty beta |logp - old_logp| has zero gradient at logp = old_logp (the first mini-batch of
 each step is exactly on-policy), so it acts only through the drift of later mini-batches, measured
