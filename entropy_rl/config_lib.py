@@ -164,6 +164,7 @@ class EvalConfig:
 
   num_samples: int
   temperature: float
+  extra_temperatures: tuple[float, ...]  # each also sampled, logged as eval/T<t>/avg@k, pass@k
   max_new_tokens: int  # -1 = rollout.max_new_tokens
   max_rows_in_flight: int  # -1 = as many as a training rollout, 0 = all
 
@@ -251,7 +252,9 @@ def typed(c: ml_collections.ConfigDict, num_devices: int = 1) -> RunConfig:
           filter_groups_metric=c.rl.filter_groups_metric,
           reward_timeout_s=c.reward.timeout_s,
       ),
-      eval=_from_block(EvalConfig, c.eval),
+      eval=_from_block(
+          EvalConfig, c.eval, extra_temperatures=tuple(float(t) for t in c.eval.extra_temperatures)
+      ),
       update=_from_block(
           UpdateConfig,
           c.rl,
@@ -367,6 +370,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_prompts = 128
   c.eval.num_samples = 16
   c.eval.temperature = 1.0
+  c.eval.extra_temperatures = ()  # e.g. (0.6,): avg@k / pass@k at these temperatures too
   c.eval.max_new_tokens = -1  # -1 = rollout.max_new_tokens
   c.eval.data_dir = ""  # real runs: directory holding the benchmark JSONL files
   c.eval.files = ()
@@ -535,6 +539,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f"config.{key}={_get(c, key)!r}: must be positive")
   if not 0 <= c.rl.qae_quantile <= 1:
     raise ConfigError(f"config.rl.qae_quantile={c.rl.qae_quantile}: must be in [0, 1]")
+  for t in c.eval.extra_temperatures:
+    if not (_is_real(t) and t > 0):
+      raise ConfigError(
+          f"config.eval.extra_temperatures={tuple(c.eval.extra_temperatures)!r}: each must be a "
+          "positive number"
+      )
   if c.eval.max_rows_in_flight < -1:
     raise ConfigError(
         f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight}: must be >= -1 "

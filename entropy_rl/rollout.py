@@ -190,7 +190,8 @@ class Rollouts:
 def evaluate(
     rollouts: Rollouts, params, eval_examples, key, c: config_lib.RunConfig, check_stop=None
 ) -> dict:
-  """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy.
+  """eval/pass@1 (greedy), eval/avg@k and unbiased eval/pass@k over k samples, eval/entropy, at
+  `eval.temperature`; eval/T<t>/avg@k and eval/T<t>/pass@k at each of `eval.extra_temperatures`.
 
   `eval_examples` is the whole list on every host, evaluated in global chunks of
   `prompts_per_step` prompts (the last one padded) of which each host feeds its block of rows,
@@ -201,7 +202,9 @@ def evaluate(
   max_new = c.eval.max_new_tokens if c.eval.max_new_tokens > 0 else c.rollout.max_new_tokens
   chunk_size = c.rollout.prompts_per_step
   b = chunk_size // rollouts.num_shards
-  greedy, correct, valid, ent_sum, tok = [], [], [], 0.0, 0.0
+  temps = (c.eval.temperature,) + c.eval.extra_temperatures
+  greedy, valid, ent_sum, tok = [], [], 0.0, 0.0
+  correct = [[] for _ in temps]
   for start in range(0, len(eval_examples), chunk_size):
     if check_stop is not None:
       check_stop()
@@ -209,7 +212,7 @@ def evaluate(
     chunk = list(eval_examples[first : first + b])
     n = len(chunk)
     chunk += [eval_examples[0]] * (b - n)  # static shapes; padded prompts are dropped below
-    key, k1, k2 = jax.random.split(key, 3)
+    key, k1, *k2 = jax.random.split(key, 2 + len(temps))
     g = rollouts.generate(
         params,
         chunk,
@@ -220,30 +223,32 @@ def evaluate(
         greedy=True,
         max_rows_in_flight=rows,
     )
-    s = rollouts.generate(
-        params,
-        chunk,
-        k2,
-        num_samples=k,
-        temperature=c.eval.temperature,
-        max_new_tokens=max_new,
-        max_rows_in_flight=rows,
-    )
+    for i, temp in enumerate(temps):
+      s = rollouts.generate(
+          params,
+          chunk,
+          k2[i],
+          num_samples=k,
+          temperature=temp,
+          max_new_tokens=max_new,
+          max_rows_in_flight=rows,
+      )
+      correct[i].append(s.correct.reshape(b, k))
+      if i == 0:
+        ent_sum += float(np.sum(s.entropy[: n * k] * s.mask[: n * k]))
+        tok += float(np.sum(s.mask[: n * k]))
     greedy.append(g.correct)
-    correct.append(s.correct.reshape(b, k))
     valid.append(np.arange(b) < n)
-    ent_sum += float(np.sum(s.entropy[: n * k] * s.mask[: n * k]))
-    tok += float(np.sum(s.mask[: n * k]))
   valid = gather(np.concatenate(valid))  # every host gathers arrays of one shape
   greedy = gather(np.concatenate(greedy))[valid]
-  correct = gather(np.concatenate(correct))[valid]
   ent = gather(np.array([ent_sum, tok])).reshape(-1, 2).sum(0)
-  return {
-      "eval/pass@1": float(np.mean(greedy)),
-      f"eval/avg@{k}": float(np.mean(correct)),
-      f"eval/pass@{k}": rewards_lib.mean_pass_at_k(correct, k),
-      "eval/entropy": float(ent[0] / max(ent[1], 1.0)),
-  }
+  out = {"eval/pass@1": float(np.mean(greedy)), "eval/entropy": float(ent[0] / max(ent[1], 1.0))}
+  for i, temp in enumerate(temps):
+    ok = gather(np.concatenate(correct[i]))[valid]
+    prefix = "eval/" if i == 0 else f"eval/T{temp:g}/"
+    out[f"{prefix}avg@{k}"] = float(np.mean(ok))
+    out[f"{prefix}pass@{k}"] = rewards_lib.mean_pass_at_k(ok, k)
+  return out
 
 
 def eval_rows_in_flight(c: config_lib.RunConfig) -> int:

@@ -357,3 +357,27 @@ def test_evaluation_never_holds_more_rows_than_a_training_rollout(monkeypatch, t
   trainer.train(c, str(tmp_path))
   assert [r["step"] for r in _records(str(tmp_path))] == [1]  # no step-0 evaluation
   assert seen == [0, 32, 32]  # the training rollout (all rows), then greedy and sampled eval
+
+
+def test_extra_eval_temperatures_are_sampled_and_logged(monkeypatch, tmp_path):
+  from entropy_rl import sampling
+
+  c = tiny_config(num_steps=1)
+  c.eval.at_start, c.eval.extra_temperatures = False, (0.6,)
+  temps = []
+  sample = sampling.sample
+
+  def record(*args, temperature=1.0, greedy=False, **kwargs):
+    temps.append("greedy" if greedy else temperature)
+    return sample(*args, temperature=temperature, greedy=greedy, **kwargs)
+
+  monkeypatch.setattr(sampling, "sample", record)
+  trainer.train(c, str(tmp_path))
+  k = c.eval.num_samples
+  (rec,) = _records(str(tmp_path))
+  assert temps[1:] == ["greedy", 1.0, 0.6]  # after the training rollout
+  for key in (f"eval/avg@{k}", f"eval/pass@{k}", f"eval/T0.6/avg@{k}", f"eval/T0.6/pass@{k}"):
+    assert 0.0 <= rec[key] <= 1.0, key
+  c.eval.extra_temperatures = (0.0,)
+  with pytest.raises(config_lib.ConfigError, match="config.eval.extra_temperatures"):
+    config_lib.validate(c, 1)
