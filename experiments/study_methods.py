@@ -1,0 +1,220 @@
+"""Study 6: entropy control side by side, every method on one setting with one validation protocol.
+
+GRPO, clip-higher, Clip-Cov (and its count-matched random control), KL-Cov, top-20% forking tokens,
+an entropy bonus, a reference KL, and the methods that followed (GSPO, CISPO, Archer, adaptive
+entropy, entropy-shaped advantage, W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several
+seeds from one shared warm start. Validation: a fixed held-out set (`--eval_prompts`, 1,024 by
+default) every `--eval_every` steps, greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
+
+One table: final and best validation greedy accuracy with the paired difference against GRPO
+(seed i against seed i, mean +- standard error), avg@k and pass@k, final entropy, the residual
+against GRPO's entropy-validation law at matched entropy, tokens and positive covariance mass
+each rule selected, seconds per step; and one figure, validation accuracy against entropy.
+
+  python -m experiments.study_methods --quick
+  python -m experiments.study_methods --seeds 3 --steps 600
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from entropy_rl import analysis
+from experiments import common
+
+H, V = "entropy/token_mean", "eval/pass@1"
+# Arm -> (config family, preset variant, overrides).
+ARMS = {
+    "grpo": ("grpo", "", {}),
+    "clip_higher": ("clip_higher", "", {}),
+    "clip_cov": ("clip_cov", "", {}),
+    "clip_cov_random": ("clip_cov", "random", {}),
+    "kl_cov": ("kl_cov", "", {}),
+    "top_20%": ("top_entropy", "", {}),
+    "entropy_bonus": ("grpo", "", {"loss.entropy_coef": 0.003}),
+    "reference_kl": ("grpo", "", {"loss.kl_ref_coef": 0.02}),
+    "gspo": ("gspo", "", {}),
+    "cispo": ("cispo", "", {}),
+    "archer": ("archer", "", {}),
+    "adaptive_entropy": ("adaptive_entropy", "", {}),
+    "entropy_advantage": ("entropy_advantage", "", {}),
+    "w_reinforce": ("w_reinforce", "", {}),
+    "qae": ("qae", "", {}),
+}
+
+
+def validation_settings(quick: bool, steps: int, eval_every: int, eval_prompts: int) -> dict:
+  """The runs' shared overrides: the study length and the validation protocol."""
+  out = common.run_settings(quick, steps)
+  if not quick:
+    out.update(
+        {
+            "eval_every": eval_every,
+            "eval.num_prompts": eval_prompts,
+            "eval.num_samples": 8,
+            "eval.extra_temperatures": (0.6,),
+        }
+    )
+  return out
+
+
+def arm_specs(settings: dict, seeds: int, quick: bool, preset: str = "tiny") -> dict:
+  """{arm: [RunSpec per seed]}; run names are shared with no other study (the protocol differs)."""
+  tag = "m" + common.run_tag(quick, preset)
+  out = {}
+  for arm in ARMS:
+    family, variant, extra = ARMS[arm]
+    arg = f"{preset},{variant}" if variant else preset
+    out[arm] = [
+        common.RunSpec(
+            f"{tag}_{arm.replace('%', 'pct')}_s{s}",
+            family,
+            arg,
+            tuple(sorted({**settings, **extra, "seed": s}.items())),
+        )
+        for s in range(seeds)
+    ]
+  return out
+
+
+def _eval_points(records):
+  """(entropy, validation greedy accuracy) at the evaluation steps after step 0."""
+  pts = [(r[H], r[V]) for r in records if V in r and H in r]
+  return np.asarray(pts, np.float64).reshape(-1, 2).T
+
+
+def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
+  """The table's rows from {arm: [records per seed]} (seed i of every arm paired with GRPO's)."""
+  ref_h, ref_v = np.concatenate([_eval_points(r) for r in runs["grpo"]], axis=1)
+  try:
+    ref_fit = analysis.fit_law(ref_h, ref_v)
+  except (ValueError, RuntimeError):
+    ref_fit = None
+  grpo_final = [common.last_value(r, V) for r in runs["grpo"]]
+  grpo_best = [max(common.series(r, V)[1], default=np.nan) for r in runs["grpo"]]
+  rows = []
+  for arm, recs in runs.items():
+    n = min(len(recs), len(runs["grpo"]))
+    final = [common.last_value(r, V) for r in recs]
+    best = [max(common.series(r, V)[1], default=np.nan) for r in recs]
+
+    def paired(a, b, n=n, is_grpo=arm == "grpo"):
+      if is_grpo or n < 1:
+        return "-"
+      d = analysis.paired_difference(a[:n], b[:n])
+      return f"{d['mean']:+.3f} ± {d['se']:.3f}" if n > 1 else f"{d['mean']:+.3f}"
+
+    resid = "n/a"
+    if ref_fit:
+      res = []
+      for r in recs:
+        h, v = _eval_points(r)
+        if len(h):
+          res.append(analysis.frontier_residual(ref_h, ref_v, h, v)["mean"])
+      resid = common.mean_std(res)
+    seconds = [
+        np.nanmean([sum(v for key, v in x.items() if key.startswith("time/")) for x in r if H in x])
+        for r in recs
+    ]
+    rows.append(
+        [
+            arm,
+            common.mean_std(final),
+            paired(final, grpo_final),
+            common.mean_std(best),
+            paired(best, grpo_best),
+            common.mean_std([common.last_value(r, f"eval/avg@{k}") for r in recs]),
+            common.mean_std([common.last_value(r, f"eval/pass@{k}") for r in recs]),
+            common.mean_std([common.last_value(r, f"eval/T0.6/pass@{k}") for r in recs]),
+            common.mean_std([common.final_mean(r, H) for r in recs]),
+            resid,
+            common.mean_std([common.final_mean(r, "select/n_cov_selected", 10**6) for r in recs]),
+            common.mean_std(
+                [common.final_mean(r, "select/cov_mass_selected", 10**6) for r in recs]
+            ),
+            common.mean_std([common.final_mean(r, "select/n_token_mask", 10**6) for r in recs]),
+            f"{np.nanmean(seconds):.2f}",
+        ]
+    )
+  return rows, ref_fit
+
+
+HEADER = [
+    "method",
+    "final val. greedy",
+    "vs GRPO (paired)",
+    "best val. greedy",
+    "vs GRPO (paired)",
+    "avg@k",
+    "pass@k",
+    "pass@k T=0.6",
+    "final entropy",
+    "residual at matched entropy",
+    "cov-selected tokens / micro-batch",
+    "cov mass selected",
+    "token-mask tokens / micro-batch",
+    "s / step",
+]
+
+
+def plot_frontier(runs: dict, out_png: str) -> str:
+  """Validation greedy accuracy against token entropy, one line per method (seeds pooled)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for i, (arm, recs) in enumerate(runs.items()):
+    h, v = np.concatenate([_eval_points(r) for r in recs], axis=1)
+    order = np.argsort(h)
+    ax.plot(h[order], v[order], marker="o", ms=2, lw=0.8, color=f"C{i % 10}", label=arm)
+  ax.set_xlabel("token entropy (nats)")
+  ax.set_ylabel("validation greedy pass@1")
+  ax.legend(fontsize=6, ncol=2)
+  return common.save_figure(fig, out_png)
+
+
+def main():
+  p = common.base_args(__doc__, "methods")
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--steps", type=int, default=600)
+  p.add_argument("--eval_every", type=int, default=20)
+  p.add_argument("--eval_prompts", type=int, default=1024)
+  a = p.parse_args()
+  seeds = 1 if a.quick else a.seeds
+  settings = validation_settings(a.quick, a.steps, a.eval_every, a.eval_prompts)
+  specs = arm_specs(settings, seeds, a.quick, a.preset)
+  runs = {arm: [] for arm in specs}
+  for s in range(seeds):  # seed-major, so partial results cover every method
+    for arm in specs:
+      runs[arm].append(common.read_records(common.ensure_run(a.root, specs[arm][s])))
+  os.makedirs(a.out, exist_ok=True)
+  k = settings["eval.num_samples"]
+  rows, ref_fit = report_rows(runs, k)
+  plot_frontier(runs, os.path.join(a.out, "frontier.png"))
+  code = common.same_code(a.root, [x for v in specs.values() for x in v])
+  fit_txt = (
+      f"R = -{ref_fit['a']:.3f} exp(H) + {ref_fit['b']:.3f} (R^2 {ref_fit['r2']:.2f})"
+      if ref_fit
+      else "n/a (the fit did not converge)"
+  )
+  text = f"""# Study 6: entropy control, side by side
+
+Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {settings['num_steps']} steps per method,
+`:{a.preset}`, one shared warm start; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())}.
+Validation: {settings['eval.num_prompts']} held-out prompts every {settings['eval_every']} steps,
+greedy pass@1 and avg@{k} / pass@{k}. "vs GRPO" = the paired difference over seeds, mean ± standard
+error. Residual: validation accuracy minus GRPO's law {fit_txt} at the method's entropy.
+
+{common.md_table([h.replace("@k", f"@{k}") for h in HEADER], rows)}
+
+![validation accuracy against entropy](frontier.png)
+"""
+  common.write_report(a.out, "report.md", text)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,63 @@
+"""experiments/study_methods.py: every arm is a valid run, and the table is computed right."""
+
+import numpy as np
+import pytest
+
+from entropy_rl import config_lib
+from experiments import common, study_methods
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_arm_is_a_valid_config(quick):
+  settings = study_methods.validation_settings(quick, 600, 20, 1024)
+  specs = study_methods.arm_specs(settings, 2, quick)
+  assert set(specs) == set(study_methods.ARMS) and all(len(v) == 2 for v in specs.values())
+  names = [s.name for v in specs.values() for s in v]
+  assert len(set(names)) == len(names)
+  for s0, _ in specs.values():
+    c = common.load_config(s0.family, s0.arg, s0.config_overrides())
+    config_lib.validate(c, 1)
+    if not quick:
+      assert c.eval.num_prompts == 1024 and tuple(c.eval.extra_temperatures) == (0.6,)
+  random = specs["clip_cov_random"][0]
+  assert common.load_config(random.family, random.arg, {}).loss.clip_cov_tokens == "random"
+  kl = specs["reference_kl"][0]
+  assert common.load_config(kl.family, kl.arg, kl.config_overrides()).loss.kl_ref_coef > 0
+
+
+def _records(level, entropy_end, seed):
+  rng = np.random.default_rng(seed)
+  out = []
+  for step in range(0, 101, 10):
+    h = 0.6 + (entropy_end - 0.6) * step / 100
+    out.append(
+        {
+            "step": step,
+            "entropy/token_mean": h,
+            "eval/pass@1": level - 0.3 * np.exp(h) + rng.normal(0, 0.002),
+            "eval/avg@8": 0.3,
+            "eval/pass@8": 0.8,
+            "time/update": 1.0,
+            "time/rollout": 0.5,
+        }
+    )
+  return out
+
+
+def test_report_pairs_seeds_against_grpo(tmp_path):
+  runs = {
+      "grpo": [_records(0.9, 0.1, s) for s in range(3)],
+      "clip_cov": [_records(0.95, 0.3, 10 + s) for s in range(3)],
+  }
+  rows, fit = study_methods.report_rows(runs, 8)
+  assert fit is not None and abs(fit["a"] - 0.3) < 0.05
+  grpo, clip = rows
+  assert grpo[2] == "-" and clip[0] == "clip_cov"
+  final = [common.last_value(r, "eval/pass@1") for r in runs["clip_cov"]]
+  ref = [common.last_value(r, "eval/pass@1") for r in runs["grpo"]]
+  d = np.subtract(final, ref)
+  assert clip[2] == f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f}"
+  assert float(clip[9].split()[0]) == pytest.approx(0.05, abs=0.01)  # +0.05 above GRPO's law
+  assert clip[-1] == "1.50"
+  png = study_methods.plot_frontier(runs, str(tmp_path / "frontier.png"))
+  assert (tmp_path / "frontier.png").stat().st_size > 1000 and png.endswith("frontier.png")
