@@ -80,6 +80,9 @@ class LossConfig:
   # Not a config key: the data-parallel devices (mesh.data x mesh.fsdp) that selection_scope='device'
   # splits each micro-batch's rows over; `typed` sets it from the mesh.
   selection_shards: int = 1
+  # Not a config key: the response budget L (rollout.max_new_tokens), Dr.GRPO's constant in
+  # seq-mean-token-sum-norm whatever the update's arrays are trimmed to; 0 = the arrays' length.
+  max_response_len: int = 0
 
   def __post_init__(self):
     def fail(key, what):
@@ -136,6 +139,8 @@ class LossConfig:
     choice("entropy_quantile_scope", losses.ENTROPY_QUANTILE_SCOPES)
     if not (isinstance(self.selection_shards, int) and self.selection_shards >= 1):
       fail("selection_shards", "a positive int (the mesh's data x fsdp devices)")
+    if not (isinstance(self.max_response_len, int) and self.max_response_len >= 0):
+      fail("max_response_len", "a non-negative int (rollout.max_new_tokens)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,17 +230,20 @@ def _from_block(cls, block, **extra):
 
 
 def loss_keys() -> list[str]:
-  """The `config.loss` keys: LossConfig's fields but the mesh-derived `selection_shards`."""
-  return [f.name for f in dataclasses.fields(LossConfig) if f.name != "selection_shards"]
+  """The `config.loss` keys: LossConfig's fields but the derived ones (set by `typed`)."""
+  derived = ("selection_shards", "max_response_len")
+  return [f.name for f in dataclasses.fields(LossConfig) if f.name not in derived]
 
 
-def loss_config(block, selection_shards: int = 1) -> LossConfig:
+def loss_config(block, selection_shards: int = 1, max_response_len: int = 0) -> LossConfig:
   """The LossConfig of a `config.loss` ConfigDict; raises ValueError naming a bad or unknown key."""
   known = loss_keys()
   for key in block.keys():
     if key not in known:
       raise ValueError(f"config.loss.{key} is not a loss option; known: {sorted(known)}")
-  return LossConfig(**block.to_dict(), selection_shards=selection_shards)
+  return LossConfig(
+      **block.to_dict(), selection_shards=selection_shards, max_response_len=max_response_len
+  )
 
 
 def typed(c: ml_collections.ConfigDict, num_devices: int = 1) -> RunConfig:
@@ -258,7 +266,9 @@ def typed(c: ml_collections.ConfigDict, num_devices: int = 1) -> RunConfig:
       update=_from_block(
           UpdateConfig,
           c.rl,
-          loss=loss_config(c.loss, selection_shards=shards),
+          loss=loss_config(
+              c.loss, selection_shards=shards, max_response_len=c.rollout.max_new_tokens
+          ),
           temperature=c.rollout.temperature,
       ),
       optim=_from_block(OptimConfig, c.optim),
@@ -347,6 +357,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.dynamic_sampling_max_draws = 3
   c.rl.filter_groups_metric = "acc"  # dynamic sampling drops groups where this agrees (DAPO: acc)
   c.rl.fused_chunk_size = 4096
+  # The update's arrays drop the padding every row shares, kept to multiples of this many tokens
+  # (few shapes, so few compiles); 0 = always task.max_prompt_len + rollout.max_new_tokens.
+  c.rl.length_bucket = 8
 
   c.loss = ml_collections.ConfigDict(
       {f.name: f.default for f in dataclasses.fields(LossConfig) if f.name in loss_keys()}
@@ -406,6 +419,7 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.rl.num_microbatches = 0  # derived from the slice: one sequence per device per micro-batch
   c.rl.microbatch_rows_per_device = 1
   c.rl.fused_chunk_size = 16384
+  c.rl.length_bucket = 0  # full-length arrays: the shapes `plan` checks, one compile per run
   c.optim.schedule = "constant"
   c.optim.warmup_steps = 0
   c.optim.weight_decay = 0.0
@@ -552,6 +566,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     )
   if c.eval_every < 0:
     raise ConfigError(f"config.eval_every={c.eval_every}: must be >= 0 (0 = no evaluation)")
+  if c.rl.length_bucket < 0:
+    raise ConfigError(
+        f"config.rl.length_bucket={c.rl.length_bucket}: must be >= 0 (0 = no trimming)"
+    )
   _validate_task(c)
   if c.rollout.temperature <= 0:
     raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: must be positive")

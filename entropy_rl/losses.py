@@ -433,11 +433,11 @@ def policy_loss(
 
   if cfg.token_mask == "top_quantile":
     num, den = aggregate_loss(
-        jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT, cfg.loss_agg_mode
+        jnp.where(token_mask_BxT > 0, loss_BxT, 0.0), mask_BxT, cfg.loss_agg_mode, _max_len(cfg)
     )
   else:
     num, den = aggregate_loss(
-        loss_BxT, token_mask_BxT, cfg.loss_agg_mode, response_mask_BxT=mask_BxT
+        loss_BxT, token_mask_BxT, cfg.loss_agg_mode, _max_len(cfg), response_mask_BxT=mask_BxT
     )
   loss = _safe_div(num, den if denominator is None else denominator)
 
@@ -512,5 +512,13 @@ def global_denominator(mask_BxT, cfg, num_microbatches):
       kept_S = n_S - kept_S
   num_seqs = jnp.sum(jnp.any(valid_BxT, axis=-1), dtype=jnp.float32)
   return loss_denominator(
-      cfg.loss_agg_mode, jnp.sum(kept_S).astype(jnp.float32), num_seqs, mask_BxT.shape[-1]
+      cfg.loss_agg_mode,
+      jnp.sum(kept_S).astype(jnp.float32),
+      num_seqs,
+      _max_len(cfg) or mask_BxT.shape[-1],
   )
+
+
+def _max_len(cfg):
+  """Dr.GRPO's constant: the response budget (`cfg.max_response_len`), or None (the arrays')."""
+  return cfg.max_response_len or None

@@ -40,6 +40,27 @@ class Rollout:
   def rows(self, start: int, stop: int) -> "Rollout":
     return Rollout(**{f.name: getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)})
 
+  def trimmed(self, bucket: int) -> "Rollout":
+    """The same rows without the padding all of them share: the prompt columns left of the longest
+    prompt and the response columns right of the longest response, rounded up to multiples of
+    `bucket` tokens (0: unchanged) so the update meets few shapes. Lengths are maxed over hosts,
+    so every host trims alike. Positions, masks and every loss denominator are unchanged."""
+    if bucket <= 0:
+      return self
+    local = [self.prompt_mask.sum(1).max(initial=0), (self.mask > 0).sum(1).max(initial=0)]
+    p_len, r_len = gather(np.asarray(local, np.int64)).reshape(-1, 2).max(0)
+    up = lambda n, limit: int(min(limit, max(bucket, -(-int(n) // bucket) * bucket)))
+    p, r = up(p_len, self.prompt.shape[1]), up(r_len, self.tokens.shape[1])
+    return dataclasses.replace(
+        self,
+        prompt=self.prompt[:, self.prompt.shape[1] - p :],
+        prompt_mask=self.prompt_mask[:, self.prompt.shape[1] - p :],
+        tokens=self.tokens[:, :r],
+        mask=self.mask[:, :r],
+        logp=self.logp[:, :r],
+        entropy=self.entropy[:, :r],
+    )
+
   @staticmethod
   def concat(parts) -> "Rollout":
     return Rollout(

@@ -153,13 +153,14 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
       adv_N = advantages.compute_advantages(
           jnp.asarray(roll.rewards.reshape(-1, g)), c.rl.advantage, qae_quantile=c.rl.qae_quantile
       )
-      batch = make_batch(roll, np.asarray(adv_N).reshape(-1), mesh)
+      trimmed = roll.trimmed(c.rl.length_bucket)  # no compute on the padding rows share
+      batch = make_batch(trimmed, np.asarray(adv_N).reshape(-1), mesh)
       if ref_params is not None:
         batch = batch.replace(ref_logp=ref_fn(ref_params, batch))
       t2 = time.perf_counter()
 
       # 5. The update, and the entropy mechanism's statistics of the rollout it learns from.
-      entropy = to_global(roll.entropy, mesh)
+      entropy = to_global(trimmed.entropy, mesh)
       rollout_stats = stats.rollout_token_stats(
           entropy, batch.old_logp, batch.advantages, batch.response_mask, band
       )

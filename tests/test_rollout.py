@@ -64,3 +64,36 @@ def test_reward_faults_are_counted_and_logged_once(caplog):
   assert len(text) == 2
   assert "2 answers took longer than config.reward.timeout_s=5 s" in text[0]
   assert "failed on 1 answers" in text[1] and "ValueError: bad latex" in text[1]
+
+
+def _roll(prompt_lens, response_lens, p=8, length=12):
+  n = len(prompt_lens)
+  pmask = (np.arange(p)[None] >= p - np.asarray(prompt_lens)[:, None]).astype(np.int32)
+  mask = (np.arange(length)[None] < np.asarray(response_lens)[:, None]).astype(np.float32)
+  rng = np.random.default_rng(0)
+  return rollout.Rollout(
+      prompt=rng.integers(1, 9, (n, p)) * pmask,
+      prompt_mask=pmask,
+      tokens=(rng.integers(1, 9, (n, length)) * mask).astype(np.int32),
+      mask=mask,
+      logp=-mask * 0.5,
+      entropy=mask * 0.3,
+      rewards=np.zeros(n, np.float32),
+      correct=np.zeros(n, np.float32),
+  )
+
+
+def test_trimmed_drops_only_shared_padding_in_buckets():
+  r = _roll([3, 5], [2, 6])
+  t = r.trimmed(4)
+  assert t.prompt.shape == (2, 8) and t.tokens.shape == (2, 8)  # 5 -> 8, 6 -> 8
+  t = r.trimmed(2)
+  assert t.prompt.shape == (2, 6) and t.tokens.shape == (2, 6)
+  np.testing.assert_array_equal(t.prompt, r.prompt[:, 2:])
+  np.testing.assert_array_equal(t.prompt_mask.sum(1), r.prompt_mask.sum(1))  # no real token lost
+  for f in ("tokens", "mask", "logp", "entropy"):
+    np.testing.assert_array_equal(getattr(t, f), getattr(r, f)[:, :6])
+  assert t.mask.sum() == r.mask.sum()
+  assert r.trimmed(0) is r
+  assert r.trimmed(64).tokens.shape == r.tokens.shape  # never past the limits
+  assert _roll([3, 3], [0, 0]).trimmed(4).tokens.shape == (2, 4)  # at least one bucket

@@ -15,6 +15,7 @@ def _config(**loss):
   c.rl.num_minibatches, c.rl.num_microbatches = 2, 1
   c.optim.lr, c.optim.warmup_steps = 1e-2, 0
   c.rl.fused_chunk_size = 16
+  c.rollout.max_new_tokens = L_LEN  # the response budget: Dr.GRPO's constant
   for k, v in loss.items():
     c.loss[k] = v
   return c
@@ -108,6 +109,34 @@ def test_one_microbatch_equals_four(mode):
   _close(s1.params, s4.params)
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_padding_columns_change_nothing(mode):
+  """The trimmed update (`Rollout.trimmed`) equals the padded one in every aggregation mode:
+  4 more left-padding prompt columns and 5 more response columns than the rows use."""
+  b = _batch(5)
+  pad = lambda x, left, right: np.pad(x, ((0, 0), (left, right)))
+  padded = step_lib.Batch(
+      tokens=np.concatenate([pad(b.tokens[:, :P_LEN], 4, 0), pad(b.tokens[:, P_LEN:], 0, 5)], 1),
+      attn_mask=np.concatenate(
+          [pad(b.attn_mask[:, :P_LEN], 4, 0), pad(b.attn_mask[:, P_LEN:], 0, 5)], 1
+      ),
+      response_mask=pad(b.response_mask, 0, 5),
+      old_logp=pad(b.old_logp, 0, 5),
+      advantages=pad(b.advantages, 0, 5),
+  )
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  # KL-Cov: a deterministic selection (random ones draw over the array's shape, so they differ).
+  c = _config(loss_agg_mode=mode, name="kl_cov", kl_cov_ratio=0.2)
+  c.rollout.max_new_tokens = L_LEN + 5  # one budget for both
+  s1, m1 = _run(c, mesh, b)
+  s2, m2 = _run(c, mesh, padded)
+  _close(s1.params, s2.params)
+  for k in ("loss", "grad_norm", "n_cov_selected", "cov_mass_selected"):
+    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7)
 
 
 def test_global_scope_with_one_microbatch_equals_microbatch_scope():

@@ -381,3 +381,25 @@ def test_extra_eval_temperatures_are_sampled_and_logged(monkeypatch, tmp_path):
   c.eval.extra_temperatures = (0.0,)
   with pytest.raises(config_lib.ConfigError, match="config.eval.extra_temperatures"):
     config_lib.validate(c, 1)
+
+
+@pytest.mark.parametrize("bucket", [0, 4])
+def test_update_arrays_are_trimmed_to_the_length_bucket(monkeypatch, tmp_path, bucket):
+  shapes = []
+  make_batch = trainer.make_batch
+
+  def record(roll, adv_N, mesh):
+    batch = make_batch(roll, adv_N, mesh)
+    shapes.append((batch.tokens.shape[1], batch.response_mask.shape[1], int(roll.mask.sum())))
+    return batch
+
+  monkeypatch.setattr(trainer, "make_batch", record)
+  c = tiny_config(num_steps=2)
+  c.eval_every, c.rl.length_bucket = 0, bucket
+  trainer.train(c, str(tmp_path))
+  full = c.task.max_prompt_len + c.rollout.max_new_tokens
+  for tokens, response, n in shapes:
+    if bucket == 0:
+      assert (tokens, response) == (full, c.rollout.max_new_tokens)
+    else:
+      assert tokens % bucket == 0 and response % bucket == 0 and tokens < full and n > 0
