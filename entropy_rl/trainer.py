@@ -75,6 +75,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return _train(config, run, workdir, stop)
 
 
+def device_memory() -> int | None:
+  """Bytes one local device may allocate (`memory_stats()['bytes_limit']`), None if unreported."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
 def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag) -> dict:
   """The loop: `c` for its own settings, the typed `run` for the layers below."""
 
@@ -86,6 +92,8 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
   rules = sharding.default_rules()
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
   policy, params = policy_lib.build_policy(c, workdir, task, check_stop, mesh, rules)
+  c = config_lib.resolve_rows_in_flight(c, jax.device_count(), policy.model_cfg, device_memory())
+  run = config_lib.typed(c)
   shard = distributed.process_shard(c.rollout.prompts_per_step, sharding.batch_sharding(mesh))
   source = data_lib.make_source(
       c.task,
