@@ -385,8 +385,8 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.reward.name = "math"
   c.rollout.temperature = 1.0
   c.rl.num_microbatches = 0  # derived from the slice: one sequence per device per micro-batch
-  c.rollout.max_rows_in_flight = -1  # derived from the slice: the KV cache takes 25% of a chip
-  c.rollout.kv_cache_fraction = 0.25
+  c.rollout.max_rows_in_flight = -1  # derived from the slice: the KV cache takes 30% of a chip
+  c.rollout.kv_cache_fraction = 0.3
   c.rl.microbatch_rows_per_device = 1
   c.rl.fused_chunk_size = 16384
   c.optim.schedule = "constant"
