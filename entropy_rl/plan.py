@@ -9,6 +9,9 @@ ahead of time from abstract inputs (no weights are read, no TPU is needed). One 
 chip, the arguments, temporaries and peak memory against the chip's HBM, the FLOPs and HBM bytes
 of the compiled program (every loop iteration counted) and its roofline time. The exit status is
 non-zero, with the config fields to change, when a program leaves less than `--headroom` of HBM.
+The sampler's programs (`rollout_programs`: serving weights, prefill, decode loop, for a training
+rollout and an evaluation chunk) are compiled too (`--sampler_only`: only they), their peaks with
+the training state the trainer holds while it samples; the decode roofline is memory-bound.
 """
 
 from __future__ import annotations

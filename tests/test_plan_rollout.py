@@ -185,3 +185,11 @@ def test_sampler_programs_match_what_sample_runs():
       model, params, prompt, prompt, num_samples=4, max_new_tokens=6, max_rows_in_flight=5
   )
   assert progs.rows_in_flight == 5
+
+
+def test_the_trainer_reads_no_memory_limit_from_cpu_devices():
+  """CPU devices report no memory, so rollout.max_rows_in_flight=-1 fails there with the
+  ConfigError above (test_a_kv_budget_of_no_row_names_the_fraction) instead of guessing."""
+  from entropy_rl import trainer
+
+  assert jax.default_backend() != "cpu" or trainer.device_memory() is None

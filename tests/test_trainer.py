@@ -365,3 +365,25 @@ def test_evaluation_never_holds_more_rows_than_a_training_rollout(monkeypatch, t
   trainer.train(c, str(tmp_path))
   assert [r["step"] for r in _records(str(tmp_path))] == [1]  # no step-0 evaluation
   assert seen == [0, 32, 32]  # the training rollout (all rows), then greedy and sampled eval
+
+
+def test_rows_in_flight_derived_from_the_device_memory(monkeypatch, tmp_path):
+  """rollout.max_rows_in_flight=-1: the trainer samples as many rows as the KV budget holds."""
+  from entropy_rl import sampling
+
+  c = tiny_config(num_steps=1)
+  c.eval_every = 0
+  c.rollout.max_rows_in_flight, c.rollout.kv_cache_fraction = -1, 0.5
+  # One float32 layer, 1 KV head of 16: 128 bytes a slot; 32 + 12 slots a row.
+  row_bytes = 2 * 1 * 1 * 16 * 4 * (c.task.max_prompt_len + 12)
+  monkeypatch.setattr(trainer, "device_memory", lambda: int(2.5 * row_bytes / 0.5))
+  seen = []
+  sample = sampling.sample
+
+  def record(*args, max_rows_in_flight=0, **kwargs):
+    seen.append(max_rows_in_flight)
+    return sample(*args, max_rows_in_flight=max_rows_in_flight, **kwargs)
+
+  monkeypatch.setattr(sampling, "sample", record)
+  trainer.train(c, str(tmp_path))
+  assert seen == [2 * 8]  # 2 rows on each of the 8 data-parallel devices
