@@ -156,6 +156,7 @@ class RolloutConfig:
   top_p: float
   top_k: int
   max_rows_in_flight: int  # sampler slots (KV cache rows); 0 = every (prompt, sample) pair
+  kv_cache_fraction: float  # read by resolve_rows_in_flight (max_rows_in_flight = -1)
   max_prompt_len: int
   dynamic_sampling: bool
   dynamic_sampling_max_draws: int
@@ -343,7 +344,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0
-  c.rollout.max_rows_in_flight = 0  # sampler slots (KV cache rows); 0 = every (prompt, sample) pair
+  # Sampler slots (KV cache rows): 0 = every (prompt, sample) pair, -1 = as many as fit in
+  # rollout.kv_cache_fraction of a chip's memory (see resolve_rows_in_flight).
+  c.rollout.max_rows_in_flight = 0
+  c.rollout.kv_cache_fraction = 0.5
 
   c.rl = ml_collections.ConfigDict()
   c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae
@@ -417,6 +421,8 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.reward.name = "math"
   c.rollout.temperature = 1.0
   c.rl.num_microbatches = 0  # derived from the slice: one sequence per device per micro-batch
+  c.rollout.max_rows_in_flight = -1  # derived from the slice: the KV cache takes 30% of a chip
+  c.rollout.kv_cache_fraction = 0.3
   c.rl.microbatch_rows_per_device = 1
   c.rl.fused_chunk_size = 16384
   c.rl.length_bucket = 0  # full-length arrays: the shapes `plan` checks, one compile per run
@@ -543,6 +549,69 @@ def resolve_microbatches(
   return out
 
 
+def mesh_sizes(c: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor): config.mesh with its -1 axis resolved for `num_devices`."""
+  sizes = [c.mesh[a] for a in ("data", "fsdp", "tensor")]
+  fixed = math.prod(s for s in sizes if s != -1)
+  data, fsdp, tensor = (s if s != -1 else num_devices // fixed for s in sizes)
+  return data, fsdp, tensor
+
+
+def kv_bytes_per_token(model_cfg) -> int:
+  """KV-cache bytes of one token: keys and values of every layer's KV heads, in the compute dtype."""
+  itemsize = {"float32": 4, "bfloat16": 2}[model_cfg.dtype]
+  return 2 * model_cfg.num_layers * model_cfg.num_kv_heads * model_cfg.head_dim * itemsize
+
+
+def kv_row_bytes(model_cfg, slots: int, tensor: int) -> int:
+  """KV-cache bytes of one sampler row of `slots` slots on each chip holding it: its KV heads are
+  split over the `tensor` chips of a tensor-parallel group when they divide (as k_proj's)."""
+  split = tensor if model_cfg.num_kv_heads % tensor == 0 else 1
+  return kv_bytes_per_token(model_cfg) * slots // split
+
+
+def rows_for_kv_budget(budget_bytes: float, row_bytes: int, row_shards: int, num_rows: int) -> int:
+  """The most sampler rows whose KV cache fits `budget_bytes` per chip when the rows are split
+  evenly over `row_shards` devices and each row's cache takes `row_bytes`: a multiple of
+  `row_shards`, at most `num_rows` (itself a multiple); 0 when not even one row a shard fits."""
+  return min(int(budget_bytes // row_bytes) * row_shards, num_rows)
+
+
+def resolve_rows_in_flight(
+    c: ml_collections.ConfigDict, num_devices: int, model_cfg, memory_bytes: int | None
+) -> ml_collections.ConfigDict:
+  """`c` with rollout.max_rows_in_flight = -1 replaced by the rows whose KV cache (task.
+  max_prompt_len + rollout.max_new_tokens slots a row, `kv_row_bytes` of it a chip) takes at most
+  rollout.kv_cache_fraction of `memory_bytes` (one device's memory: its
+  `memory_stats()['bytes_limit']`, or the chip's HBM in `plan`) on each chip; the rows split over
+  the data-parallel devices. The trainer and `plan` call this after `validate`."""
+  if c.rollout.max_rows_in_flight != -1:
+    return c
+  fraction = c.rollout.kv_cache_fraction
+  if not memory_bytes:
+    raise ConfigError(
+        "config.rollout.max_rows_in_flight=-1 derives the sampler's rows from "
+        f"config.rollout.kv_cache_fraction={fraction} of a device's memory, but these devices do "
+        "not report theirs; set config.rollout.max_rows_in_flight"
+    )
+  data, fsdp, tensor = mesh_sizes(c, num_devices)
+  shards = data * fsdp
+  slots = c.task.max_prompt_len + c.rollout.max_new_tokens
+  row_bytes = kv_row_bytes(model_cfg, slots, tensor)
+  n = c.rollout.prompts_per_step * c.rollout.num_samples
+  rows = rows_for_kv_budget(fraction * memory_bytes, row_bytes, shards, n)
+  if not rows:
+    raise ConfigError(
+        f"config.rollout.kv_cache_fraction={fraction} of {memory_bytes / 2**30:.2f} GiB holds no "
+        f"sampler row ({row_bytes / 2**30:.3f} GiB of KV cache a chip: {c.task.max_prompt_len} + "
+        f"{c.rollout.max_new_tokens} slots) on each of the {shards} data-parallel devices; raise "
+        "it, shorten the rows or set config.rollout.max_rows_in_flight"
+    )
+  out = c.copy_and_resolve_references()
+  out.rollout.max_rows_in_flight = rows
+  return out
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails with one message naming the key, before any compilation."""
   for key, choices in _CHOICES.items():
@@ -575,10 +644,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"config.rollout.temperature={c.rollout.temperature}: must be positive")
   if not 0 < c.rollout.top_p <= 1:
     raise ConfigError(f"config.rollout.top_p={c.rollout.top_p}: must be in (0, 1]")
-  if c.rollout.max_rows_in_flight < 0:
+  if c.rollout.max_rows_in_flight < -1:
     raise ConfigError(
         f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
-        f">= 0 (0 = all rows at once)"
+        f">= -1 (0 = all rows at once, -1 = derived from config.rollout.kv_cache_fraction)"
+    )
+  if not 0 < c.rollout.kv_cache_fraction < 1:
+    raise ConfigError(
+        f"config.rollout.kv_cache_fraction={c.rollout.kv_cache_fraction}: must be in (0, 1) "
+        "(the fraction of a chip's memory the sampler's KV cache may take)"
     )
   try:
     loss_config(c.loss)

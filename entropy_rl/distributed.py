@@ -172,6 +172,12 @@ def make_global_batch(local_tree, sharding: jax.sharding.Sharding, global_batch_
 # ----------------------------------------------------------------------------- host <-> global
 
 
+def device_memory() -> int | None:
+  """Bytes one local device may allocate (`memory_stats()['bytes_limit']`), None if unreported."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
 def to_global(x_local: np.ndarray, mesh) -> jax.Array:
   """This host's rows -> a global array with rows over the batch axes ('data', 'fsdp')."""
   return jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh), x_local)

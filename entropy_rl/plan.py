@@ -9,11 +9,15 @@ ahead of time from abstract inputs (no weights are read, no TPU is needed). One 
 chip, the arguments, temporaries and peak memory against the chip's HBM, the FLOPs and HBM bytes
 of the compiled program (every loop iteration counted) and its roofline time. The exit status is
 non-zero, with the config fields to change, when a program leaves less than `--headroom` of HBM.
+The sampler's programs (`rollout_programs`: serving weights, prefill, decode loop, for a training
+rollout and an evaluation chunk) are compiled too (`--sampler_only`: only they), their peaks with
+the training state the trainer holds while it samples; the decode roofline is memory-bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -705,6 +709,185 @@ def training_programs(c, mesh, model_cfg) -> list[Program]:
   return out
 
 
+# ----------------------------------------------------------------------------- rollout programs
+
+
+@dataclasses.dataclass
+class RolloutProgram(Program):
+  """A sampler program; its peak adds what the trainer holds in HBM while it samples."""
+
+  held_bytes: int = 0  # the training state (and reference weights), live but not an argument
+  # decode: the compiled step's HBM traffic as `hlo_costs` counts it (in-place scatters whole);
+  # its costs.hbm_bytes are `decode_step_bytes`
+  counted_hbm_bytes: float = 0.0
+
+  @property
+  def peak_bytes(self) -> int:
+    return Program.peak_bytes.fget(self) + self.held_bytes
+
+
+def _compile_rollout(name: str, lowered, args, calls: int, held_bytes: int):
+  """(RolloutProgram, its compiled output shardings); a program XLA:TPU refuses for want of HBM
+  comes back uncompiled (as `compile_program`'s) with output shardings None."""
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    need = re.search(r"RESOURCE_EXHAUSTED:.*?temporaries \(([\d.]+)([KMGT])\)", str(e))
+    if not need:
+      raise
+    temp = float(need.group(1)) * 2 ** (10 * (1 + "KMGT".index(need.group(2))))
+    refused = RolloutProgram(
+        name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "", False, held_bytes
+    )
+    return refused, None
+  mem, text = compiled.memory_analysis(), compiled.as_text()
+  program = RolloutProgram(
+      name,
+      calls,
+      mem.argument_size_in_bytes,
+      mem.output_size_in_bytes,
+      mem.alias_size_in_bytes,
+      mem.temp_size_in_bytes,
+      mem.generated_code_size_in_bytes,
+      hlo_costs(text),
+      text,
+      True,
+      held_bytes,
+  )
+  return program, compiled.output_shardings
+
+
+def decode_steps(num_rows: int, max_new_tokens: int, rows_in_flight: int) -> int:
+  """Decode-loop iterations when every response runs to `max_new_tokens` (token 0 comes from the
+  prefill): the N x (L - 1) tokens over R slots, kept full by the queue."""
+  return -(-num_rows * (max_new_tokens - 1) // rows_in_flight)
+
+
+def decode_step_bytes(serving, state) -> int:
+  """HBM bytes one decode step reads per chip (abstract sharded inputs): every serving weight as
+  the chip multiplies it (gathered over the batch axes, split over the others) and the KV-cache
+  slots of its rows. The decode roofline is memory-bound: these bytes at the chip's bandwidth."""
+  import jax.sharding as js
+
+  def gathered(x):
+    # Batch axes (also an entry naming several: ('data', 'fsdp')) are gathered.
+    spec = [
+        None if isinstance(a, tuple) or a in sharding.BATCH_AXES else a for a in x.sharding.spec
+    ]
+    shape = js.NamedSharding(x.sharding.mesh, js.PartitionSpec(*spec)).shard_shape(x.shape)
+    return math.prod(shape) * np.dtype(x.dtype).itemsize
+
+  weights = sum(gathered(x) for x in jax.tree.leaves(serving))
+  return weights + _shard_bytes((state["slots"]["k"], state["slots"]["v"]))
+
+
+def rollout_programs(c, mesh, model_cfg) -> list[RolloutProgram]:
+  """The sampler's programs of one training rollout and of one evaluation chunk (its sampled
+  pass, the larger: eval.num_samples responses a prompt), compiled for `mesh` from abstract
+  inputs sharded as the trainer shards them: the cast to serving weights ('weights'), the prompt
+  prefill ('prefill') and the decode loop ('decode'; its costs are one step's, its calls the
+  steps of `decode_steps`). `c` has its micro-batches and rows in flight resolved."""
+  import flax.linen as nn
+
+  from entropy_rl import rollout as rollout_lib, sampling
+
+  rules = sharding.default_rules()
+  run = config_lib.typed(c)
+  upd_cfg = run.update
+  updates = c.num_steps * upd_cfg.num_minibatches * upd_cfg.ppo_epochs
+  optimizer = step_lib.make_optimizer(run.optim, updates)
+  params = jax.eval_shape(functools.partial(models.init_params, model_cfg), jax.random.key(0))
+  param_shardings = sharding.logical_to_mesh_sharding(
+      models.param_logical_axes(model_cfg), mesh, rules, params
+  )
+  state = jax.eval_shape(
+      lambda p: step_lib.TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params
+  )
+  state = _abstract(state, step_lib.state_shardings(state, optimizer, mesh, param_shardings))
+  master = state.params
+  held = _shard_bytes(state) + (_shard_bytes(master) if upd_cfg.loss.kl_ref_coef > 0 else 0)
+  replicated = sharding.replicated_sharding(mesh)
+  rows = sharding.batch_sharding(mesh)
+  b, p = c.rollout.prompts_per_step, c.task.max_prompt_len
+  prompt = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=rows)
+  key = jax.ShapeDtypeStruct(
+      (), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated
+  )
+  model = models.Decoder(model_cfg)
+  eval_new = c.eval.max_new_tokens if c.eval.max_new_tokens > 0 else c.rollout.max_new_tokens
+  passes = [
+      ("", c.rollout.num_samples, c.rollout.max_new_tokens, c.rollout.temperature),
+      ("eval-", c.eval.num_samples, eval_new, c.eval.temperature),
+  ]
+  out = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    serving = None
+    for prefix, g, new_tokens, temperature in passes:
+      progs = sampling.programs(
+          model,
+          master,
+          prompt,
+          prompt,
+          num_samples=g,
+          max_new_tokens=new_tokens,
+          temperature=temperature,
+          top_p=c.rollout.top_p,
+          top_k=c.rollout.top_k,
+          stop_ids=(model_cfg.vocab_size - 1,),  # the tokenizer's; any id compiles the same
+          return_entropy=True,
+          max_rows_in_flight=(
+              rollout_lib.eval_rows_in_flight(run) if prefix else run.rollout.max_rows_in_flight
+          ),
+      )
+      if serving is None:
+        lowered = progs.serving_params(master)
+        weights, shardings = _compile_rollout(
+            "weights", lowered, (master,), 1, held - _shard_bytes(master)
+        )
+        out.append(weights)
+        serving = _abstract(lowered.out_info, shardings or _unstacked(master))
+      args = (serving, prompt, prompt, key)
+      lowered = progs.prefill(*args)
+      prefill, shardings = _compile_rollout(prefix + "prefill", lowered, args, 1, held)
+      decode_state = lowered.out_info[0]
+      decode_state = _abstract(
+          decode_state, shardings[0] if shardings else _rows_or_replicated(decode_state, mesh)
+      )
+      steps = decode_steps(b * g, new_tokens, progs.rows_in_flight)
+      args = (serving, decode_state)
+      decode, _ = _compile_rollout(prefix + "decode", progs.decode(*args), args, steps, held)
+      decode.counted_hbm_bytes = decode.costs.hbm_bytes
+      decode.costs = dataclasses.replace(
+          decode.costs, hbm_bytes=decode_step_bytes(serving, decode_state)
+      )
+      out += [prefill, decode]
+  return out
+
+
+def _unstacked(master) -> list:
+  """The shardings of the serving weights (`sampling`'s cast and split of the stacked layers)
+  when their program was not compiled: each layer's weight keeps its stacked sharding."""
+  import jax.sharding as js
+
+  def one(x):
+    spec = x.sharding.spec
+    return js.NamedSharding(x.sharding.mesh, js.PartitionSpec(*spec[1:]))
+
+  layers = jax.tree.map(one, master["layers"])
+  num_layers = jax.tree.leaves(master["layers"])[0].shape[0]
+  rest = {k: jax.tree.map(lambda x: x.sharding, v) for k, v in master.items() if k != "layers"}
+  return {**rest, "layers": tuple(layers for _ in range(num_layers))}
+
+
+def _rows_or_replicated(tree, mesh):
+  """Rows over the batch axes for arrays whose leading axis they divide, else replicated."""
+  rows, shards = sharding.batch_sharding(mesh), math.prod(
+      mesh.shape[a] for a in sharding.BATCH_AXES
+  )
+  replicated = sharding.replicated_sharding(mesh)
+  return jax.tree.map(lambda x: rows if x.ndim and x.shape[0] % shards == 0 else replicated, tree)
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -764,10 +947,65 @@ def advice(c, program: Program, limit: float, derived: bool = False) -> str:
   )
 
 
+def rollout_advice(
+    c,
+    program: RolloutProgram,
+    limit: float,
+    model_cfg,
+    num_devices: int,
+    derived: bool,
+    hbm_bytes: int,
+) -> str:
+  """The config fields to change so that sampler `program` fits under `limit` of a chip's
+  `hbm_bytes` on `num_devices` (`c` with its rows in flight resolved; `derived`: from
+  rollout.kv_cache_fraction)."""
+  over = program.peak_bytes - limit
+  head = (
+      f"{program.name} needs {program.peak_bytes / GiB:.2f} GiB per chip (the training state "
+      f"held while sampling included), {over / GiB:.2f} GiB over the {limit / GiB:.2f} GiB "
+      "allowed; change "
+  )
+  if program.name == "weights":
+    return head + (
+        f"config.model.param_dtype={c.model.param_dtype!r}, or config.mesh (shard the state over "
+        "more chips), or use a larger slice"
+    )
+  evaluating = program.name.startswith("eval-")
+  run = config_lib.typed(c)
+  from entropy_rl import rollout as rollout_lib
+
+  rows = rollout_lib.eval_rows_in_flight(run) if evaluating else run.rollout.max_rows_in_flight
+  new_tokens = c.rollout.max_new_tokens
+  if evaluating and c.eval.max_new_tokens > 0:
+    new_tokens = c.eval.max_new_tokens
+  data, fsdp, mesh_tensor = config_lib.mesh_sizes(c, num_devices)
+  shards = data * fsdp
+  row_bytes = config_lib.kv_row_bytes(model_cfg, c.task.max_prompt_len + new_tokens, mesh_tensor)
+  n = c.rollout.prompts_per_step * (c.eval.num_samples if evaluating else c.rollout.num_samples)
+  fewer = (min(rows or n, n) // shards - math.ceil(over / row_bytes)) * shards
+  fields = []
+  if evaluating and c.eval.max_rows_in_flight != -1:
+    fields.append(f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight} -> {max(fewer, 0)}")
+  elif derived:
+    budget = math.floor(100 * max(fewer, 0) // shards * row_bytes / hbm_bytes) / 100
+    fields.append(
+        f"config.rollout.kv_cache_fraction={c.rollout.kv_cache_fraction} -> {budget:.2f} (the "
+        f"KV budget: {rows} rows in flight -> {max(fewer, 0)})"
+    )
+  else:
+    fields.append(
+        f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight} -> {max(fewer, 0)} "
+        "(or -1: derived from config.rollout.kv_cache_fraction)"
+    )
+  if evaluating and c.eval.max_rows_in_flight == -1:
+    fields.append(f"config.eval.max_rows_in_flight=-1 -> {max(fewer, 0)} (evaluation only)")
+  return head + "; or ".join(fields) + ", or use a larger slice"
+
+
 def table(programs: list[Program], topology: Topology, mfu_flops: float | None) -> str:
   chip = topology.chip
   head = (
-      f"{'program':<10} {'calls':>5} {'args':>8} {'temps':>8} {'peak':>8} {'HBM':>6} "
+      f"{'program':<12} {'calls':>7} {'args':>8} {'temps':>8} {'peak':>8} {'HBM':>6} "
       f"{'TFLOP':>9} {'HBM GB':>9} {'ICI GB':>8} {'roofline s':>11}"
   )
   lines = [
@@ -775,10 +1013,13 @@ def table(programs: list[Program], topology: Topology, mfu_flops: float | None) 
       "per chip, GiB unless marked",
       head,
   ]
-  total = 0.0
+  total, evaluation = 0.0, 0.0
   for p in programs:
     s = p.seconds(chip)
-    total += s * p.calls
+    if p.name.startswith("eval-"):
+      evaluation += s * p.calls
+    else:
+      total += s * p.calls
     costs = (
         f"{p.costs.flops / 1e12:>9.2f} {p.costs.hbm_bytes / 1e9:>9.2f} "
         f"{p.costs.ici_bytes / 1e9:>8.2f} {s:>11.3f}"
@@ -786,13 +1027,12 @@ def table(programs: list[Program], topology: Topology, mfu_flops: float | None) 
         else f"{'XLA:TPU refused it: out of HBM':>40}"
     )
     lines.append(
-        f"{p.name:<10} {p.calls:>5} {p.argument_bytes / GiB:>8.2f} {p.temp_bytes / GiB:>8.2f} "
+        f"{p.name:<12} {p.calls:>7} {p.argument_bytes / GiB:>8.2f} {p.temp_bytes / GiB:>8.2f} "
         f"{p.peak_bytes / GiB:>8.2f} {chip.hbm_bytes / GiB:>6.0f} {costs}"
     )
-  lines.append(
-      f"{'step':<10} {'':>5} {'':>8} {'':>8} {'':>8} {'':>6} {'':>9} {'':>9} {'':>8} "
-      f"{total:>11.3f}"
-  )
+  for name, seconds in (("step", total), ("eval chunk", evaluation)):
+    if seconds:
+      lines.append(f"{name:<12} {'':>7} {'':>8} {'':>8} {'':>8} {'':>6} {'':>28} {seconds:>11.3f}")
   update = next((p for p in programs if p.name == "update"), None)
   if mfu_flops and update is not None and update.compiled:
     bound = mfu_flops / (topology.num_chips * chip.flops_per_s * update.seconds(chip))
@@ -800,6 +1040,30 @@ def table(programs: list[Program], topology: Topology, mfu_flops: float | None) 
   unknown = sum(p.costs.unknown_trip_counts for p in programs)
   if unknown:
     lines.append(f"({unknown} loops without a constant bound are counted once)")
+  return "\n".join(lines)
+
+
+def sampler_summary(c, programs: list[RolloutProgram]) -> str:
+  """Rows in flight, decode steps, the training state held while sampling."""
+  from entropy_rl import rollout as rollout_lib
+
+  run = config_lib.typed(c)
+  decode = {p.name: p for p in programs}
+  lines = [
+      f"sampler: peaks include the {decode['decode'].held_bytes / GiB:.2f} GiB training state held "
+      "while sampling (the weights pass: without the master weights, its argument); decode "
+      "costs are one step's, its calls the steps when every response runs to the end",
+  ]
+  for name, rows, g in (
+      ("decode", run.rollout.max_rows_in_flight, c.rollout.num_samples),
+      ("eval-decode", rollout_lib.eval_rows_in_flight(run), c.eval.num_samples),
+  ):
+    n, p = c.rollout.prompts_per_step * g, decode[name]
+    lines.append(
+        f"  {name}: {min(rows or n, n)} of {n} rows in flight, {p.calls} steps; a step's HBM GB "
+        f"are the weights and KV cache it reads ({p.counted_hbm_bytes / 1e9:.2f} GB of traffic "
+        "counted in the compiled step)"
+    )
   return "\n".join(lines)
 
 
@@ -813,9 +1077,10 @@ class Plan:
   problems: list[str]
 
 
-def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
+def plan(c, topology: str | Topology, headroom: float = 0.1, training: bool = True) -> Plan:
   """Builds the mesh from the slice's devices as the trainer does, checks every host's rows, and
-  compiles the programs of one RL step; `problems` names the fields to change."""
+  compiles the programs of one RL step (without the update's when not `training`: the sampler's
+  only); `problems` names the fields to change."""
   topo = parse_topology(topology) if isinstance(topology, str) else topology
   devices = topology_devices(topo)
   checked = c.copy_and_resolve_references()
@@ -830,14 +1095,25 @@ def plan(c, topology: str | Topology, headroom: float = 0.1) -> Plan:
   prompt_rows = distributed.rows_by_process(c.rollout.prompts_per_step, rows)
   distributed.rows_by_process(c.rollout.prompts_per_step * c.rollout.num_samples, rows)
   model_cfg = model_config(c)
-  programs = training_programs(c, mesh, model_cfg)
+  programs = training_programs(c, mesh, model_cfg) if training else []
   limit = (1.0 - headroom) * topo.chip.hbm_bytes
   problems = [advice(c, p, limit, derived) for p in programs if p.peak_bytes > limit]
+  rows_derived = c.rollout.max_rows_in_flight == -1
+  c = config_lib.resolve_rows_in_flight(c, len(devices), model_cfg, topo.chip.hbm_bytes)
+  sampler = rollout_programs(c, mesh, model_cfg)
+  programs += sampler
+  problems += [
+      rollout_advice(c, p, limit, model_cfg, len(devices), rows_derived, topo.chip.hbm_bytes)
+      for p in sampler
+      if p.peak_bytes > limit
+  ]
   first = next(iter(prompt_rows.values()))
   report = (
       f"mesh {dict(mesh.shape)} over {len(prompt_rows)} hosts; each host feeds "
       f"{first.stop - first.start} of {c.rollout.prompts_per_step} prompts per step\n"
       + table(programs, topo, model_flops(c, model_cfg))
+      + "\n"
+      + sampler_summary(c, sampler)
   )
   return Plan(topo, len(prompt_rows), first.stop - first.start, programs, report, problems)
 
@@ -848,7 +1124,12 @@ def main(argv) -> int:
 
   jax.config.update("jax_platforms", "cpu")  # the slice comes from libtpu; nothing runs here
   jax.config.update("jax_threefry_partitionable", True)
-  result = plan(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.headroom)
+  result = plan(
+      flags.FLAGS.config,
+      flags.FLAGS.topology,
+      flags.FLAGS.headroom,
+      training=not flags.FLAGS.sampler_only,
+  )
   print(result.report)
   for problem in result.problems:
     print(f"DOES NOT FIT: {problem}", file=sys.stderr)
@@ -865,5 +1146,8 @@ if __name__ == "__main__":
   )
   flags.DEFINE_string("topology", None, "gcloud accelerator type (v5p-64) or topology (v5p:2x4x4).")
   flags.DEFINE_float("headroom", 0.1, "Fraction of each chip's HBM a program must leave free.")
+  flags.DEFINE_bool(
+      "sampler_only", False, "Compile the rollout and evaluation programs only (not the update)."
+  )
   flags.mark_flags_as_required(["config", "topology"])
   app.run(lambda argv: sys.exit(main(argv)))

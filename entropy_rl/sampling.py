@@ -59,6 +59,8 @@ class _Settings:
   return_entropy: bool
   rows_in_flight: int  # R slots, 1 <= R <= N
   rows: jax.sharding.NamedSharding | None  # the prompts' row sharding, kept by every output
+  # The KV buffers' [B, K, ...]: rows as `rows`, KV heads as the weights' (`_cache_sharding`).
+  cache: jax.sharding.NamedSharding | None = None
 
 
 def _row_sharding(x):
@@ -72,8 +74,32 @@ def _row_sharding(x):
   )
 
 
+def _cache_sharding(rows, k_proj):
+  """The KV cache's sharding: rows (axis 0) as the prompts', KV heads (axis 1) over the mesh axes
+  of the (stacked, [layers, D, K, H]) k_proj weight's KV-head axis, so that tensor parallelism
+  splits the cache as it splits the heads; None without a row sharding."""
+  if rows is None:
+    return None
+  weight = getattr(k_proj, "sharding", None)
+  heads = None
+  if isinstance(weight, jax.sharding.NamedSharding) and weight.mesh.shape == rows.mesh.shape:
+    spec = tuple(weight.spec) + (None,) * 4
+    row_axes = rows.spec[0] if isinstance(rows.spec[0], tuple) else (rows.spec[0],)
+    axes = spec[2] if isinstance(spec[2], tuple) else (spec[2],)
+    heads = None if set(axes) & set(row_axes) else spec[2]
+  return jax.sharding.NamedSharding(rows.mesh, jax.sharding.PartitionSpec(rows.spec[0], heads))
+
+
 def _keep_rows(x, s: _Settings):
   return x if s.rows is None else jax.lax.with_sharding_constraint(x, s.rows)
+
+
+def _keep_cache(cache, s: _Settings):
+  """The K and V buffers of `cache` constrained to `s.cache`."""
+  if s.cache is None:
+    return cache
+  keep = functools.partial(jax.lax.with_sharding_constraint, shardings=s.cache)
+  return dict(cache, k=tuple(map(keep, cache["k"])), v=tuple(map(keep, cache["v"])))
 
 
 def _truncate(z_NxV, top_k, top_p):
@@ -180,15 +206,11 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
       if name != "entropy" or s.return_entropy
   }
   empty = init_cache(model.config, R, P + L)
-  slots = dict(
-      k=tuple(_keep_rows(x, s) for x in empty["k"]),
-      v=tuple(_keep_rows(x, s) for x in empty["v"]),
-      mask=empty["mask"],
-  )
+  slots = _keep_cache(dict(k=empty["k"], v=empty["v"], mask=empty["mask"]), s)
   state = dict(
       **outputs,
       slots=slots,
-      prompt_cache=prompt_cache,
+      prompt_cache=_keep_cache(prompt_cache, s),
       prompt_len=jnp.sum(prompt_mask_BxP, axis=1),
       queue=jnp.argsort(done_N, stable=True).astype(jnp.int32),  # undone pairs first, in order
       num_queued=jnp.sum(~done_N).astype(jnp.int32),
@@ -263,7 +285,7 @@ def _decode(params, state, *, model: Decoder, s: _Settings):
     )
     token_R, logp_R, entropy_R = _choose(logits_Rx1xV[:, 0], st["rng"], pair_R, t_R, s)
     columns = dict(tokens=token_R, mask=jnp.ones_like(token_R), logprobs=logp_R, entropy=entropy_R)
-    slots = {name: x for name, x in slots.items() if name != "index"}
+    slots = _keep_cache({name: x for name, x in slots.items() if name != "index"}, s)
     new = dict(st, slots=slots, prev=token_R, t=t_R + 1)
     for name in _OUTPUTS:
       if name in st:  # empty slots write to row N: dropped
@@ -280,12 +302,11 @@ def _decode(params, state, *, model: Decoder, s: _Settings):
   return jax.lax.while_loop(cond, body, state)
 
 
-def sample(
+def _settings(
     model: Decoder,
     params,
     prompt_BxP,
     prompt_mask_BxP,
-    rng,
     *,
     num_samples: int,
     max_new_tokens: int,
@@ -297,9 +318,8 @@ def sample(
     pad_id: int = 0,
     return_entropy: bool = False,
     max_rows_in_flight: int = 0,
-) -> SampleOutput:
-  """Samples `num_samples` responses per left-padded prompt, at most `max_rows_in_flight` (0: all)
-  at a time; see the module docstring."""
+) -> _Settings:
+  """`sample`'s arguments checked and turned into the static settings of its programs."""
   if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape:
     raise ValueError(
         f"prompt_BxP and prompt_mask_BxP must be [B, P] of the same shape; got "
@@ -320,7 +340,7 @@ def sample(
   if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
   n = prompt_BxP.shape[0] * num_samples
-  s = _Settings(
+  return _Settings(
       num_samples=num_samples,
       max_new_tokens=max_new_tokens,
       temperature=float(temperature),
@@ -332,7 +352,16 @@ def sample(
       return_entropy=bool(return_entropy),
       rows_in_flight=min(max_rows_in_flight or n, n),
       rows=_row_sharding(prompt_BxP),
+      cache=_cache_sharding(_row_sharding(prompt_BxP), params["layers"]["attn"]["k_proj"]),
   )
+
+
+def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, **kwargs) -> SampleOutput:
+  """Samples `num_samples` responses per left-padded prompt, at most `max_rows_in_flight` (0: all)
+  at a time; see the module docstring. `kwargs` are those of `_settings`: num_samples,
+  max_new_tokens, temperature, top_p, top_k, greedy, stop_ids, pad_id, return_entropy,
+  max_rows_in_flight."""
+  s = _settings(model, params, prompt_BxP, prompt_mask_BxP, **kwargs)
   params = _serving_params(params, dtype=model.config.dtype)
   state, prompt_NxP, prompt_mask_NxP = _prefill(
       params, prompt_BxP, prompt_mask_BxP, rng, model=model, s=s
@@ -346,3 +375,32 @@ def sample(
       prompt_NxP=prompt_NxP,
       prompt_mask_NxP=prompt_mask_NxP,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The three programs `sample` runs, to lower from abstract inputs (ahead-of-time compilation,
+  e.g. by `plan`): `serving_params(params)`, then `prefill(serving, prompt_BxP, prompt_mask_BxP,
+  rng)` and `decode(serving, state)` on the prefill's state; each returns a `jax.stages.Lowered`."""
+
+  model: Decoder
+  s: _Settings
+
+  def serving_params(self, params):
+    return _serving_params.lower(params, dtype=self.model.config.dtype)
+
+  def prefill(self, serving, prompt_BxP, prompt_mask_BxP, rng):
+    return _prefill.lower(serving, prompt_BxP, prompt_mask_BxP, rng, model=self.model, s=self.s)
+
+  def decode(self, serving, state):
+    return _decode.lower(serving, state, model=self.model, s=self.s)
+
+  @property
+  def rows_in_flight(self) -> int:
+    return self.s.rows_in_flight
+
+
+def programs(model: Decoder, params, prompt_BxP, prompt_mask_BxP, **kwargs) -> Programs:
+  """`sample`'s programs for (master) parameters and prompts shaped and sharded like `params` and
+  `prompt_BxP`, and its `kwargs`."""
+  return Programs(model, _settings(model, params, prompt_BxP, prompt_mask_BxP, **kwargs))

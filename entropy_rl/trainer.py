@@ -77,15 +77,12 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
   rules = sharding.default_rules()
   task = data_lib.make_task(c.task) if c.task.source == "synthetic" else None
   policy, params = policy_lib.build_policy(c, workdir, task, check_stop, mesh, rules)
+  memory = distributed.device_memory()
+  c = config_lib.resolve_rows_in_flight(c, jax.device_count(), policy.model_cfg, memory)
+  run = config_lib.typed(c, jax.device_count())
   shard = distributed.process_shard(c.rollout.prompts_per_step, sharding.batch_sharding(mesh))
-  source = data_lib.make_source(
-      c.task,
-      seed=c.seed,
-      task=task,
-      tokenizer=policy.tokenizer,
-      shard_index=shard[0],
-      num_shards=shard[1],
-  )
+  kw = dict(seed=c.seed, task=task, tokenizer=policy.tokenizer)
+  source = data_lib.make_source(c.task, shard_index=shard[0], num_shards=shard[1], **kw)
   eval_examples = data_lib.make_eval_examples(c, task=task, tokenizer=policy.tokenizer)
   reward_fn = rewards_lib.from_config(c.reward, task, c.rollout.max_new_tokens)
   upd_cfg, loss_cfg = run.update, run.update.loss

@@ -380,3 +380,24 @@ def test_decode_loop_updates_the_cache_in_place():
   layer_cache_bytes = B * cfg.num_kv_heads * S * cfg.head_dim * 4  # 4 MiB
   memory = sampling._decode.lower(p, state, model=model, s=s).compile().memory_analysis()
   assert memory.temp_size_in_bytes < layer_cache_bytes / 4, memory.temp_size_in_bytes
+
+
+def test_kv_cache_splits_heads_as_the_weights_do():
+  """Rows over the prompts' axes, KV heads over k_proj's KV-head axes (tensor parallelism); none
+  when those are row axes too."""
+  mesh = jax.make_mesh(
+      (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
+  )
+  P = jax.sharding.PartitionSpec
+  rows = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+  k_proj = jax.ShapeDtypeStruct(
+      (2, 16, 2, 8),
+      jnp.float32,
+      sharding=jax.sharding.NamedSharding(mesh, P(None, "fsdp", "tensor")),
+  )
+  assert sampling._cache_sharding(rows, k_proj).spec == P(("data", "fsdp"), "tensor")
+  k_proj = jax.ShapeDtypeStruct(
+      (2, 16, 2, 8), jnp.float32, sharding=jax.sharding.NamedSharding(mesh, P(None, None, "fsdp"))
+  )
+  assert sampling._cache_sharding(rows, k_proj).spec == P(("data", "fsdp"), None)
+  assert sampling._cache_sharding(None, k_proj) is None

@@ -11,7 +11,16 @@ import jax
 import numpy as np
 import pytest
 
-from entropy_rl import checkpoint, config_lib, fileio, interrupt, metrics, policy, trainer
+from entropy_rl import (
+    checkpoint,
+    config_lib,
+    distributed,
+    fileio,
+    interrupt,
+    metrics,
+    policy,
+    trainer,
+)
 from entropy_rl.errors import ConfigError
 from configs import grpo
 
@@ -403,3 +412,25 @@ def test_update_arrays_are_trimmed_to_the_length_bucket(monkeypatch, tmp_path, b
       assert (tokens, response) == (full, c.rollout.max_new_tokens)
     else:
       assert tokens % bucket == 0 and response % bucket == 0 and tokens < full and n > 0
+
+
+def test_rows_in_flight_derived_from_the_device_memory(monkeypatch, tmp_path):
+  """rollout.max_rows_in_flight=-1: the trainer samples as many rows as the KV budget holds."""
+  from entropy_rl import sampling
+
+  c = tiny_config(num_steps=1)
+  c.eval_every = 0
+  c.rollout.max_rows_in_flight, c.rollout.kv_cache_fraction = -1, 0.5
+  # One float32 layer, 1 KV head of 16: 128 bytes a slot; 32 + 12 slots a row.
+  row_bytes = 2 * 1 * 1 * 16 * 4 * (c.task.max_prompt_len + 12)
+  monkeypatch.setattr(distributed, "device_memory", lambda: int(2.5 * row_bytes / 0.5))
+  seen = []
+  sample = sampling.sample
+
+  def record(*args, max_rows_in_flight=0, **kwargs):
+    seen.append(max_rows_in_flight)
+    return sample(*args, max_rows_in_flight=max_rows_in_flight, **kwargs)
+
+  monkeypatch.setattr(sampling, "sample", record)
+  trainer.train(c, str(tmp_path))
+  assert seen == [2 * 8]  # 2 rows on each of the 8 data-parallel devices
