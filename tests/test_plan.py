@@ -268,4 +268,4 @@ def test_splash_attention_saves_the_update_the_fp32_scores():
     c.model.attention_impl = impl
     (update,) = plan.training_programs(c, mesh, plan.model_config(c))
     temps[impl] = update.temp_bytes
-  assert temps["xla"] > 3 * temps["auto"], temps
+  assert temps["xla"] > 3 * temps["auto"], {k: v / 2**20 for k, v in temps.items()}
