@@ -18,6 +18,7 @@ import ml_collections
 from entropy_rl import fileio, losses, rewards
 from entropy_rl.data import tasks as tasks_lib
 from entropy_rl.errors import ConfigError
+from entropy_rl.models.config import ATTENTION_IMPLS
 
 # The papers' models. Sizes matter only for presets; weights come from `model.hf_path`.
 PAPER_MODELS = ("qwen2_5_7b", "qwen2_5_32b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
@@ -300,6 +301,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   c.model.remat = False
+  c.model.attention_impl = "auto"  # auto (splash on TPU, cuDNN on GPU) | xla | splash | cudnn
 
   c.task = ml_collections.ConfigDict()
   c.task.source = "synthetic"  # synthetic | jsonl | tfds
@@ -484,6 +486,7 @@ _CHOICES = {
     "model.source": ("tiny", "hf"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention_impl": ATTENTION_IMPLS,
     "task.source": ("synthetic", "jsonl", "tfds"),
     "reward.name": rewards.REWARD_NAMES,
     "rl.advantage": ("grpo", "drgrpo", "rloo", "qae"),

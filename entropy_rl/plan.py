@@ -197,7 +197,12 @@ PAPER_ARCHITECTURES = {
 def model_config(c) -> models.ModelConfig:
   """The policy's ModelConfig without weights: `model.hf_path`/config.json if it exists, else
   the paper model the path is named after; the tiny policy from the character tokenizer."""
-  dtypes = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
+  dtypes = dict(
+      dtype=c.model.dtype,
+      param_dtype=c.model.param_dtype,
+      remat=c.model.remat,
+      attention_impl=c.model.attention_impl,
+  )
   if c.model.source == "hf":
     if os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
       from entropy_rl.models import hf
@@ -923,10 +928,14 @@ def advice(c, program: Program, limit: float, derived: bool = False) -> str:
       )
     if not c.model.remat:
       fields.append("config.model.remat=True")
+    if c.model.attention_impl == "xla":
+      fields.append(
+          "config.model.attention_impl='xla' -> 'auto' (the splash kernel: no [heads, T, T] scores)"
+      )
     if c.mesh.tensor == 1:
       fields.append(
-          "config.mesh.tensor=4 or 8 (attention heads over chips: each holds that "
-          "fraction of the [heads, T, T] scores)"
+          "config.mesh.tensor=2 or 4 (heads and MLP columns over chips: each holds that fraction "
+          "of the layer activations)"
       )
     fields.append(f"config.rollout.max_new_tokens={c.rollout.max_new_tokens} (lower)")
   else:

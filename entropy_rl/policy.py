@@ -51,7 +51,10 @@ def build_policy(
     from entropy_rl.models import hf  # pylint: disable=g-import-not-at-top
 
     dtypes = dict(
-        dtype=config.model.dtype, param_dtype=config.model.param_dtype, remat=config.model.remat
+        dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype,
+        remat=config.model.remat,
+        attention_impl=config.model.attention_impl,
     )
     shardings = (
         None
@@ -163,5 +166,6 @@ def tiny_model_config(c, vocab_size: int) -> models.ModelConfig:
       dtype=c.dtype,
       param_dtype=c.param_dtype,
       remat=c.remat,
+      attention_impl=c.attention_impl,
       max_position_embeddings=1024,
   )

@@ -211,6 +211,7 @@ def _load_cached(workdir, settings, model_cfg):
       dtype=model_cfg.dtype,
       param_dtype=model_cfg.param_dtype,
       remat=model_cfg.remat,
+      attention_impl=model_cfg.attention_impl,
   )
   want = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
   if jax.tree.structure(want) != jax.tree.structure(params) or any(

@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  attention_impl: str = "auto"  # training attention: auto | xla | splash | cudnn (attention.py)
 
   def __post_init__(self):
     if self.model_type not in ARCHITECTURES:
@@ -73,6 +75,8 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")

@@ -18,7 +18,6 @@ Two entry points:
 """
 
 import functools
-import logging
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entropy_rl.models import attention
 from entropy_rl.models.config import ModelConfig
 
 Cache = dict[str, Any]
@@ -136,7 +136,9 @@ class Attention(nn.Module):
     k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
 
     if cache_kv is None:
-      out_BxTxNxH = _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask[:, None], cfg)
+      out_BxTxNxH = attention.causal_attention(
+          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask[:, 0], cfg.attention_impl
+      )
     else:
       valid_BxS, index = mask
       kc_BxKxHxS, vc_BxKxSxH = cache_kv
@@ -185,21 +187,6 @@ def _cached_attention(q_BxTxNxH, kc_BxKxHxS, vc_BxKxSxH, valid_BxS, index):
   else:
     out = jnp.einsum("bkgts,bksh->btkgh", probs, vc_BxKxSxH)
   return out.reshape(B, T, N, H)
-
-
-def _causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_Bx1x1xT, cfg: ModelConfig):
-  """Causal GQA with padded keys masked: cuDNN flash attention on GPUs in half precision (it
-  never materialises [T, T] scores), XLA elsewhere or when cuDNN rejects the shapes."""
-  attend = functools.partial(
-      jax.nn.dot_product_attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True
-  )
-  if jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16"):
-    B, T = q_BxTxNxH.shape[:2]
-    try:  # cuDNN takes the mask as a bias with the full [T, T] extent
-      return attend(mask=jnp.broadcast_to(keys_Bx1x1xT, (B, 1, T, T)), implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError) as e:
-      logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
-  return attend(mask=keys_Bx1x1xT, implementation="xla")
 
 
 class MLP(nn.Module):

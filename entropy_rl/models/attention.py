@@ -1,0 +1,151 @@
+"""Training attention (causal, grouped-query, padded keys masked), by platform.
+
+`ModelConfig.attention_impl`:
+  xla     jax.nn.dot_product_attention's XLA path; it materialises fp32 [B, N, T, T] scores.
+  cudnn   cuDNN flash attention (GPU, half precision); XLA where cuDNN rejects the shapes.
+  splash  Pallas splash attention (TPU): [512, 512] blocks of scores in VMEM, never [T, T] in HBM.
+          On other platforms the same kernel runs in Pallas interpret mode (slow; for tests).
+  auto    splash on TPU, cudnn on GPU in half precision, xla otherwise.
+
+The platform is that of the mesh being traced for (`jax.set_mesh`), so that an ahead-of-time
+compile for TPU topology devices on a CPU host (`entropy_rl.plan`) takes the TPU kernel; without
+a mesh it is `jax.default_backend()`.
+
+Splash attends within one sequence; its padding mask is segment ids (real tokens 1, padding 0).
+A real query then sees exactly the real keys at or before it, as the XLA mask does; a padded
+query (left-padded prompts, the tail after a response) sees the padded keys at or before it, at
+least itself, so no row is empty and nothing is NaN. Padded rows differ from the XLA path's, and
+no real position reads them. The sequence is padded to a multiple of 128 (the kernel's lanes).
+Under a mesh the kernel runs in `shard_map`: rows over the batch axes ('data', 'fsdp') that
+divide them, heads over 'tensor' when it divides them (the KV heads repeated up to the query
+heads when only those divide).
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from entropy_rl.models.config import ATTENTION_IMPLS
+
+_LANES = 128
+_BATCH_AXES = ("data", "fsdp")
+_HEAD_AXIS = "tensor"
+
+
+def platform() -> str:
+  """The platform being compiled for: the current mesh's devices', else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def resolve(impl: str, platform_name: str, dtype) -> str:
+  """The implementation `impl` ('auto' or a name) means on `platform_name` for `dtype`."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r} must be one of {ATTENTION_IMPLS}")
+  if impl == "cudnn" and platform_name != "gpu":
+    raise ValueError(f"attention_impl='cudnn' needs a GPU, compiling for {platform_name!r}")
+  if impl != "auto":
+    return impl
+  if platform_name == "tpu":
+    return "splash"
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if platform_name == "gpu" and half else "xla"
+
+
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, impl: str = "auto"):
+  """softmax(q k^T / sqrt(H)) v over keys at or before each query that `keys_BxT` marks real."""
+  where = platform()
+  impl = resolve(impl, where, q_BxTxNxH.dtype)
+  if impl == "splash":
+    return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, interpret=where != "tpu")
+  attend = functools.partial(
+      jax.nn.dot_product_attention, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True
+  )
+  keys_Bx1x1xT = keys_BxT.astype(bool)[:, None, None, :]
+  if impl == "cudnn":
+    B, T = keys_BxT.shape
+    try:  # cuDNN takes the mask as a bias with the full [T, T] extent
+      return attend(mask=jnp.broadcast_to(keys_Bx1x1xT, (B, 1, T, T)), implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+      logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
+  return attend(mask=keys_Bx1x1xT, implementation="xla")
+
+
+def block_size(seq_len: int) -> int:
+  """The largest of 512, 256, 128 that divides `seq_len` (a multiple of 128)."""
+  return next(b for b in (512, 256, _LANES) if seq_len % b == 0)
+
+
+def _kernel(num_heads: int, seq_len: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  b = block_size(seq_len)
+  sizes = sa.BlockSizes(
+      block_q=b,
+      block_kv=b,
+      block_kv_compute=b,
+      block_q_dkv=b,
+      block_kv_dkv=b,
+      block_kv_dkv_compute=b,
+      block_q_dq=b,
+      block_kv_dq=b,
+  )
+  mask = sa.MultiHeadMask([sa.CausalMask((seq_len, seq_len))] * num_heads)
+  return sa.make_splash_mha(
+      mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
+
+
+def _splash_local(q_BxNxSxH, k_BxKxSxH, v_BxKxSxH, segments_BxS, interpret: bool):
+  """The kernel over rows of one shard (q already scaled by 1/sqrt(H))."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+  kernel = _kernel(q_BxNxSxH.shape[1], q_BxNxSxH.shape[2], interpret)
+  return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
+      q_BxNxSxH, k_BxKxSxH, v_BxKxSxH, segments_BxS
+  )
+
+
+def _dividing_axes(mesh, axes, size: int) -> tuple[str, ...]:
+  """The mesh axes of `axes`, in order, whose running product divides `size`."""
+  kept, prod = [], 1
+  for a in axes:
+    if a in mesh.axis_names and size % (prod * mesh.shape[a]) == 0:
+      kept.append(a)
+      prod *= mesh.shape[a]
+  return tuple(kept)
+
+
+def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, interpret: bool = False):
+  """Causal GQA through the Pallas splash kernel; see the module docstring for the padding."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  S = -(-T // _LANES) * _LANES
+  pad = ((0, 0), (0, 0), (0, S - T), (0, 0))
+  scale = jnp.asarray(H**-0.5, q_BxTxNxH.dtype)
+  q_BxNxSxH = jnp.pad(jnp.transpose(q_BxTxNxH * scale, (0, 2, 1, 3)), pad)
+  k_BxKxSxH = jnp.pad(jnp.transpose(k_BxTxKxH, (0, 2, 1, 3)), pad)
+  v_BxKxSxH = jnp.pad(jnp.transpose(v_BxTxKxH, (0, 2, 1, 3)), pad)
+  segments_BxS = jnp.pad(keys_BxT.astype(jnp.int32), ((0, 0), (0, S - T)))
+  local = functools.partial(_splash_local, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    rows = _dividing_axes(mesh, _BATCH_AXES, B)
+    heads = _dividing_axes(mesh, (_HEAD_AXIS,), N)
+    if heads and K % mesh.shape[_HEAD_AXIS]:  # each head shard needs its own KV heads
+      k_BxKxSxH = jnp.repeat(k_BxKxSxH, N // K, axis=1)
+      v_BxKxSxH = jnp.repeat(v_BxKxSxH, N // K, axis=1)
+    qkv = P(rows or None, heads or None)
+    local = jax.shard_map(
+        local,
+        in_specs=(qkv, qkv, qkv, P(rows or None)),
+        out_specs=qkv,
+        check_vma=False,
+    )
+  out_BxNxSxH = local(q_BxNxSxH, k_BxKxSxH, v_BxKxSxH, segments_BxS)
+  return jnp.transpose(out_BxNxSxH[:, :, :T], (0, 2, 1, 3))
