@@ -92,6 +92,7 @@ def test_typed_config_carries_every_value_it_reads():
   run = config_lib.typed(c, num_devices=64)
   loss = dataclasses.asdict(run.update.loss)
   assert loss.pop("selection_shards") == 64 // c.mesh.tensor  # mesh.fsdp = -1 takes the rest
+  assert loss.pop("max_response_len") == c.rollout.max_new_tokens == 20480
   assert loss == c.loss.to_dict()
   assert run.update.loss.clip_cov_lb == 2.0
   assert dataclasses.asdict(run.optim) == c.optim.to_dict()
