@@ -194,10 +194,11 @@ def test_plan_single_host_names_the_fields_when_it_does_not_fit():
       config_lib.get_config_for("tiny", config_lib.ppo_method(0.2)), "v5p-8", headroom=0.99999
   )
   assert (result.hosts, result.rows_per_host) == (1, 32)
-  (update,) = result.programs
+  update = result.programs[0]  # then the sampler's (tests/test_plan_rollout.py)
+  assert update.name == "update"
   assert 0 < update.argument_bytes < update.peak_bytes
   assert update.costs.flops > 0 and update.costs.unknown_trip_counts == 0
-  assert len(result.problems) == 1
+  assert len(result.problems) == len(result.programs)  # nothing fits in 0.001% of HBM
   assert "update needs" in result.problems[0]
   assert "config.rl.num_microbatches=1 -> 2" in result.problems[0]
 
@@ -248,8 +249,8 @@ def test_plan_reports_a_program_xla_refuses_for_want_of_hbm():
   c.rollout.max_new_tokens, c.rl.num_microbatches = 8192, 1  # [heads, T, T] scores of 8 rows
   c.model.attention_impl = "xla"
   result = plan.plan(c, "v5e-4")
-  (update,) = result.programs
-  assert not update.compiled and update.temp_bytes > 16 * plan.GiB
+  update = result.programs[0]
+  assert update.name == "update" and not update.compiled and update.temp_bytes > 16 * plan.GiB
   assert "XLA:TPU refused it" in result.report
   assert len(result.problems) == 1 and "config.rl.num_microbatches=1 -> 2" in result.problems[0]
 
