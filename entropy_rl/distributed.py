@@ -2,8 +2,8 @@
 
 Every process runs the same program on a global (mesh-wide) batch; a process holds data only for
 its own devices. `process_rows` says which rows of the global batch those are, so each host loads
-only its shard of the prompts, and `make_global_batch` assembles the global `jax.Array`s from the
-per-host NumPy slices.
+only its shard of the prompts, and `to_global` assembles the global `jax.Array`s from the per-host
+NumPy slices.
 """
 
 from __future__ import annotations
@@ -149,24 +149,6 @@ def process_shard(
   rows = process_rows(global_batch_size, sharding, devices)
   n = rows.stop - rows.start
   return rows.start // n, global_batch_size // n
-
-
-def make_global_batch(local_tree, sharding: jax.sharding.Sharding, global_batch_size: int):
-  """Global `jax.Array`s from this process's rows (`process_rows`) of every leaf of a pytree."""
-  rows = process_rows(global_batch_size, sharding)
-  n_local = rows.stop - rows.start
-
-  def one(path, x):
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] != n_local:
-      raise ValueError(
-          f"batch leaf {jax.tree_util.keystr(path)} has shape {x.shape}; this process feeds "
-          f"rows {rows.start}:{rows.stop} of {global_batch_size}, so its leading dimension "
-          f"must be {n_local}"
-      )
-    return jax.make_array_from_process_local_data(sharding, x, (global_batch_size,) + x.shape[1:])
-
-  return jax.tree_util.tree_map_with_path(one, local_tree)
 
 
 # ----------------------------------------------------------------------------- host <-> global

@@ -57,8 +57,3 @@ class StopFlag:
   @property
   def requested(self) -> bool:
     return self.signum is not None
-
-  def check(self, step: int | None = None) -> None:
-    """Raises Interrupted if a signal arrived (`step`: the RL steps checkpointed so far)."""
-    if self.signum is not None:
-      raise Interrupted(self.signum, step)

@@ -1,7 +1,6 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from entropy_rl import distributed, sharding
 
@@ -102,20 +101,6 @@ def test_process_rows():
   assert distributed.process_rows(8, batch, devices=mesh.devices[0, 1, :]) == slice(2, 4)
 
 
-def test_make_global_batch():
-  mesh = sharding.make_mesh(data=2, fsdp=4)
-  batch = sharding.batch_sharding(mesh)
-  local = {"tokens": np.arange(32).reshape(16, 2), "mask": np.ones(16, np.float32)}
-  out = distributed.make_global_batch(local, batch, 16)
-  np.testing.assert_array_equal(np.asarray(out["tokens"]), local["tokens"])
-  assert out["tokens"].sharding == batch and out["mask"].shape == (16,)
-  assert out["tokens"].addressable_shards[0].data.shape == (2, 2)
-  with pytest.raises(ValueError, match=r"\['mask'\] has shape \(8,\).*must be 16"):
-    distributed.make_global_batch({"mask": np.ones(8)}, batch, 16)
-  other = NamedSharding(mesh, P(("data", "fsdp"), None))
-  assert distributed.make_global_batch({"t": local["tokens"]}, other, 16)["t"].sharding == other
-
-
 def test_rows_by_process():
   mesh = sharding.make_mesh(data=2, fsdp=4)
   batch = sharding.batch_sharding(mesh)
@@ -143,3 +128,12 @@ def test_every_host_of_a_pod_feeds_its_block(name):
   interleaved = jax.sharding.Mesh(np.array(by_x).reshape(1, -1, 1), sharding.MESH_AXES)
   with pytest.raises(ValueError, match="not contiguous"):
     distributed.rows_by_process(256, sharding.batch_sharding(interleaved))
+
+
+def test_to_global_and_back():
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  local = np.arange(32).reshape(16, 2)
+  out = distributed.to_global(local, mesh)
+  assert out.sharding == sharding.batch_sharding(mesh) and out.shape == (16, 2)
+  assert out.addressable_shards[0].data.shape == (2, 2)  # rows over the 8 data-parallel devices
+  np.testing.assert_array_equal(distributed.to_local(out), local)
