@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from entropy_rl import losses, models
+from entropy_rl import config_lib, losses, models
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "bench_update.py"
 _spec = importlib.util.spec_from_file_location("bench_update", _PATH)
@@ -48,7 +48,7 @@ def test_layer_matmul_params_are_the_layer_weights(cfg):
 
 def test_torch_clip_cov_loss_matches_ours():
   """Same selection scores: the same selected tokens, loss and gradient as losses.policy_loss."""
-  cfg = bench.bench_config(bench.TINY).loss
+  cfg = config_lib.loss_config(bench.bench_config(bench.TINY).loss)
   rng = np.random.default_rng(0)
   b, t = 6, 20
   mask = (np.arange(t)[None] < rng.integers(5, t + 1, b)[:, None]).astype(np.float32)
