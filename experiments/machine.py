@@ -1,9 +1,12 @@
 """The machine a benchmark ran on: CPU model, cores, and the load average before and after.
 
 Every benchmark calls `begin()` before measuring and `end(info)` after, stores the returned dict
-(JSON-able) with its results and prints `describe(info)` last. A 1-minute load average above
-`IDLE_LOAD` before or after means other jobs shared the cores: the numbers are then not comparable
-with an idle machine's, and `describe` says so in a WARNING line.
+(JSON-able) with its results and prints `describe(info)` last. The machine was idle when the
+1-minute load average before was at most `IDLE_LOAD`, and the one after at most the benchmark's own
+threads (one per usable core) plus `IDLE_LOAD`: a benchmark that keeps every core busy for a minute
+raises the load to about the core count by itself, so only more than that means another job ran
+during it. Otherwise the numbers are not comparable with an idle machine's, and `describe` says so
+in a WARNING line.
 """
 
 from __future__ import annotations
@@ -29,18 +32,23 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine() or "unknown"
 
 
+def idle_limits(info: dict) -> dict:
+  """The highest idle 1-minute load average before and after a measurement."""
+  return {"before": IDLE_LOAD, "after": info["usable_cores"] + IDLE_LOAD}
+
+
 def _warning(info: dict) -> str | None:
   loads = {"before": info["load_before"][0]}
   if "load_after" in info:
     loads["after"] = info["load_after"][0]
-  high = {k: v for k, v in loads.items() if v > IDLE_LOAD}
+  limits = idle_limits(info)
+  high = {k: v for k, v in loads.items() if v > limits[k]}
   if not high:
     return None
-  when = " and ".join(f"{v:.2f} {k}" for k, v in high.items())
+  when = " and ".join(f"{v:.2f} {k} (above {limits[k]:g})" for k, v in high.items())
   return (
-      f"WARNING: the machine was not idle (1-minute load average {when} the measurement, "
-      f"above {IDLE_LOAD}): these numbers are not comparable with an idle machine's; rerun "
-      "on an idle machine"
+      f"WARNING: the machine was not idle (1-minute load average {when} the measurement): "
+      "these numbers are not comparable with an idle machine's; rerun on an idle machine"
   )
 
 

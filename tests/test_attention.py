@@ -34,6 +34,41 @@ def _value_and_grads(impl, qkv, keys_BxT, cotangent):
   return out, vjp(cotangent)
 
 
+def _attention_float64(q, k, v, keys_BxT):
+  """softmax(q k^T / sqrt(H)) v over the real keys at or before each query, in float64 NumPy."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, N, H = q.shape
+  k, v = np.repeat(k, N // k.shape[2], axis=2), np.repeat(v, N // v.shape[2], axis=2)
+  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+  allowed = np.tril(np.ones((T, T), bool))[None] & np.asarray(keys_BxT, bool)[:, None, :]
+  scores = np.where(allowed[:, None], scores, -1e300)  # rows with no key: uniform, unread
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", probs, v)
+
+
+@pytest.mark.parametrize("T", [40, 256, 300])
+def test_blocked_xla_attention_matches_float64_and_one_block_gradients(T):
+  """Query blocks of 128 (T = 256: two, T = 300: three, the last short) give the float64 values
+  on real queries, and the gradients of one [T, T] block (jax.nn.dot_product_attention)."""
+  qkv, keys_BxT, cotangent = _inputs(T=T)
+  assert attention.query_block(T) == 128
+  out, grads = _value_and_grads("xla", qkv, keys_BxT, cotangent)
+  real = np.asarray(keys_BxT)[:, :, None, None]
+  np.testing.assert_allclose(
+      np.asarray(out) * real, _attention_float64(*qkv, keys_BxT) * real, atol=2e-5
+  )
+  assert np.all(np.isfinite(np.asarray(out)))
+
+  def one_block(q, k, v):
+    mask = keys_BxT[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+  _, vjp = jax.vjp(one_block, *qkv)
+  for g, ref in zip(grads, vjp(cotangent)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), atol=5e-5)
+
+
 def test_splash_matches_xla_on_real_positions_with_grouped_query_heads_and_padding():
   """T = 40 is padded to the kernel's 128; rows before and after the real tokens are padding."""
   qkv, keys_BxT, cotangent = _inputs()

@@ -19,14 +19,16 @@ def _loads(monkeypatch, *one_minute, rest=(0.0, 0.0)):
     [
         (0.1, 0.2, True),
         (0.5, 0.5, True),  # at the threshold is still idle
+        (0.3, 2.5, True),  # the benchmark's own 2 threads, and at the threshold after
         (0.7, 0.2, False),
-        (0.2, 0.51, False),
+        (0.2, 2.51, False),  # more than the benchmark's own threads: another job ran
         (2.0, 3.0, False),
     ],
 )
 def test_warning_when_the_one_minute_load_exceeds_the_threshold(
     monkeypatch, capsys, before, after, idle
 ):
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # 2 usable cores
   _loads(monkeypatch, before, after)
   info = machine.end(machine.begin())
   assert info["load_before"][0] == before and info["load_after"][0] == after
@@ -37,10 +39,12 @@ def test_warning_when_the_one_minute_load_exceeds_the_threshold(
   assert f"before {before:.2f}, 0.00, 0.00, after {after:.2f}, 0.00, 0.00" in text
   if not idle:
     assert text.splitlines()[-1] == info["warning"]
+    limits = machine.idle_limits(info)
+    assert limits == {"before": 0.5, "after": 2.5}
     assert all(
-        f"{x:.2f} {k}" in info["warning"]
+        f"{x:.2f} {k} (above {limits[k]:g})" in info["warning"]
         for k, x in (("before", before), ("after", after))
-        if x > machine.IDLE_LOAD
+        if x > limits[k]
     )
   # begin() warns at once when the machine is already loaded.
   assert ("WARNING" in capsys.readouterr().out) is (before > machine.IDLE_LOAD)

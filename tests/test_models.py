@@ -21,6 +21,7 @@ from entropy_rl.models import (
     unembedding,
     unstack_layers,
 )
+from entropy_rl.models import decoder
 
 TINY = dict(
     vocab_size=61,
@@ -184,6 +185,33 @@ def test_bf16_and_remat():
   g_ref = grad(params, QWEN2)
   g_remat = grad(params, dataclasses.replace(QWEN2, remat=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_ref, g_remat)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_and_unrolled_layers_agree_in_values_and_gradients(remat):
+  """`layer_loop` 'scan' and 'unroll' run the same stacked parameters: same logits and gradients
+  on a left-padded batch (the unrolled forward has no while loop); 'auto' unrolls on CPU."""
+  tokens = jax.random.randint(jax.random.key(7), (2, 6), 0, 61)
+  mask = jnp.array([[0, 0, 1, 1, 1, 1], [1] * 6])
+  params = random_params(QWEN3)
+
+  def loss(p, cfg):
+    return jnp.mean(forward(cfg, p, tokens, mask) ** 2 * mask[..., None])
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  scan = dataclasses.replace(QWEN3, layer_loop="scan", remat=remat)
+  unroll = dataclasses.replace(QWEN3, layer_loop="unroll", remat=remat)
+  (v_scan, g_scan), (v_unroll, g_unroll) = grad(params, scan), grad(params, unroll)
+  np.testing.assert_allclose(v_unroll, v_scan, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_unroll, g_scan)
+  hlo = jax.jit(functools.partial(forward, unroll)).lower(params, tokens, mask).as_text()
+  assert (
+      "while" not in hlo
+      and "while" in jax.jit(functools.partial(forward, scan)).lower(params, tokens, mask).as_text()
+  )
+  assert decoder.layer_loop(QWEN3) == "unroll"  # CPU
+  with pytest.raises(ValueError, match="layer_loop"):
+    dataclasses.replace(QWEN3, layer_loop="loop")
 
 
 def test_config_hf_round_trip_and_errors():

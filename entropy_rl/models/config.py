@@ -19,6 +19,7 @@ ARCHITECTURES = {
 }
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False
   attention_impl: str = "auto"  # training attention: auto | xla | splash | cudnn (attention.py)
+  layer_loop: str = "auto"  # training layers: auto (unroll on CPU, else scan) | scan | unroll
 
   def __post_init__(self):
     if self.model_type not in ARCHITECTURES:
@@ -77,6 +79,8 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r} must be one of {ATTENTION_IMPLS}")
+    if self.layer_loop not in LAYER_LOOPS:
+      raise ValueError(f"layer_loop={self.layer_loop!r} must be one of {LAYER_LOOPS}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DTYPES}")

@@ -1,9 +1,11 @@
 """Flax Linen decoder for the Qwen2/Qwen2.5, Qwen3 and Llama 3 families, used functionally.
 
 Pre-norm blocks: h += Attn(RMSNorm(h)); h += SwiGLU(RMSNorm(h)). Attention is grouped-query with
-rotate-half RoPE, causal, and ignores padded keys. Training runs the layers as one `nn.scan` over a
-stacked Block, so every per-layer parameter has a leading `layers` axis and compile time does not
-grow with depth. Decoding is memory-bound instead, so it unrolls the layers: layer l reads its
+rotate-half RoPE, causal, and ignores padded keys. Every per-layer parameter has a leading `layers`
+axis (one stacked Block). Training runs the layers as one `nn.scan` over it, so compile time does
+not grow with depth, except on CPU (`ModelConfig.layer_loop`), where it unrolls them: XLA:CPU
+zero-fills the scan's stacked residuals ([layers, tokens, mlp] and the attention scores) and
+copies each layer's into them, about a fifth of an update step at the benchmark's shape. Decoding is memory-bound instead, so it unrolls the layers: layer l reads its
 own parameters (`unstack_layers` splits the stacked ones once, before a sampler's decode loop) and
 its own cache buffers `cache['k'][l]`, `cache['v'][l]`: it writes the T new slots first and then
 attends over the buffer, so the donated cache is updated in place. A scanned layer would instead
@@ -261,7 +263,18 @@ class Decoder(nn.Module):
       positions_BxT = default_positions(attn_mask_BxT)
     keys_Bx1xT = attn_mask_BxT.astype(bool)[:, None, :]  # causality is added by the attention
     h_BxTxD, sin_BxTxH, cos_BxTxH = self._embed(tokens_BxT, positions_BxT)
-    h_BxTxD, _ = self.layers(h_BxTxD, None, sin_BxTxH, cos_BxTxH, keys_Bx1xT)
+    if self.is_initializing() or layer_loop(self.config) == "scan":
+      h_BxTxD, _ = self.layers(h_BxTxD, None, sin_BxTxH, cos_BxTxH, keys_Bx1xT)
+    else:
+      block = Block(self.config, parent=None)
+
+      def layer(params, h_BxTxD):
+        return block.apply({"params": params}, h_BxTxD, None, sin_BxTxH, cos_BxTxH, keys_Bx1xT)[0]
+
+      if self.config.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+      for params in unstack_layers(self.variables["params"])["layers"]:
+        h_BxTxD = layer(params, h_BxTxD)
     h_BxTxD = rms_norm(h_BxTxD, self.final_norm, self.config.rms_norm_eps, self.config.jnp_dtype)
     return h_BxTxD if return_hidden else self.unembed(h_BxTxD)
 
@@ -325,6 +338,14 @@ class Decoder(nn.Module):
         unembed_DxV.astype(dtype),
         preferred_element_type=jnp.float32,
     )
+
+
+def layer_loop(config: ModelConfig) -> str:
+  """'scan' or 'unroll': `config.layer_loop`, with 'auto' unrolling on CPU only (see the module
+  docstring), by the platform compiled for (`attention.platform`)."""
+  if config.layer_loop != "auto":
+    return config.layer_loop
+  return "unroll" if attention.platform() == "cpu" else "scan"
 
 
 def default_positions(attn_mask_BxT):
