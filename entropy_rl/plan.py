@@ -628,6 +628,11 @@ def compile_program(name: str, lowered, args=(), calls: int = 1) -> Program:
   """`lowered` compiled by XLA:TPU. When the compiler refuses it for want of HBM, the program
   comes back uncompiled: the temporaries it asked for (from the compiler's message), the
   arguments (`args`, the abstract inputs) and no costs."""
+  return _compile(name, lowered, args, calls)[0]
+
+
+def _compile(name: str, lowered, args, calls: int):
+  """(`compile_program`'s Program, the compiled output shardings or None when refused)."""
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -635,9 +640,10 @@ def compile_program(name: str, lowered, args=(), calls: int = 1) -> Program:
     if not need:
       raise
     temp = float(need.group(1)) * 2 ** (10 * (1 + "KMGT".index(need.group(2))))
-    return Program(name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "", compiled=False)
+    refused = Program(name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "", False)
+    return refused, None
   mem, text = compiled.memory_analysis(), compiled.as_text()
-  return Program(
+  program = Program(
       name,
       calls,
       mem.argument_size_in_bytes,
@@ -648,6 +654,7 @@ def compile_program(name: str, lowered, args=(), calls: int = 1) -> Program:
       hlo_costs(text),
       text,
   )
+  return program, compiled.output_shardings
 
 
 def _abstract(tree, shardings):
@@ -734,32 +741,9 @@ class RolloutProgram(Program):
 def _compile_rollout(name: str, lowered, args, calls: int, held_bytes: int):
   """(RolloutProgram, its compiled output shardings); a program XLA:TPU refuses for want of HBM
   comes back uncompiled (as `compile_program`'s) with output shardings None."""
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    need = re.search(r"RESOURCE_EXHAUSTED:.*?temporaries \(([\d.]+)([KMGT])\)", str(e))
-    if not need:
-      raise
-    temp = float(need.group(1)) * 2 ** (10 * (1 + "KMGT".index(need.group(2))))
-    refused = RolloutProgram(
-        name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "", False, held_bytes
-    )
-    return refused, None
-  mem, text = compiled.memory_analysis(), compiled.as_text()
-  program = RolloutProgram(
-      name,
-      calls,
-      mem.argument_size_in_bytes,
-      mem.output_size_in_bytes,
-      mem.alias_size_in_bytes,
-      mem.temp_size_in_bytes,
-      mem.generated_code_size_in_bytes,
-      hlo_costs(text),
-      text,
-      True,
-      held_bytes,
-  )
-  return program, compiled.output_shardings
+  program, out_shardings = _compile(name, lowered, args, calls)
+  fields = {f.name: getattr(program, f.name) for f in dataclasses.fields(Program)}
+  return RolloutProgram(**fields, held_bytes=held_bytes), out_shardings
 
 
 def decode_steps(num_rows: int, max_new_tokens: int, rows_in_flight: int) -> int:
@@ -786,18 +770,18 @@ def decode_step_bytes(serving, state) -> int:
   return weights + _shard_bytes((state["slots"]["k"], state["slots"]["v"]))
 
 
-def rollout_programs(c, mesh, model_cfg) -> list[RolloutProgram]:
+def rollout_programs(c, run, mesh, model_cfg) -> list[RolloutProgram]:
   """The sampler's programs of one training rollout and of one evaluation chunk (its sampled
   pass, the larger: eval.num_samples responses a prompt), compiled for `mesh` from abstract
   inputs sharded as the trainer shards them: the cast to serving weights ('weights'), the prompt
   prefill ('prefill') and the decode loop ('decode'; its costs are one step's, its calls the
-  steps of `decode_steps`). `c` has its micro-batches and rows in flight resolved."""
+  steps of `decode_steps`). `c` has its micro-batches and rows in flight resolved; `run` is its
+  `config_lib.typed` form."""
   import flax.linen as nn
 
   from entropy_rl import rollout as rollout_lib, sampling
 
   rules = sharding.default_rules()
-  run = config_lib.typed(c)
   upd_cfg = run.update
   updates = c.num_steps * upd_cfg.num_minibatches * upd_cfg.ppo_epochs
   optimizer = step_lib.make_optimizer(run.optim, updates)
@@ -958,6 +942,7 @@ def advice(c, program: Program, limit: float, derived: bool = False) -> str:
 
 def rollout_advice(
     c,
+    run,
     program: RolloutProgram,
     limit: float,
     model_cfg,
@@ -966,8 +951,8 @@ def rollout_advice(
     hbm_bytes: int,
 ) -> str:
   """The config fields to change so that sampler `program` fits under `limit` of a chip's
-  `hbm_bytes` on `num_devices` (`c` with its rows in flight resolved; `derived`: from
-  rollout.kv_cache_fraction)."""
+  `hbm_bytes` on `num_devices` (`c` with its rows in flight resolved, `run` its typed form;
+  `derived`: from rollout.kv_cache_fraction)."""
   over = program.peak_bytes - limit
   head = (
       f"{program.name} needs {program.peak_bytes / GiB:.2f} GiB per chip (the training state "
@@ -980,7 +965,6 @@ def rollout_advice(
         "more chips), or use a larger slice"
     )
   evaluating = program.name.startswith("eval-")
-  run = config_lib.typed(c)
   from entropy_rl import rollout as rollout_lib
 
   rows = rollout_lib.eval_rows_in_flight(run) if evaluating else run.rollout.max_rows_in_flight
@@ -1052,11 +1036,10 @@ def table(programs: list[Program], topology: Topology, mfu_flops: float | None) 
   return "\n".join(lines)
 
 
-def sampler_summary(c, programs: list[RolloutProgram]) -> str:
+def sampler_summary(c, run, programs: list[RolloutProgram]) -> str:
   """Rows in flight, decode steps, the training state held while sampling."""
   from entropy_rl import rollout as rollout_lib
 
-  run = config_lib.typed(c)
   decode = {p.name: p for p in programs}
   lines = [
       f"sampler: peaks include the {decode['decode'].held_bytes / GiB:.2f} GiB training state held "
@@ -1109,10 +1092,11 @@ def plan(c, topology: str | Topology, headroom: float = 0.1, training: bool = Tr
   problems = [advice(c, p, limit, derived) for p in programs if p.peak_bytes > limit]
   rows_derived = c.rollout.max_rows_in_flight == -1
   c = config_lib.resolve_rows_in_flight(c, len(devices), model_cfg, topo.chip.hbm_bytes)
-  sampler = rollout_programs(c, mesh, model_cfg)
+  run = config_lib.typed(c, len(devices))
+  sampler = rollout_programs(c, run, mesh, model_cfg)
   programs += sampler
   problems += [
-      rollout_advice(c, p, limit, model_cfg, len(devices), rows_derived, topo.chip.hbm_bytes)
+      rollout_advice(c, run, p, limit, model_cfg, len(devices), rows_derived, topo.chip.hbm_bytes)
       for p in sampler
       if p.peak_bytes > limit
   ]
@@ -1122,7 +1106,7 @@ def plan(c, topology: str | Topology, headroom: float = 0.1, training: bool = Tr
       f"{first.stop - first.start} of {c.rollout.prompts_per_step} prompts per step\n"
       + table(programs, topo, model_flops(c, model_cfg))
       + "\n"
-      + sampler_summary(c, sampler)
+      + sampler_summary(c, run, sampler)
   )
   return Plan(topo, len(prompt_rows), first.stop - first.start, programs, report, problems)
 

@@ -68,6 +68,25 @@ def run_tag(quick: bool, preset: str) -> str:
   return ("q" if quick else "f") + ("" if preset == "tiny" else f"_{preset}")
 
 
+def arm_specs(arms: dict, settings: dict, seeds: int, tag: str, preset: str = "tiny") -> dict:
+  """{arm: [RunSpec per seed]} for `arms` {arm: (config family, preset variant, overrides)}: run
+  configs/<family>.py:<preset>[,<variant>] with `settings`, the arm's overrides and the seed,
+  named `<tag>_<arm>_s<seed>` ('%' spelled 'pct')."""
+  out = {}
+  for arm, (family, variant, extra) in arms.items():
+    arg = f"{preset},{variant}" if variant else preset
+    out[arm] = [
+        RunSpec(
+            f"{tag}_{arm.replace('%', 'pct')}_s{s}",
+            family,
+            arg,
+            tuple(sorted({**settings, **extra, "seed": s}.items())),
+        )
+        for s in range(seeds)
+    ]
+  return out
+
+
 def run_dir(root: str, s: RunSpec) -> str:
   return os.path.join(root, s.name)
 

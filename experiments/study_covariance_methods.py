@@ -21,13 +21,13 @@ import numpy as np
 from entropy_rl import analysis
 from experiments import common
 
-# Arm -> (config family, preset variant).
+# Arm -> (config family, preset variant, overrides).
 ARMS = {
-    "grpo": ("grpo", ""),
-    "clip_higher": ("clip_higher", ""),
-    "clip_cov": ("clip_cov", ""),
-    "clip_cov_random": ("clip_cov", "random"),
-    "kl_cov": ("kl_cov", ""),
+    "grpo": ("grpo", "", {}),
+    "clip_higher": ("clip_higher", "", {}),
+    "clip_cov": ("clip_cov", "", {}),
+    "clip_cov_random": ("clip_cov", "random", {}),
+    "kl_cov": ("kl_cov", "", {}),
 }
 METHODS = tuple(ARMS)
 H, R = "entropy/token_mean", "acc"
@@ -35,20 +35,10 @@ PAPER_TABLE1 = {0.0002: 5.654, 0.002: 3.112, 0.02: 1.385, 0.2: 0.351, 0.5: 0.152
 
 
 def method_specs(quick: bool, seeds: int, steps: int, methods=METHODS, preset: str = "tiny"):
-  settings = common.run_settings(quick, steps)
-  tag = common.run_tag(quick, preset)
-  return {
-      m: [
-          common.RunSpec(
-              f"{tag}_{m}_s{s}",
-              ARMS[m][0],
-              f"{preset},{ARMS[m][1]}" if ARMS[m][1] else preset,
-              tuple(sorted({**settings, "seed": s}.items())),
-          )
-          for s in range(seeds)
-      ]
-      for m in methods
-  }
+  arms = {m: ARMS[m] for m in methods}
+  return common.arm_specs(
+      arms, common.run_settings(quick, steps), seeds, common.run_tag(quick, preset), preset
+  )
 
 
 def covariance_table(run_path: str, num_prompts: int, num_samples: int = 8) -> tuple[dict, int]:

@@ -62,21 +62,7 @@ def validation_settings(quick: bool, steps: int, eval_every: int, eval_prompts: 
 
 def arm_specs(settings: dict, seeds: int, quick: bool, preset: str = "tiny") -> dict:
   """{arm: [RunSpec per seed]}; run names are shared with no other study (the protocol differs)."""
-  tag = "m" + common.run_tag(quick, preset)
-  out = {}
-  for arm in ARMS:
-    family, variant, extra = ARMS[arm]
-    arg = f"{preset},{variant}" if variant else preset
-    out[arm] = [
-        common.RunSpec(
-            f"{tag}_{arm.replace('%', 'pct')}_s{s}",
-            family,
-            arg,
-            tuple(sorted({**settings, **extra, "seed": s}.items())),
-        )
-        for s in range(seeds)
-    ]
-  return out
+  return common.arm_specs(ARMS, settings, seeds, "m" + common.run_tag(quick, preset), preset)
 
 
 def _eval_points(records):

@@ -246,7 +246,7 @@ def test_derived_micro_batches_that_do_not_divide_the_mini_batch_name_the_fields
 def test_plan_reports_a_program_xla_refuses_for_want_of_hbm():
   pytest.importorskip("libtpu")
   c = _tiny_config()
-  c.rollout.max_new_tokens, c.rl.num_microbatches = 8192, 1  # [heads, T, T] scores of 8 rows
+  c.rollout.max_new_tokens, c.rl.num_microbatches = 16384, 1  # fp32 scores of 8 rows, T = 16k
   c.model.attention_impl = "xla"
   result = plan.plan(c, "v5e-4")
   update = result.programs[0]
@@ -257,8 +257,8 @@ def test_plan_reports_a_program_xla_refuses_for_want_of_hbm():
 
 def test_splash_attention_saves_the_update_the_fp32_scores():
   """The same update on TPU with XLA's attention and with the splash kernel ('auto' on TPU):
-  T = 2,048, 2 rows per chip, 4 heads: XLA's fp32 [heads, T, T] scores and their gradients are
-  most of its temporaries (1.6 GB; splash's 0.4 GB)."""
+  T = 2,048, 2 rows per chip, 4 heads: XLA's fp32 scores (8 query blocks: 9/16 of [heads, T, T])
+  and their gradients are most of its temporaries (1.14 GiB; splash's 0.40 GiB)."""
   pytest.importorskip("libtpu")
   c = _tiny_config()
   c.rollout.max_new_tokens, c.rl.num_microbatches = 2048 - 16, 1
@@ -269,4 +269,4 @@ def test_splash_attention_saves_the_update_the_fp32_scores():
     c.model.attention_impl = impl
     (update,) = plan.training_programs(c, mesh, plan.model_config(c))
     temps[impl] = update.temp_bytes
-  assert temps["xla"] > 3 * temps["auto"], {k: v / 2**20 for k, v in temps.items()}
+  assert temps["xla"] > 2.5 * temps["auto"], {k: v / 2**20 for k, v in temps.items()}

@@ -153,13 +153,14 @@ def test_rollout_advice_names_the_rows_in_flight(tiny_plan):
   limit = decode.peak_bytes - 1
   hbm = result.topology.chip.hbm_bytes
   c = config_lib.resolve_microbatches(c, result.topology.num_chips)
-  text = plan.rollout_advice(c, decode, limit, model_cfg, chips, False, hbm)
+  run = config_lib.typed(c, chips)
+  text = plan.rollout_advice(c, run, decode, limit, model_cfg, chips, False, hbm)
   assert "decode needs" in text and "config.rollout.max_rows_in_flight=8 -> " in text
-  derived = plan.rollout_advice(c, decode, limit, model_cfg, chips, True, hbm)
+  derived = plan.rollout_advice(c, run, decode, limit, model_cfg, chips, True, hbm)
   assert "config.rollout.kv_cache_fraction=0.5 -> " in derived
   eval_decode = next(p for p in result.programs if p.name == "eval-decode")
   text = plan.rollout_advice(
-      c, eval_decode, eval_decode.peak_bytes - 1, model_cfg, chips, False, hbm
+      c, run, eval_decode, eval_decode.peak_bytes - 1, model_cfg, chips, False, hbm
   )
   assert "config.eval.max_rows_in_flight=-1 -> " in text
 
