@@ -188,6 +188,7 @@ class UpdateConfig:
   recompute_old_logp: bool
   fused_chunk_size: int
   temperature: float
+  skip_nonfinite: str  # 'step' | 'minibatch' (rl.skip_nonfinite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +360,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.microbatch_rows_per_device = 1  # with rl.num_microbatches = 0 (see resolve_microbatches)
   c.rl.ppo_epochs = 1
   c.rl.recompute_old_logp = False
+  # A non-finite loss, gradient or parameter skips: 'step', the whole step (the state stays as it
+  # was; the start state is held through the mini-batches: about twice the state in temporaries),
+  # or 'minibatch', that mini-batch only (the finite ones before and after it apply).
+  c.rl.skip_nonfinite = "step"
   c.rl.dynamic_sampling = False
   c.rl.dynamic_sampling_max_draws = 3
   c.rl.filter_groups_metric = "acc"  # dynamic sampling drops groups where this agrees (DAPO: acc)
@@ -458,6 +463,7 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
     c.reward.overlong_buffer = 4096
     c.optim.lr = 1e-6
   c.loss.loss_agg_mode = "token-mean"
+  c.rl.skip_nonfinite = "minibatch"  # 8-16 mini-batches: no start state held beside them
 
 
 def ppo_method(clip_ratio_high: float):
@@ -494,6 +500,7 @@ _CHOICES = {
     "distributed": ("auto", "on", "off"),
     "task.answer_format": ("auto", "raw", "boxed", "gsm8k"),
     "rl.filter_groups_metric": ("acc", "reward"),
+    "rl.skip_nonfinite": ("step", "minibatch"),
 }
 _POSITIVE = (
     "num_steps",

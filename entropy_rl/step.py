@@ -315,9 +315,11 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics)  # [epochs, minibatches]
   out = {k: jnp.mean(v) for k, v in stacked.items()}
   out["nonfinite"] = jnp.max(stacked["nonfinite"])
-  # A step with any non-finite mini-batch is skipped whole: the state stays exactly as it was
-  # (the mini-batches before the bad one, with finite updates, are undone too).
-  state = jax.tree.map(lambda old, new: jnp.where(out["nonfinite"] > 0, old, new), start, state)
+  if config.skip_nonfinite == "step":
+    # A step with any non-finite mini-batch is skipped whole: the state stays exactly as it was
+    # (the mini-batches before the bad one, with finite updates, are undone too). This holds the
+    # start state through the mini-batch scan; 'minibatch' skips only the bad mini-batches.
+    state = jax.tree.map(lambda old, new: jnp.where(out["nonfinite"] > 0, old, new), start, state)
   if loss_cfg.adaptive_entropy:  # the controller after this step (what the next step applies)
     out.update(entropy_coef=state.entropy_coef, entropy_last=state.entropy_last)
   # Sampler vs trainer log-probs at the same parameters: the recomputed old log-probs, or else the

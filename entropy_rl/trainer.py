@@ -189,10 +189,13 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
       if upd["nonfinite"] > 0:
         carry["nonfinite_streak"] += 1
         log.warning(
-            "step %d: non-finite loss, gradient or parameters; the update is skipped and "
-            "the state left as after step %d (%d in a row)",
+            "step %d: non-finite loss, gradient or parameters; %s (%d in a row)",
             done,
-            carry["last_good_step"],
+            (
+                f"the update is skipped and the state left as after step {carry['last_good_step']}"
+                if upd_cfg.skip_nonfinite == "step"
+                else "the non-finite mini-batches are skipped (config.rl.skip_nonfinite)"
+            ),
             carry["nonfinite_streak"],
         )
       else:
@@ -213,7 +216,9 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
         raise FloatingPointError(
             f"{carry['nonfinite_streak']} non-finite updates in a row (config.max_nonfinite_steps="
             f"{c.max_nonfinite_steps}); they were skipped, so checkpoint {done} holds the state "
-            f"of step {carry['last_good_step']}, the last finite update. Lower config.optim.lr "
+            f"of step {carry['last_good_step']}, the last finite update"
+            f"{'' if upd_cfg.skip_nonfinite == 'step' else ' and the finite mini-batches since'}. "
+            f"Lower config.optim.lr "
             f"(now {c.optim.lr:g}) or check the rewards before resuming"
         )
       if done % c.checkpoint_every == 0 or done == c.num_steps:

@@ -203,6 +203,28 @@ def test_step_with_one_bad_minibatch_is_skipped_whole():
   assert int(jax.tree.leaves(state.opt_state)[0]) == 0  # Adam's count: no update applied
 
 
+def test_minibatch_skip_keeps_the_finite_minibatches():
+  """rl.skip_nonfinite='minibatch': only row 1 (mini-batch 1 of 2) is NaN, so the state is that
+  of mini-batch 0's update alone (the same rows run as one mini-batch), one Adam step."""
+  batch = _batch(4)
+  batch.advantages[1, 0] = np.nan
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  c = _config()
+  c.rl.skip_nonfinite = "minibatch"
+  state, m = _run(c, mesh, batch)
+  assert m["nonfinite"] == 1.0
+  assert int(jax.tree.leaves(state.opt_state)[0]) == 1
+  first = _config()
+  first.rl.num_minibatches = 1
+  ref, m_ref = _run(first, mesh, jax.tree.map(lambda x: x[0::2], batch))
+  assert m_ref["nonfinite"] == 0.0
+  _close(state.params, ref.params, tol=1e-6)
+  _, cfg, params = _model()
+  assert not all(
+      np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (state.params, params)))
+  )
+
+
 def test_overflowing_learning_rate_leaves_the_state_untouched():
   """lr = 1e30: the first mini-batch's update is finite but the next forward overflows; the
   step is skipped whole, so the parameters stay finite and equal to the start."""
