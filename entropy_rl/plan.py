@@ -975,23 +975,29 @@ def rollout_advice(
   shards = data * fsdp
   row_bytes = config_lib.kv_row_bytes(model_cfg, c.task.max_prompt_len + new_tokens, mesh_tensor)
   n = c.rollout.prompts_per_step * (c.eval.num_samples if evaluating else c.rollout.num_samples)
-  fewer = (min(rows or n, n) // shards - math.ceil(over / row_bytes)) * shards
+  in_flight = min(rows or n, n)
+  fewer = (in_flight // shards - math.ceil(over / row_bytes)) * shards
+  if fewer < shards:  # not one row per data shard would be left: rows are not the lever
+    return head.removesuffix("change ") + (
+        f"nothing the rows in flight can fix: {in_flight // shards} row(s) per data shard hold "
+        f"{in_flight // shards * row_bytes / GiB:.2f} GiB of KV cache per chip; use a larger slice"
+    )
   fields = []
   if evaluating and c.eval.max_rows_in_flight != -1:
-    fields.append(f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight} -> {max(fewer, 0)}")
+    fields.append(f"config.eval.max_rows_in_flight={c.eval.max_rows_in_flight} -> {fewer}")
   elif derived:
-    budget = math.floor(100 * max(fewer, 0) // shards * row_bytes / hbm_bytes) / 100
+    budget = math.floor(100 * fewer // shards * row_bytes / hbm_bytes) / 100
     fields.append(
         f"config.rollout.kv_cache_fraction={c.rollout.kv_cache_fraction} -> {budget:.2f} (the "
-        f"KV budget: {rows} rows in flight -> {max(fewer, 0)})"
+        f"KV budget: {rows} rows in flight -> {fewer})"
     )
   else:
     fields.append(
-        f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight} -> {max(fewer, 0)} "
+        f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight} -> {fewer} "
         "(or -1: derived from config.rollout.kv_cache_fraction)"
     )
   if evaluating and c.eval.max_rows_in_flight == -1:
-    fields.append(f"config.eval.max_rows_in_flight=-1 -> {max(fewer, 0)} (evaluation only)")
+    fields.append(f"config.eval.max_rows_in_flight=-1 -> {fewer} (evaluation only)")
   return head + "; or ".join(fields) + ", or use a larger slice"
 
 

@@ -154,6 +154,11 @@ def test_rollout_advice_names_the_rows_in_flight(tiny_plan):
   hbm = result.topology.chip.hbm_bytes
   c = config_lib.resolve_microbatches(c, result.topology.num_chips)
   run = config_lib.typed(c, chips)
+  if chips == 8:  # v5p-16: the 8 rows are one per data shard, so there are none to take away
+    text = plan.rollout_advice(c, run, decode, limit, model_cfg, chips, False, hbm)
+    assert "nothing the rows in flight can fix: 1 row(s) per data shard" in text
+    assert "->" not in text
+    return
   text = plan.rollout_advice(c, run, decode, limit, model_cfg, chips, False, hbm)
   assert "decode needs" in text and "config.rollout.max_rows_in_flight=8 -> " in text
   derived = plan.rollout_advice(c, run, decode, limit, model_cfg, chips, True, hbm)
@@ -163,6 +168,11 @@ def test_rollout_advice_names_the_rows_in_flight(tiny_plan):
       c, run, eval_decode, eval_decode.peak_bytes - 1, model_cfg, chips, False, hbm
   )
   assert "config.eval.max_rows_in_flight=-1 -> " in text
+  # More over than all rows' KV cache: no field can fix it, so none is named (never "-> 0").
+  text = plan.rollout_advice(c, run, decode, 0.0, model_cfg, chips, True, hbm)
+  assert "2 row(s) per data shard" in text
+  assert "nothing the rows in flight can fix" in text and "use a larger slice" in text
+  assert "->" not in text
 
 
 def test_sampler_programs_match_what_sample_runs():
