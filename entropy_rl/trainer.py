@@ -218,8 +218,7 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
             f"{c.max_nonfinite_steps}); they were skipped, so checkpoint {done} holds the state "
             f"of step {carry['last_good_step']}, the last finite update"
             f"{'' if upd_cfg.skip_nonfinite == 'step' else ' and the finite mini-batches since'}. "
-            f"Lower config.optim.lr "
-            f"(now {c.optim.lr:g}) or check the rewards before resuming"
+            f"Lower config.optim.lr (now {c.optim.lr:g}) or check the rewards before resuming"
         )
       if done % c.checkpoint_every == 0 or done == c.num_steps:
         save(done)

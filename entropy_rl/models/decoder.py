@@ -5,8 +5,9 @@ rotate-half RoPE, causal, and ignores padded keys. Every per-layer parameter has
 axis (one stacked Block). Training runs the layers as one `nn.scan` over it, so compile time does
 not grow with depth, except on CPU (`ModelConfig.layer_loop`), where it unrolls them: XLA:CPU
 zero-fills the scan's stacked residuals ([layers, tokens, mlp] and the attention scores) and
-copies each layer's into them, about a fifth of an update step at the benchmark's shape. Decoding is memory-bound instead, so it unrolls the layers: layer l reads its
-own parameters (`unstack_layers` splits the stacked ones once, before a sampler's decode loop) and
+copies each layer's into them, about a fifth of an update step at the benchmark's shape.
+Decoding is memory-bound instead, so it always unrolls the layers: layer l reads its own
+parameters (`unstack_layers` splits the stacked ones once, before a sampler's decode loop) and
 its own cache buffers `cache['k'][l]`, `cache['v'][l]`: it writes the T new slots first and then
 attends over the buffer, so the donated cache is updated in place. A scanned layer would instead
 copy its dynamic slice of the parameters and of the cache on every step.
