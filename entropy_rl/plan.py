@@ -33,6 +33,11 @@ from entropy_rl import config_lib, distributed, models, sharding, step as step_l
 GiB = 2**30
 
 
+class CompileError(RuntimeError):
+  """XLA:TPU refused a program for a reason other than HBM; the message names the config fields
+  that shape the program (`plan` adds them) and the compiler's own first line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
   hbm_bytes: int
@@ -638,7 +643,8 @@ def _compile(name: str, lowered, args, calls: int):
   except jax.errors.JaxRuntimeError as e:
     need = re.search(r"RESOURCE_EXHAUSTED:.*?temporaries \(([\d.]+)([KMGT])\)", str(e))
     if not need:
-      raise
+      first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+      raise CompileError(f"XLA:TPU cannot compile the {name} program: {first.strip()}") from e
     temp = float(need.group(1)) * 2 ** (10 * (1 + "KMGT".index(need.group(2))))
     refused = Program(name, calls, _shard_bytes(args), 0, 0, int(temp), 0, Costs(), "", False)
     return refused, None
@@ -892,6 +898,23 @@ def model_flops(c, model_cfg) -> float:
   return 6.0 * n * tokens * c.rl.ppo_epochs
 
 
+def shaping_fields(c, derived: bool, num_devices: int) -> str:
+  """The fields that shape the update's collectives (`c` with its micro-batches resolved): a
+  compiler refusal that is not for HBM is changed by changing one of them."""
+  data, fsdp, tensor = config_lib.mesh_sizes(c, num_devices)
+  rows = c.rollout.prompts_per_step * c.rollout.num_samples // c.rl.num_minibatches
+  micro = c.rl.num_microbatches
+  batching = (
+      f"config.rl.microbatch_rows_per_device={c.rl.microbatch_rows_per_device} (try {2 * c.rl.microbatch_rows_per_device})"
+      if derived
+      else f"config.rl.num_microbatches={micro}"
+  )
+  return (
+      f"Fields that shape it: {batching}: {micro} micro-batches of {rows // micro} rows; "
+      f"config.mesh.data={data}, config.mesh.fsdp={fsdp}, config.mesh.tensor={tensor}"
+  )
+
+
 def advice(c, program: Program, limit: float, derived: bool = False) -> str:
   """The config fields to change so that `program` fits under `limit` bytes per chip (`c` with
   its micro-batches resolved; `derived`: from rl.microbatch_rows_per_device)."""
@@ -1093,13 +1116,20 @@ def plan(c, topology: str | Topology, headroom: float = 0.1, training: bool = Tr
   prompt_rows = distributed.rows_by_process(c.rollout.prompts_per_step, rows)
   distributed.rows_by_process(c.rollout.prompts_per_step * c.rollout.num_samples, rows)
   model_cfg = model_config(c)
-  programs = training_programs(c, mesh, model_cfg) if training else []
+  try:
+    programs = training_programs(c, mesh, model_cfg) if training else []
+  except CompileError as e:
+    raise CompileError(f"{e} on {topo.name}. {shaping_fields(c, derived, len(devices))}") from e
   limit = (1.0 - headroom) * topo.chip.hbm_bytes
   problems = [advice(c, p, limit, derived) for p in programs if p.peak_bytes > limit]
   rows_derived = c.rollout.max_rows_in_flight == -1
   c = config_lib.resolve_rows_in_flight(c, len(devices), model_cfg, topo.chip.hbm_bytes)
   run = config_lib.typed(c, len(devices))
-  sampler = rollout_programs(c, run, mesh, model_cfg)
+  try:
+    sampler = rollout_programs(c, run, mesh, model_cfg)
+  except CompileError as e:
+    fields = "config.rollout.max_rows_in_flight, config.eval.max_rows_in_flight, config.mesh.*"
+    raise CompileError(f"{e} on {topo.name}. Fields that shape it: {fields}") from e
   programs += sampler
   problems += [
       rollout_advice(c, run, p, limit, model_cfg, len(devices), rows_derived, topo.chip.hbm_bytes)
@@ -1123,12 +1153,16 @@ def main(argv) -> int:
 
   jax.config.update("jax_platforms", "cpu")  # the slice comes from libtpu; nothing runs here
   jax.config.update("jax_threefry_partitionable", True)
-  result = plan(
-      flags.FLAGS.config,
-      flags.FLAGS.topology,
-      flags.FLAGS.headroom,
-      training=not flags.FLAGS.sampler_only,
-  )
+  try:
+    result = plan(
+        flags.FLAGS.config,
+        flags.FLAGS.topology,
+        flags.FLAGS.headroom,
+        training=not flags.FLAGS.sampler_only,
+    )
+  except CompileError as e:
+    print(f"CANNOT COMPILE: {e}", file=sys.stderr)
+    return 1
   print(result.report)
   for problem in result.problems:
     print(f"DOES NOT FIT: {problem}", file=sys.stderr)

@@ -34,11 +34,17 @@ H, R = "entropy/token_mean", "acc"
 PAPER_TABLE1 = {0.0002: 5.654, 0.002: 3.112, 0.02: 1.385, 0.2: 0.351, 0.5: 0.152, 1.0: 0.003}
 
 
-def method_specs(quick: bool, seeds: int, steps: int, methods=METHODS, preset: str = "tiny"):
+def method_specs(
+    quick: bool,
+    seeds: int,
+    steps: int,
+    methods=METHODS,
+    preset: str = "tiny",
+    setting: str = "countdown",
+):
   arms = {m: ARMS[m] for m in methods}
-  return common.arm_specs(
-      arms, common.run_settings(quick, steps), seeds, common.run_tag(quick, preset), preset
-  )
+  settings = common.run_settings(quick, steps, setting=setting, preset=preset)
+  return common.arm_specs(arms, settings, seeds, common.run_tag(quick, preset, setting), preset)
 
 
 def covariance_table(run_path: str, num_prompts: int, num_samples: int = 8) -> tuple[dict, int]:
@@ -59,7 +65,7 @@ def main():
   p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
-  specs = method_specs(a.quick, seeds, a.steps, preset=a.preset)
+  specs = method_specs(a.quick, seeds, a.steps, preset=a.preset, setting=a.setting)
   runs = {m: [] for m in METHODS}
   for s in range(seeds):  # seed-major, so partial results cover every method
     for m in METHODS:
@@ -177,8 +183,8 @@ def main():
   text = f"""# Study 2: covariance methods (EM Table 2 / Fig. 11, Table 1)
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {num_steps} steps per method, one shared warm start; {code_txt}.
-Methods: configs/grpo.py, clip_higher.py (eps_high 0.28), clip_cov.py (tiny: r = 0.02, band (0.5, 10)),
-kl_cov.py (tiny: k = 0.02, beta = 1), all `:{a.preset}`. Mean ± sd over seeds; "last 10" = mean of the
+Methods: configs/grpo.py, clip_higher.py (eps_high 0.28), clip_cov.py (tiny: r = 0.001, band (0.5, 10)),
+kl_cov.py (tiny: k = 0.004, beta = 1), all `:{a.preset}`. Mean ± sd over seeds; "last 10" = mean of the
 last 10 steps; eval = the final evaluation ({specs['grpo'][0].config_overrides()['eval.num_prompts']} held-out problems).
 
 ## At equal steps (end of training)

@@ -19,21 +19,27 @@ from experiments import common
 H, R = "entropy/token_mean", "acc"
 
 SWEEPS = {  # --sweeps id: (label, config family, swept field, values)
-    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.005, 0.02, 0.1)),
+    "clip_cov": ("Clip-Cov ratio r", "clip_cov", "loss.clip_cov_ratio", (0.001, 0.005, 0.02, 0.1)),
     "kl_cov": ("KL-Cov coefficient beta", "kl_cov", "loss.kl_cov_coef", (1.0, 5.0)),
     "entropy": ("entropy bonus alpha", "grpo", "loss.entropy_coef", (0.01,)),
     "ref_kl": ("KL to reference", "grpo", "loss.kl_ref_coef", (0.1,)),
 }
-PRESET = {"loss.clip_cov_ratio": 0.02, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
+PRESET = {"loss.clip_cov_ratio": 0.001, "loss.kl_cov_coef": 1.0}  # tiny presets (reused runs)
 
 
 def control_specs(
-    quick: bool, steps: int, study2_steps: int, sweeps=tuple(SWEEPS), preset: str = "tiny"
+    quick: bool,
+    steps: int,
+    study2_steps: int,
+    sweeps=tuple(SWEEPS),
+    preset: str = "tiny",
+    setting: str = "countdown",
 ):
-  settings = common.run_settings(quick, steps)
-  tag = common.run_tag(quick, preset)
+  settings = common.run_settings(quick, steps, setting=setting, preset=preset)
+  tag = common.run_tag(quick, preset, setting)
   base = {**settings, "seed": 0}
-  study2 = tuple(sorted({**common.run_settings(quick, study2_steps), "seed": 0}.items()))
+  study2_settings = common.run_settings(quick, study2_steps, setting=setting, preset=preset)
+  study2 = tuple(sorted({**study2_settings, "seed": 0}.items()))
   out = {"GRPO": common.RunSpec(f"{tag}_grpo_s0", "grpo", preset, study2)}
   for sweep_id in sweeps:
     sweep, family, key, values = SWEEPS[sweep_id]
@@ -66,7 +72,7 @@ def main():
       "--sweeps", default=",".join(SWEEPS), help=f"comma-separated subset of {list(SWEEPS)}"
   )
   a = p.parse_args()
-  specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","), a.preset)
+  specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","), a.preset, a.setting)
   n = common.run_settings(a.quick, a.steps)["num_steps"]
   runs = {
       label: common.truncate(common.read_records(common.ensure_run(a.root, s)), n)

@@ -24,9 +24,10 @@ from entropy_rl import analysis
 from experiments import common
 
 
-def dynamics_spec(quick: bool, steps: int, preset: str = "tiny"):
+def dynamics_spec(quick: bool, steps: int, preset: str = "tiny", setting: str = "countdown"):
   n = 6 if quick else steps
   overrides = {
+      **(common.SETTINGS[setting] if preset == "tiny" else {}),
       "num_steps": n,
       "eval_every": 0,
       "checkpoint_every": 1,
@@ -34,7 +35,7 @@ def dynamics_spec(quick: bool, steps: int, preset: str = "tiny"):
       "seed": 0,
   }
   return common.RunSpec(
-      f"{common.run_tag(quick, preset)}_dynamics_grpo",
+      f"{common.run_tag(quick, preset, setting)}_dynamics_grpo",
       "grpo",
       preset,
       tuple(sorted(overrides.items())),
@@ -106,7 +107,7 @@ def main():
   p = common.base_args(__doc__, "entropy_dynamics")
   p.add_argument("--steps", type=int, default=30)
   a = p.parse_args()
-  s = dynamics_spec(a.quick, a.steps, a.preset)
+  s = dynamics_spec(a.quick, a.steps, a.preset, a.setting)
   path = common.ensure_run(a.root, s)
   records = common.read_records(path)
   n_prompts = 16 if a.quick else 64

@@ -23,9 +23,11 @@ REWARD_KEY = "acc"
 ENTROPY_KEY = "entropy/token_mean"
 
 
-def grpo_specs(quick: bool, seeds: int, steps: int, preset: str = "tiny"):
-  settings = common.run_settings(quick, steps)
-  tag = common.run_tag(quick, preset)
+def grpo_specs(
+    quick: bool, seeds: int, steps: int, preset: str = "tiny", setting: str = "countdown"
+):
+  settings = common.run_settings(quick, steps, setting=setting, preset=preset)
+  tag = common.run_tag(quick, preset, setting)
   return [
       common.RunSpec(
           f"{tag}_grpo_s{s}", "grpo", preset, tuple(sorted({**settings, "seed": s}.items()))
@@ -140,7 +142,7 @@ def main():
   p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
-  specs = grpo_specs(a.quick, seeds, a.steps, a.preset)
+  specs = grpo_specs(a.quick, seeds, a.steps, a.preset, a.setting)
   runs = {}
   for s in specs:
     runs[s.name] = common.read_records(common.ensure_run(a.root, s))

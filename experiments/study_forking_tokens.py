@@ -25,14 +25,23 @@ H, R = "entropy/token_mean", "acc"
 
 
 def forking_specs(
-    quick: bool, seeds: int, steps: int, study2_steps: int, rho_sweep: bool, preset: str = "tiny"
+    quick: bool,
+    seeds: int,
+    steps: int,
+    study2_steps: int,
+    rho_sweep: bool,
+    preset: str = "tiny",
+    setting: str = "countdown",
 ):
-  settings = common.run_settings(quick, steps)
-  tag = common.run_tag(quick, preset)
+  settings = common.run_settings(quick, steps, setting=setting, preset=preset)
+  tag = common.run_tag(quick, preset, setting)
   out = {}
   for s in range(seeds):
     base = {**settings, "seed": s}
-    study2 = {**common.run_settings(quick, study2_steps), "seed": s}
+    study2 = {
+        **common.run_settings(quick, study2_steps, setting=setting, preset=preset),
+        "seed": s,
+    }
     runs = {
         "all tokens (rho 1.0)": common.RunSpec(
             f"{tag}_clip_higher_s{s}", "clip_higher", preset, tuple(sorted(study2.items()))
@@ -105,7 +114,7 @@ def main():
   a = p.parse_args()
   seeds = 1 if a.quick else a.seeds
   steps = common.run_settings(a.quick, a.steps)["num_steps"]
-  specs = forking_specs(a.quick, seeds, a.steps, a.study2_steps, a.rho_sweep, a.preset)
+  specs = forking_specs(a.quick, seeds, a.steps, a.study2_steps, a.rho_sweep, a.preset, a.setting)
   runs = collections.defaultdict(list)
   for s in range(seeds):
     for label, sp in specs[s].items():

@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from entropy_rl import config_lib
+from entropy_rl.data import tasks as tasks_lib
 from experiments import common
 
 
@@ -32,3 +34,66 @@ def test_load_config_applies_overrides_and_refuses_unknown_keys():
   assert c.rollout.num_samples == 4
   with pytest.raises(KeyError):
     common.load_config("grpo", "tiny", {"rollout.num_sample": 4})
+
+
+def test_settings_pick_the_task_its_warm_start_and_the_run_names(tmp_path):
+  steps = common.run_settings(False, 100, setting="steps")
+  c = common.load_config("grpo", "tiny", steps)
+  config_lib.validate(c, 1)
+  assert c.task.name == "countdown_steps" and c.warm_start.steps == 1200
+  assert tasks_lib.get_task(c.task.name, **c.task.options[c.task.name]).name == "countdown_steps"
+  plain = common.load_config("grpo", "tiny", common.run_settings(False, 100))
+  assert plain.task.name == "countdown" and plain.task.options.countdown.ops == "+-*"
+  assert common.run_tag(False, "tiny", "steps") == "f_steps"
+  assert common.run_tag(True, "tiny") == "q"
+  assert common.run_tag(False, "qwen2_5_7b", "steps") == "f_qwen2_5_7b"
+  # A paper preset reads its data: the setting changes nothing there.
+  assert common.run_settings(False, 100, setting="steps", preset="qwen2_5_7b") == (
+      common.run_settings(False, 100, preset="qwen2_5_7b")
+  )
+  root = str(tmp_path)
+  assert common.warm_dir(root, {}) == os.path.join(root, "_warm_start")
+  assert common.warm_dir(root, steps) == os.path.join(root, "_warm_start_countdown_steps")
+
+
+def test_every_study_runs_the_setting_it_is_given():
+  from experiments import (
+      study_covariance_methods,
+      study_entropy_control,
+      study_entropy_dynamics,
+      study_entropy_law,
+      study_forking_tokens,
+      study_methods,
+  )
+
+  specs = [
+      *study_entropy_law.grpo_specs(False, 2, 100, setting="steps"),
+      *[
+          x
+          for v in study_covariance_methods.method_specs(False, 2, 100, setting="steps").values()
+          for x in v
+      ],
+      *[
+          x
+          for runs in study_forking_tokens.forking_specs(
+              False, 1, 50, 100, True, setting="steps"
+          ).values()
+          for x in runs.values()
+      ],
+      *study_entropy_control.control_specs(False, 50, 100, setting="steps").values(),
+      study_entropy_dynamics.dynamics_spec(False, 5, setting="steps"),
+      *[
+          x
+          for v in study_methods.arm_specs(
+              study_methods.validation_settings(False, 100, 20, 64, "steps"),
+              1,
+              False,
+              setting="steps",
+          ).values()
+          for x in v
+      ],
+  ]
+  for s in specs:
+    assert s.name.startswith(("f_steps_", "mf_steps_")), s.name
+    c = common.load_config(s.family, s.arg, s.config_overrides())
+    assert c.task.name == "countdown_steps" and c.warm_start.corrupt_prob == 0.55, s.name

@@ -255,6 +255,33 @@ def test_plan_reports_a_program_xla_refuses_for_want_of_hbm():
   assert len(result.problems) == 1 and "config.rl.num_microbatches=1 -> 2" in result.problems[0]
 
 
+def test_plan_names_the_fields_when_xla_refuses_a_program_for_another_reason(monkeypatch):
+  """libtpu refuses some collectives on some slices (qwen2_5_7b on v5e-64 as derived: "Failed to
+  create limited ICI routing replica info table"): `plan` says which program, on which slice, and
+  the fields that shape its collectives, instead of the compiler's traceback."""
+  pytest.importorskip("libtpu")
+
+  class Refused:
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(
+          "INTERNAL: Failed to create limited ICI routing replica info table\n(traceback)"
+      )
+
+  real = plan.compile_program
+  monkeypatch.setattr(plan, "compile_program", lambda name, lowered, *a: real(name, Refused(), *a))
+  c = config_lib.get_config_for("tiny", config_lib.ppo_method(0.2))
+  c.rl.num_microbatches, c.rl.microbatch_rows_per_device = 0, 1  # derived: one row per device
+  with pytest.raises(plan.CompileError) as e:
+    plan.plan(c, "v5p-8")
+  assert str(e.value) == (
+      "XLA:TPU cannot compile the update program: INTERNAL: Failed to create limited ICI routing "
+      "replica info table on v5p-8. Fields that shape it: config.rl.microbatch_rows_per_device=1 "
+      "(try 2): 16 micro-batches of 4 rows; config.mesh.data=4, config.mesh.fsdp=1, "
+      "config.mesh.tensor=1"
+  )
+
+
 def test_splash_attention_saves_the_update_the_fp32_scores():
   """The same update on TPU with XLA's attention and with the splash kernel ('auto' on TPU):
   T = 2,048, 2 rows per chip, 4 heads: XLA's fp32 scores (8 query blocks: 9/16 of [heads, T, T])
