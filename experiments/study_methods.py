@@ -1,18 +1,23 @@
 """Study 6: entropy control side by side, every method on one setting with one validation protocol.
 
-GRPO, clip-higher, Clip-Cov (and its count-matched random control), KL-Cov, top-20% forking tokens,
-an entropy bonus, a reference KL, and the methods that followed (GSPO, CISPO, Archer, adaptive
-entropy, entropy-shaped advantage, W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several
-seeds from one shared warm start. Validation: a fixed held-out set (`--eval_prompts`, 1,024 by
-default) every `--eval_every` steps, greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
+GRPO, clip-higher, Clip-Cov (at EM's covariance mass, its count-matched random control, and the
+earlier r = 0.02), KL-Cov, top-20% and bottom-80% forking tokens, an entropy bonus, a reference KL,
+and the methods that followed (GSPO, CISPO, Archer, adaptive entropy, entropy-shaped advantage,
+W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several seeds from one shared warm start
+(`--arms` runs a subset). Validation: a fixed held-out set (`--eval_prompts`, 1,024 by default)
+every `--eval_every` steps, greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
 
 One table: final and best validation greedy accuracy with the paired difference against GRPO
 (seed i against seed i, mean +- standard error), avg@k and pass@k, final entropy, the residual
 against GRPO's entropy-validation law at matched entropy, tokens and positive covariance mass
-each rule selected, seconds per step; and one figure, validation accuracy against entropy.
+each rule selected, seconds per step. The findings (`findings`): GRPO's plateau, its entropy
+spent, the law's chi-squared test on validation accuracy, the early fit's prediction, and each
+method's gain over GRPO in standard errors. Figures: validation accuracy against entropy, and
+validation accuracy, pass@k and entropy against step.
 
   python -m experiments.study_methods --quick
-  python -m experiments.study_methods --seeds 3 --steps 600
+  python -m experiments.study_methods --setting steps --seeds 3 --steps 300 --eval_every 25 \
+      --arms grpo,clip_cov,kl_cov,top_20%,bottom_80%,clip_cov_r0.02
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ ARMS = {
     "clip_cov_r0.02": ("clip_cov", "", {"loss.clip_cov_ratio": 0.02}),
     "kl_cov": ("kl_cov", "", {}),
     "top_20%": ("top_entropy", "", {}),
+    "bottom_80%": ("top_entropy", "bottom", {}),
     "entropy_bonus": ("grpo", "", {"loss.entropy_coef": 0.003}),
     "reference_kl": ("grpo", "", {"loss.kl_ref_coef": 0.02}),
     "gspo": ("gspo", "", {}),
@@ -140,6 +146,75 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
   return rows, ref_fit
 
 
+def findings(runs: dict, num_prompts: int, fit_fraction: float = 0.15) -> list[str]:
+  """The science issue's targets, each measured on {arm: [records per seed]}: GRPO's validation
+  plateau (`analysis.detect_plateau`, pooled over seeds) and its entropy at the end against the
+  start (first and last 10 steps); the law fitted on GRPO's validation accuracy, weighted by the
+  binomial error of `num_prompts` prompts, with its chi-squared test; the law fitted on the first
+  `fit_fraction` of the evaluations predicting the last one, against 2 standard errors; and each
+  method's final validation accuracy against GRPO's in standard errors of the paired difference."""
+  out = []
+  grpo = runs["grpo"]
+  curves = [common.series(r, V) for r in grpo]
+  try:
+    p = analysis.detect_plateau([c[0] for c in curves], [c[1] for c in curves])
+    where = f", plateau from step {p['step']:.0f}" if p["step"] is not None else ""
+    out.append(
+        f"GRPO validation greedy accuracy: **{p['verdict']}** over the last {p['window_steps']:.0f}"
+        f" steps against the {p['window_steps']:.0f} before (slope {p['slope']:+.3f} per 100 steps,"
+        f" 90% CI [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}], tolerance ±{p['tol']:g}; "
+        f"{p['num_runs']} seeds pooled){where}; final level {p['final']:.3f}"
+    )
+  except ValueError as e:
+    out.append(f"GRPO plateau: not testable ({e})")
+  ratios = [common.final_mean(r, H) / np.mean(common.series(r, H)[1][:10]) for r in grpo]
+  out.append(
+      "GRPO entropy, last 10 steps / first 10: "
+      + ", ".join(f"{x:.2f}" for x in ratios)
+      + f" (target <= 0.5: {'yes' if all(x <= 0.5 for x in ratios) else 'no'})"
+  )
+  h, v = np.concatenate([_eval_points(r) for r in grpo], axis=1)
+  try:
+    fit = analysis.fit_law(h, v, sigma=analysis.accuracy_se(v, num_prompts))
+    out.append(
+        f"Law on GRPO's validation accuracy ({fit['n']} points, seeds pooled, weighted by the "
+        f"binomial error of {num_prompts} prompts): a = {fit['a']:.3f}, b = {fit['b']:.3f}, "
+        f"R^2 = {fit['r2']:.2f}, chi^2 = {fit['chi2']:.1f} on {fit['dof']} dof, p = "
+        f"{fit['p_value']:.3g} (passes at 5%: {'yes' if fit['p_value'] > 0.05 else 'no'})"
+    )
+  except (ValueError, RuntimeError) as e:
+    out.append(f"Law on GRPO's validation accuracy: no fit ({e})")
+  early, fit_steps = [], set()
+  for r in grpo:
+    rh, rv = _eval_points(r)
+    try:
+      e = analysis.early_fit_prediction(rh, rv, fit_fraction)
+    except (ValueError, RuntimeError):
+      continue
+    steps = [x["step"] for x in r if V in x and H in x]
+    fit_steps.add((e["n_fit"], steps[e["n_fit"] - 1]))
+    err = float(analysis.law(rh[-1], e["a"], e["b"]) - rv[-1])
+    early.append(f"{err:+.3f} (2 SE {2 * float(analysis.accuracy_se(rv[-1], num_prompts)):.3f})")
+  if early:
+    used = ", ".join(f"the first {n} evaluations (to step {s})" for n, s in sorted(fit_steps))
+    out.append(
+        f"Early fit ({fit_fraction:.0%} of the evaluations, at least 3: {used}) predicting the "
+        "last evaluation, error per seed: " + ", ".join(early)
+    )
+  ref = [common.last_value(r, V) for r in grpo]
+  for arm, recs in runs.items():
+    n = min(len(recs), len(grpo))
+    if arm == "grpo" or n < 2:
+      continue
+    d = analysis.paired_difference([common.last_value(r, V) for r in recs[:n]], ref[:n])
+    z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
+    out.append(
+        f"{arm} - GRPO, final validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
+        f"({z:+.1f} SE, {n} paired seeds)"
+    )
+  return out
+
+
 HEADER = [
     "method",
     "final val. greedy",
@@ -205,6 +280,8 @@ def main():
   k = settings["eval.num_samples"]
   rows, ref_fit = report_rows(runs, k)
   plot_frontier(runs, os.path.join(a.out, "frontier.png"))
+  common.plot_groups(runs, [V, f"eval/pass@{k}", H], os.path.join(a.out, "curves.png"), smooth=1)
+  found = findings(runs, settings["eval.num_prompts"])
   code = common.same_code(a.root, [x for v in specs.values() for x in v])
   fit_txt = (
       f"R = -{ref_fit['a']:.3f} exp(H) + {ref_fit['b']:.3f} (R^2 {ref_fit['r2']:.2f})"
@@ -214,14 +291,20 @@ def main():
   text = f"""# Study 6: entropy control, side by side
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {settings['num_steps']} steps per method,
-`:{a.preset}`, one shared warm start; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())}.
+`:{a.preset}` on the `{a.setting}` setting, one shared warm start; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())}.
 Validation: {settings['eval.num_prompts']} held-out prompts every {settings['eval_every']} steps,
 greedy pass@1 and avg@{k} / pass@{k}. "vs GRPO" = the paired difference over seeds, mean ± standard
 error. Residual: validation accuracy minus GRPO's law {fit_txt} at the method's entropy.
 
 {common.md_table([h.replace("@k", f"@{k}") for h in HEADER], rows)}
 
+Findings (`findings`):
+
+{chr(10).join(f"- {x}" for x in found)}
+
 ![validation accuracy against entropy](frontier.png)
+
+![validation accuracy, pass@{k} and entropy against step, mean and range over seeds](curves.png)
 """
   common.write_report(a.out, "report.md", text)
 

@@ -61,3 +61,35 @@ def test_report_pairs_seeds_against_grpo(tmp_path):
   assert clip[-1] == "1.50"
   png = study_methods.plot_frontier(runs, str(tmp_path / "frontier.png"))
   assert (tmp_path / "frontier.png").stat().st_size > 1000 and png.endswith("frontier.png")
+
+
+def _saturating(level, seed, entropy_end=0.08):
+  """Validation accuracy rising to `level` by step ~100, then flat; entropy falling 0.2 -> end."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for step in range(0, 301, 25):
+    h = entropy_end + (0.2 - entropy_end) * np.exp(-step / 60)
+    out.append(
+        {
+            "step": step,
+            "entropy/token_mean": h,
+            "eval/pass@1": level - 0.1 * np.exp(-step / 30) + rng.normal(0, 0.004),
+        }
+    )
+    out += [{"step": step + i, "entropy/token_mean": h} for i in range(1, 25)]
+  return out
+
+
+def test_findings_measure_the_plateau_the_law_and_the_paired_gains():
+  runs = {
+      "grpo": [_saturating(0.30, s) for s in range(3)],
+      "clip_cov": [_saturating(0.34, 10 + s) for s in range(3)],
+  }
+  lines = study_methods.findings(runs, 1024)
+  assert "**plateaued**" in lines[0] and "3 seeds pooled" in lines[0], lines[0]
+  assert lines[1].endswith("(target <= 0.5: yes)"), lines[1]
+  assert lines[2].startswith("Law on GRPO's validation accuracy (39 points"), lines[2]
+  assert "Early fit" in lines[3]
+  gain = lines[-1]
+  assert gain.startswith("clip_cov - GRPO, final validation greedy accuracy: +0.0"), gain
+  assert float(gain.split("(")[1].split(" SE")[0]) > 2
