@@ -250,14 +250,18 @@ def md_table(header, rows) -> str:
   return "\n".join(lines)
 
 
+def setting_overrides(setting: str, preset: str) -> dict:
+  """`SETTINGS[setting]` for the tiny preset, whose task is synthetic; nothing for a paper preset."""
+  return dict(SETTINGS[setting]) if preset == "tiny" else {}
+
+
 def run_settings(
     quick: bool, steps: int, quick_steps: int = 10, setting: str = "countdown", preset: str = "tiny"
 ) -> dict:
   """Overrides shared by the studies' runs (same settings -> same run dir -> reused); `setting`
   (`SETTINGS`) applies to the tiny preset, whose task is synthetic."""
   out = dict(QUICK if quick else FULL)
-  if preset == "tiny":
-    out.update(SETTINGS[setting])
+  out.update(setting_overrides(setting, preset))
   out["num_steps"] = n = quick_steps if quick else steps
   out["checkpoint_every"] = max(n // 4, 1)
   out["keep_checkpoints"] = 5

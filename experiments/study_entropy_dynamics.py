@@ -27,7 +27,7 @@ from experiments import common
 def dynamics_spec(quick: bool, steps: int, preset: str = "tiny", setting: str = "countdown"):
   n = 6 if quick else steps
   overrides = {
-      **(common.SETTINGS[setting] if preset == "tiny" else {}),
+      **common.setting_overrides(setting, preset),
       "num_steps": n,
       "eval_every": 0,
       "checkpoint_every": 1,
