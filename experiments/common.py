@@ -173,20 +173,32 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
   return path
 
 
+CODE_DIRS = ("entropy_rl", "configs")  # what a run executes; experiments/ only launches and reads
+
+
+def _git(*args) -> str | None:
+  out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
 def code_version() -> dict:
-  """The commit a run is launched from and whether the tree had uncommitted changes, so every arm of
-  a comparison can be checked to come from the same code (`same_code`)."""
+  """The commit a run is launched from and whether `CODE_DIRS` had uncommitted changes, so every arm
+  of a comparison can be checked to come from the same code (`same_code`)."""
+  dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_DIRS)
+  return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None}
 
-  def git(*args):
-    out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-    return out.stdout.strip() if out.returncode == 0 else None
 
-  dirty = git("status", "--porcelain", "--untracked-files=no", "--", "entropy_rl", "configs")
-  return {"commit": git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None}
+def code_of(commit: str | None) -> str:
+  """The code a commit runs, named by the last commit at or before it that changed `CODE_DIRS`
+  (commits since changed only experiments/ or prose); the commit itself when git cannot say."""
+  if not commit:
+    return str(commit)
+  return _git("log", "--format=%H", "-1", commit, "--", *CODE_DIRS) or commit
 
 
 def same_code(root: str, specs) -> dict:
-  """{commit: [run names]} of the runs of `specs` in `root` (one key: all from the same code)."""
+  """{code: [run names]} of the runs of `specs` in `root`, the code named by `code_of` (one key:
+  all ran the same `entropy_rl/` and `configs/`)."""
   out: dict = {}
   for s in specs:
     try:
@@ -194,7 +206,7 @@ def same_code(root: str, specs) -> dict:
         code = json.load(f).get("code", {})
     except FileNotFoundError:
       code = {}
-    key = str(code.get("commit")) + ("+dirty" if code.get("dirty") else "")
+    key = code_of(code.get("commit")) + ("+dirty" if code.get("dirty") else "")
     out.setdefault(key, []).append(s.name)
   return out
 

@@ -29,6 +29,19 @@ def test_same_code_groups_runs_by_their_stamp(tmp_path):
   assert common.same_code(str(tmp_path), [missing]) == {"None": ["never_run"]}
 
 
+def test_same_code_groups_commits_that_changed_only_experiments(tmp_path):
+  # 6bab813 changed experiments/ only; its entropy_rl/ and configs/ are 9561127's.
+  if common.code_of("6bab813") == "6bab813":
+    pytest.skip("history not in this checkout")
+  specs = [common.RunSpec(f"r{i}", "grpo") for i in range(3)]
+  for s, commit in zip(specs, ["9561127", "6bab813", "16dbb59"]):
+    os.makedirs(common.run_dir(str(tmp_path), s))
+    with open(os.path.join(common.run_dir(str(tmp_path), s), "spec.json"), "w") as f:
+      json.dump({"name": s.name, "code": {"commit": commit, "dirty": False}}, f)
+  groups = common.same_code(str(tmp_path), specs)
+  assert len(groups) == 2 and ["r0", "r1"] in groups.values() and ["r2"] in groups.values()
+
+
 def test_load_config_applies_overrides_and_refuses_unknown_keys():
   c = common.load_config("grpo", "tiny", {"rollout.num_samples": 4})
   assert c.rollout.num_samples == 4

@@ -22,16 +22,9 @@ from entropy_rl.models import (
     unstack_layers,
 )
 from entropy_rl.models import decoder
+from tests import tiny
 
-TINY = dict(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+TINY = tiny.SHAPE
 QWEN2 = ModelConfig(**TINY, model_type="qwen2")
 QWEN3 = ModelConfig(**TINY, model_type="qwen3", tie_word_embeddings=True)
 LLAMA = ModelConfig(

@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from entropy_rl import config_lib, models, plan, sampling
+from tests import tiny
 
 GiB = 2**30
 QWEN2_5_7B = models.ModelConfig(**plan.PAPER_ARCHITECTURES["qwen2_5_7b"], dtype="bfloat16")
@@ -177,16 +178,7 @@ def test_rollout_advice_names_the_rows_in_flight(tiny_plan):
 
 def test_sampler_programs_match_what_sample_runs():
   """`sampling.programs` holds the settings `sample` would use for the same arguments."""
-  cfg = models.ModelConfig(
-      vocab_size=61,
-      hidden_size=32,
-      intermediate_size=48,
-      num_layers=2,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=8,
-      model_type="qwen2",
-  )
+  cfg = tiny.model_config()
   prompt = jax.ShapeDtypeStruct((3, 5), jax.numpy.int32)
   params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
   model = models.Decoder(cfg)

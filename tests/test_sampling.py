@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 
 from entropy_rl import sampling, stats
-from entropy_rl.models import Decoder, ModelConfig, init_params, param_logical_axes
+from entropy_rl.models import Decoder, init_params, param_logical_axes
+from tests import tiny
 
-CFG = ModelConfig(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    model_type="qwen2",
-)
+CFG = tiny.model_config()
 MODEL = Decoder(CFG)
 PROMPT = np.array([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6], [0, 9, 8, 7, 6, 5], [0, 0, 0, 0, 0, 4]])
 PROMPT_MASK = (np.arange(6)[None] >= np.array([3, 0, 1, 5])[:, None]).astype(np.int32)
@@ -347,16 +339,7 @@ def test_decode_loop_updates_the_cache_in_place():
   is written and read in place (a scanned layer loop copies each layer's K and V slices per step).
   """
   B, S = 4, 2048
-  cfg = ModelConfig(
-      vocab_size=61,
-      hidden_size=32,
-      intermediate_size=48,
-      num_layers=3,
-      num_heads=4,
-      num_kv_heads=2,
-      head_dim=64,
-      model_type="qwen2",
-  )
+  cfg = tiny.model_config(num_layers=3, head_dim=64)
   model = Decoder(cfg)
   p = init_params(cfg, jax.random.key(0))
   prompt = np.ones((B, 8), np.int32)

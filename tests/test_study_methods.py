@@ -21,6 +21,9 @@ def test_every_arm_is_a_valid_config(quick):
       assert c.eval.num_prompts == 1024 and tuple(c.eval.extra_temperatures) == (0.6,)
   random = specs["clip_cov_random"][0]
   assert common.load_config(random.family, random.arg, {}).loss.clip_cov_tokens == "random"
+  matched = specs["entropy_matched"][0]
+  loss = common.load_config(matched.family, matched.arg, matched.config_overrides()).loss
+  assert loss.adaptive_entropy and loss.entropy_target == 0.17
   kl = specs["reference_kl"][0]
   assert common.load_config(kl.family, kl.arg, kl.config_overrides()).loss.kl_ref_coef > 0
 
