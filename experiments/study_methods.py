@@ -1,12 +1,12 @@
 """Study 6: entropy control side by side, every method on one setting with one validation protocol.
 
 GRPO, clip-higher, Clip-Cov (at EM's covariance mass, its count-matched random control, and the
-earlier r = 0.02 with its entropy-matched control: an entropy bonus held at its entropy), KL-Cov,
-top-20% and bottom-80% forking tokens, an entropy bonus, a reference KL, and the methods that
-followed (GSPO, CISPO, Archer, adaptive entropy, entropy-shaped advantage, W-REINFORCE, QAE),
-each `configs/<family>.py:<preset>`, several seeds from one shared warm start (`--arms` runs a
-subset; a run longer than `--steps` counts its first `--steps` steps, as the LR schedule is
-constant). Validation: a fixed held-out set (`--eval_prompts`, 1,024 by default)
+earlier r = 0.02 with its two controls: random tokens at its count, and an entropy bonus held at
+its entropy), KL-Cov, top-20% and bottom-80% forking tokens, an entropy bonus, a reference KL, and
+the methods that followed (GSPO, CISPO, Archer, adaptive entropy, entropy-shaped advantage,
+W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several seeds from one shared warm start
+(`--arms` runs a subset; a run longer than `--steps` counts its first `--steps` steps, as the LR
+schedule is constant). Validation: a fixed held-out set (`--eval_prompts`, 1,024 by default)
 every `--eval_every` steps, greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
 
 One table: final and best validation greedy accuracy with the paired difference against GRPO
@@ -41,6 +41,7 @@ ARMS = {
     # The earlier tiny preset: 18% of the positive covariance mass, against the preset's 1.3%
     # (EM: 0.3-0.7%).
     "clip_cov_r0.02": ("clip_cov", "", {"loss.clip_cov_ratio": 0.02}),
+    "clip_cov_random_r0.02": ("clip_cov", "random", {"loss.clip_cov_ratio": 0.02}),
     "kl_cov": ("kl_cov", "", {}),
     "top_20%": ("top_entropy", "", {}),
     "bottom_80%": ("top_entropy", "bottom", {}),

@@ -21,11 +21,17 @@ def test_every_arm_is_a_valid_config(quick):
       assert c.eval.num_prompts == 1024 and tuple(c.eval.extra_temperatures) == (0.6,)
   random = specs["clip_cov_random"][0]
   assert common.load_config(random.family, random.arg, {}).loss.clip_cov_tokens == "random"
+  random_r = common.load_config(*_family_arg(specs["clip_cov_random_r0.02"][0]))
+  assert random_r.loss.clip_cov_tokens == "random" and random_r.loss.clip_cov_ratio == 0.02
   matched = specs["entropy_matched"][0]
   loss = common.load_config(matched.family, matched.arg, matched.config_overrides()).loss
   assert loss.adaptive_entropy and loss.entropy_target == 0.17
   kl = specs["reference_kl"][0]
   assert common.load_config(kl.family, kl.arg, kl.config_overrides()).loss.kl_ref_coef > 0
+
+
+def _family_arg(spec):
+  return spec.family, spec.arg, spec.config_overrides()
 
 
 def _records(level, entropy_end, seed):
