@@ -147,8 +147,15 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
     log(f"[reuse] {s.name}")
     return path
   os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "spec.json"), "w") as f:
-    json.dump({**dataclasses.asdict(s), "code": code_version()}, f, indent=1)
+  spec_file = os.path.join(path, "spec.json")
+  earlier = []  # a run resumed (or extended) here keeps the code of every launch
+  if os.path.exists(spec_file):
+    with open(spec_file) as f:
+      old = json.load(f)
+    earlier = old.get("earlier_code", []) + ([old["code"]] if "code" in old else [])
+  with open(spec_file, "w") as f:
+    spec = {**dataclasses.asdict(s), "code": code_version(), "earlier_code": earlier}
+    json.dump(spec, f, indent=1)
   cmd = [
       sys.executable,
       "-m",
@@ -197,16 +204,18 @@ def code_of(commit: str | None) -> str:
 
 
 def same_code(root: str, specs) -> dict:
-  """{code: [run names]} of the runs of `specs` in `root`, the code named by `code_of` (one key:
-  all ran the same `entropy_rl/` and `configs/`)."""
+  """{code: [run names]} of the runs of `specs` in `root`, the code named by `code_of`, every launch
+  of a resumed run counted (one key: all ran the same `entropy_rl/` and `configs/`)."""
   out: dict = {}
   for s in specs:
     try:
       with open(os.path.join(run_dir(root, s), "spec.json")) as f:
-        code = json.load(f).get("code", {})
+        spec = json.load(f)
     except FileNotFoundError:
-      code = {}
-    key = code_of(code.get("commit")) + ("+dirty" if code.get("dirty") else "")
+      spec = {}
+    launches = spec.get("earlier_code", []) + [spec.get("code", {})]
+    names = [code_of(c.get("commit")) + ("+dirty" if c.get("dirty") else "") for c in launches]
+    key = " then ".join(dict.fromkeys(names))  # a run resumed on other code shows each
     out.setdefault(key, []).append(s.name)
   return out
 

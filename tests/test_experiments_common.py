@@ -42,6 +42,18 @@ def test_same_code_groups_commits_that_changed_only_experiments(tmp_path):
   assert len(groups) == 2 and ["r0", "r1"] in groups.values() and ["r2"] in groups.values()
 
 
+def test_a_run_resumed_on_other_code_shows_both(tmp_path, monkeypatch):
+  s = common.RunSpec("r0", "grpo")
+  path = common.run_dir(str(tmp_path), s)
+  os.makedirs(path)
+  with open(os.path.join(path, "spec.json"), "w") as f:
+    json.dump({"name": s.name, "code": {"commit": "old", "dirty": False}}, f)
+  monkeypatch.setattr(common, "code_version", lambda: {"commit": "new", "dirty": False})
+  monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: 0)  # the run itself
+  common.ensure_run(str(tmp_path), s, log=lambda _: None)
+  assert common.same_code(str(tmp_path), [s]) == {"old then new": ["r0"]}
+
+
 def test_load_config_applies_overrides_and_refuses_unknown_keys():
   c = common.load_config("grpo", "tiny", {"rollout.num_samples": 4})
   assert c.rollout.num_samples == 4
