@@ -94,6 +94,37 @@ def fit_law(entropy, reward, sigma=None) -> dict:
   return out
 
 
+def fit_law_per_run(entropy, reward, run, sigma) -> dict:
+  """Weighted fit of R = -a exp(H) + b_run: one a over all runs, an intercept b per run (`run`: a
+  label per point), with the chi-squared test on n - 1 - runs dof.
+
+  Seeds of one method can settle at different levels while sharing the law's shape; pooled in one
+  `fit_law` that spread counts against the law. Passing here and failing there says the misfit is
+  the runs' offsets, not the shape. The model is linear, so this is weighted linear least squares.
+  """
+  h, r = np.asarray(entropy, np.float64), np.asarray(reward, np.float64)
+  labels = np.asarray(run)
+  s = np.broadcast_to(np.asarray(sigma, np.float64), h.shape)
+  ok = np.isfinite(h) & np.isfinite(r)
+  h, r, labels, s = h[ok], r[ok], labels[ok], s[ok]
+  runs = list(dict.fromkeys(labels.tolist()))
+  if len(h) < len(runs) + 2:
+    raise ValueError(f"entropy: need at least {len(runs) + 2} finite points, got {len(h)}")
+  if not np.all(s > 0):
+    raise ValueError("sigma: every standard error must be positive")
+  design = np.column_stack([-np.exp(h)] + [(labels == x).astype(np.float64) for x in runs])
+  coef, *_ = np.linalg.lstsq(design / s[:, None], r / s, rcond=None)
+  chi2, dof = float(np.sum(((r - design @ coef) / s) ** 2)), len(h) - 1 - len(runs)
+  return {
+      "a": float(coef[0]),
+      "b": {x: float(b) for x, b in zip(runs, coef[1:])},
+      "chi2": chi2,
+      "dof": dof,
+      "p_value": float(stats_lib.chi2.sf(chi2, dof)),
+      "n": int(len(h)),
+  }
+
+
 def accuracy_se(accuracy, num_prompts: int):
   """Binomial standard error of an accuracy measured on `num_prompts` fixed prompts."""
   p = np.clip(np.asarray(accuracy, np.float64), 0.0, 1.0)

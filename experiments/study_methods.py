@@ -161,9 +161,10 @@ def findings(runs: dict, num_prompts: int, fit_fraction: float = 0.15) -> list[s
   """The science issue's targets, each measured on {arm: [records per seed]}: GRPO's validation
   plateau (`analysis.detect_plateau`, pooled over seeds) and its entropy at the end against the
   start (first and last 10 steps); the law fitted on GRPO's validation accuracy, weighted by the
-  binomial error of `num_prompts` prompts, with its chi-squared test; the law fitted on the first
-  `fit_fraction` of the evaluations predicting the last one, against 2 standard errors; and each
-  method's final validation accuracy against GRPO's in standard errors of the paired difference."""
+  binomial error of `num_prompts` prompts, with its chi-squared test, pooled and with an intercept
+  per seed (`analysis.fit_law_per_run`); the law fitted on the first `fit_fraction` of the
+  evaluations predicting the last one, against 2 standard errors; and each method's final
+  validation accuracy against GRPO's in standard errors of the paired difference."""
   out = []
   grpo = runs["grpo"]
   curves = [common.series(r, V) for r in grpo]
@@ -195,6 +196,18 @@ def findings(runs: dict, num_prompts: int, fit_fraction: float = 0.15) -> list[s
     )
   except (ValueError, RuntimeError) as e:
     out.append(f"Law on GRPO's validation accuracy: no fit ({e})")
+  if len(grpo) > 1:  # the diagnostic of a pooled misfit: the seeds' levels, or the law's shape
+    seed = np.concatenate([np.full(_eval_points(r).shape[1], i) for i, r in enumerate(grpo)])
+    try:
+      per = analysis.fit_law_per_run(h, v, seed, analysis.accuracy_se(v, num_prompts))
+      out.append(
+          f"Law with one a and an intercept per seed: a = {per['a']:.3f}, b = "
+          + ", ".join(f"{b:.3f}" for b in per["b"].values())
+          + f", chi^2 = {per['chi2']:.1f} on {per['dof']} dof, p = {per['p_value']:.3g} (passes"
+          f" at 5%: {'yes' if per['p_value'] > 0.05 else 'no'})"
+      )
+    except ValueError as e:
+      out.append(f"Law with an intercept per seed: no fit ({e})")
   early, fit_steps = [], set()
   for r in grpo:
     rh, rv = _eval_points(r)

@@ -304,6 +304,29 @@ def test_weighted_law_fit_passes_chi2_on_its_own_noise_and_fails_on_a_wrong_curv
   assert "chi2" not in analysis.fit_law(h, bent)
 
 
+def test_law_per_run_separates_run_offsets_from_the_laws_shape():
+  rng = np.random.default_rng(0)
+  h = np.tile(np.linspace(0.9, 0.1, 24), 3)
+  run = np.repeat([0, 1, 2], 24)
+  offset = np.array([-0.03, 0.04, 0.0])[run]  # each seed settles at its own level
+  sigma = analysis.accuracy_se(-0.3 * np.exp(h) + 0.8, 1024)
+  r = -0.3 * np.exp(h) + 0.8 + offset + rng.normal(0, sigma)
+  assert analysis.fit_law(h, r, sigma=sigma)["p_value"] < 1e-3  # pooled: the offsets fail it
+  fit = analysis.fit_law_per_run(h, r, run, sigma)
+  assert fit["p_value"] > 0.05 and fit["dof"] == 72 - 4 and fit["n"] == 72
+  assert abs(fit["a"] - 0.3) < 0.02
+  np.testing.assert_allclose(
+      [fit["b"][x] for x in (0, 1, 2)], 0.8 + np.array([-0.03, 0.04, 0]), atol=0.01
+  )
+  bent = -0.3 * np.exp(h) + 0.8 + 0.1 * np.sin(6 * h) + rng.normal(0, sigma)
+  assert (
+      analysis.fit_law_per_run(h, bent, run, sigma)["p_value"] < 1e-6
+  )  # a wrong shape still fails
+  with pytest.raises(ValueError, match="at least 5"):
+    few = [0, 1, 24, 48]  # 4 points over 3 runs
+    analysis.fit_law_per_run(h[few], r[few], run[few], sigma[few])
+
+
 def test_accuracy_se_is_binomial():
   np.testing.assert_allclose(analysis.accuracy_se(0.3, 1024), np.sqrt(0.21 / 1024))
   assert analysis.accuracy_se(0.0, 100) > 0  # floored, so a weighted fit never divides by 0
