@@ -157,14 +157,17 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
   return rows, ref_fit
 
 
-def findings(runs: dict, num_prompts: int, fit_fraction: float = 0.15) -> list[str]:
+def findings(
+    runs: dict, num_prompts: int, fit_fraction: float = 0.15, window: int = 100
+) -> list[str]:
   """The science issue's targets, each measured on {arm: [records per seed]}: GRPO's validation
   plateau (`analysis.detect_plateau`, pooled over seeds) and its entropy at the end against the
   start (first and last 10 steps); the law fitted on GRPO's validation accuracy, weighted by the
   binomial error of `num_prompts` prompts, with its chi-squared test, pooled and with an intercept
   per seed (`analysis.fit_law_per_run`); the law fitted on the first `fit_fraction` of the
-  evaluations predicting the last one, against 2 standard errors; and each method's final
-  validation accuracy against GRPO's in standard errors of the paired difference."""
+  evaluations predicting the last one, against 2 standard errors; and each method's validation
+  accuracy against GRPO's in standard errors of the paired difference, at the last evaluation and
+  averaged over the evaluations of the last `window` steps (less noise, once past the plateau)."""
   out = []
   grpo = runs["grpo"]
   curves = [common.series(r, V) for r in grpo]
@@ -225,17 +228,26 @@ def findings(runs: dict, num_prompts: int, fit_fraction: float = 0.15) -> list[s
         f"Early fit ({fit_fraction:.0%} of the evaluations, at least 3: {used}) predicting the "
         "last evaluation, error per seed: " + ", ".join(early)
     )
-  ref = [common.last_value(r, V) for r in grpo]
-  for arm, recs in runs.items():
-    n = min(len(recs), len(grpo))
-    if arm == "grpo" or n < 2:
-      continue
-    d = analysis.paired_difference([common.last_value(r, V) for r in recs[:n]], ref[:n])
-    z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
-    out.append(
-        f"{arm} - GRPO, final validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
-        f"({z:+.1f} SE, {n} paired seeds)"
-    )
+
+  def last_window(r):  # the mean over the evaluations of the last `window` steps
+    steps, values = common.series(r, V)
+    return float(np.mean(values[steps > steps[-1] - window])) if len(values) else float("nan")
+
+  def last(r):
+    return common.last_value(r, V)
+
+  for label, value in (("final", last), (f"last {window} steps' mean", last_window)):
+    ref = [value(r) for r in grpo]
+    for arm, recs in runs.items():
+      n = min(len(recs), len(grpo))
+      if arm == "grpo" or n < 2:
+        continue
+      d = analysis.paired_difference([value(r) for r in recs[:n]], ref[:n])
+      z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
+      out.append(
+          f"{arm} - GRPO, {label} validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
+          f"({z:+.1f} SE, {n} paired seeds)"
+      )
   return out
 
 
