@@ -246,7 +246,7 @@ def findings(
       z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
       out.append(
           f"{arm} - GRPO, {label} validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
-          f"({z:+.1f} SE, {n} paired seeds)"
+          f"({z:+.1f} SE, paired t-test p = {d['p_value']:.2g}, {n} paired seeds)"
       )
   return out
 
