@@ -161,13 +161,14 @@ def findings(
     runs: dict, num_prompts: int, fit_fraction: float = 0.15, window: int = 100
 ) -> list[str]:
   """The science issue's targets, each measured on {arm: [records per seed]}: GRPO's validation
-  plateau (`analysis.detect_plateau`, pooled over seeds) and its entropy at the end against the
-  start (first and last 10 steps); the law fitted on GRPO's validation accuracy, weighted by the
-  binomial error of `num_prompts` prompts, with its chi-squared test, pooled and with an intercept
-  per seed (`analysis.fit_law_per_run`); the law fitted on the first `fit_fraction` of the
-  evaluations predicting the last one, against 2 standard errors; and each method's validation
-  accuracy against GRPO's in standard errors of the paired difference, at the last evaluation and
-  averaged over the evaluations of the last `window` steps (less noise, once past the plateau)."""
+  plateau (`analysis.detect_plateau`, pooled over seeds; the other methods' by the same test) and
+  its entropy at the end against the start (first and last 10 steps); the law fitted on GRPO's
+  validation accuracy, weighted by the binomial error of `num_prompts` prompts, with its
+  chi-squared test, pooled and with an intercept per seed (`analysis.fit_law_per_run`); the law
+  fitted on the first `fit_fraction` of the evaluations predicting the last one, against 2
+  standard errors; and each method's validation accuracy against GRPO's in standard errors of the
+  paired difference, at the last evaluation and averaged over the evaluations of the last
+  `window` steps (less noise, once past the plateau)."""
   out = []
   grpo = runs["grpo"]
   curves = [common.series(r, V) for r in grpo]
@@ -182,6 +183,18 @@ def findings(
     )
   except ValueError as e:
     out.append(f"GRPO plateau: not testable ({e})")
+  others = []
+  for arm, recs in runs.items():
+    if arm == "grpo":
+      continue
+    try:
+      q = analysis.detect_plateau(*zip(*[common.series(r, V) for r in recs]))
+    except ValueError:
+      continue
+    at = f" from step {q['step']:.0f}" if q["step"] is not None else ""
+    others.append(f"{arm} {q['verdict']}{at} ({q['slope']:+.3f} per 100 steps)")
+  if others:
+    out.append("The other methods' plateaus, by the same test: " + "; ".join(others))
   ratios = [common.final_mean(r, H) / np.mean(common.series(r, H)[1][:10]) for r in grpo]
   out.append(
       "GRPO entropy, last 10 steps / first 10: "

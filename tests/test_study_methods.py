@@ -96,11 +96,12 @@ def test_findings_measure_the_plateau_the_law_and_the_paired_gains():
   }
   lines = study_methods.findings(runs, 1024)
   assert "**plateaued**" in lines[0] and "3 seeds pooled" in lines[0], lines[0]
-  assert lines[1].endswith("(target <= 0.5: yes)"), lines[1]
-  assert lines[2].startswith("Law on GRPO's validation accuracy (39 points"), lines[2]
-  assert lines[3].startswith("Law with one a and an intercept per seed: a = "), lines[3]
-  assert "on 35 dof" in lines[3], lines[3]  # 39 points, one a, 3 intercepts
-  assert "Early fit" in lines[4]
+  assert lines[1].startswith("The other methods' plateaus, by the same test: clip_cov plateaued")
+  assert lines[2].endswith("(target <= 0.5: yes)"), lines[2]
+  assert lines[3].startswith("Law on GRPO's validation accuracy (39 points"), lines[3]
+  assert lines[4].startswith("Law with one a and an intercept per seed: a = "), lines[4]
+  assert "on 35 dof" in lines[4], lines[4]  # 39 points, one a, 3 intercepts
+  assert "Early fit" in lines[5]
   gain, averaged = lines[-2:]
   assert gain.startswith("clip_cov - GRPO, final validation greedy accuracy: +0.0"), gain
   assert float(gain.split("(")[1].split(" SE")[0]) > 2
