@@ -157,6 +157,11 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
   return rows, ref_fit
 
 
+def _plateau(records_per_seed) -> dict:
+  """`analysis.detect_plateau` on the seeds' validation greedy accuracy, pooled."""
+  return analysis.detect_plateau(*zip(*[common.series(r, V) for r in records_per_seed]))
+
+
 def findings(
     runs: dict, num_prompts: int, fit_fraction: float = 0.15, window: int = 100
 ) -> list[str]:
@@ -171,9 +176,8 @@ def findings(
   `window` steps (less noise, once past the plateau)."""
   out = []
   grpo = runs["grpo"]
-  curves = [common.series(r, V) for r in grpo]
   try:
-    p = analysis.detect_plateau([c[0] for c in curves], [c[1] for c in curves])
+    p = _plateau(grpo)
     where = f", plateau from step {p['step']:.0f}" if p["step"] is not None else ""
     out.append(
         f"GRPO validation greedy accuracy: **{p['verdict']}** over the last {p['window_steps']:.0f}"
@@ -188,7 +192,7 @@ def findings(
     if arm == "grpo":
       continue
     try:
-      q = analysis.detect_plateau(*zip(*[common.series(r, V) for r in recs]))
+      q = _plateau(recs)
     except ValueError:
       continue
     at = f" from step {q['step']:.0f}" if q["step"] is not None else ""
@@ -201,7 +205,8 @@ def findings(
       + ", ".join(f"{x:.2f}" for x in ratios)
       + f" (target <= 0.5: {'yes' if all(x <= 0.5 for x in ratios) else 'no'})"
   )
-  h, v = np.concatenate([_eval_points(r) for r in grpo], axis=1)
+  points = [_eval_points(r) for r in grpo]
+  h, v = np.concatenate(points, axis=1)
   try:
     fit = analysis.fit_law(h, v, sigma=analysis.accuracy_se(v, num_prompts))
     out.append(
@@ -213,7 +218,7 @@ def findings(
   except (ValueError, RuntimeError) as e:
     out.append(f"Law on GRPO's validation accuracy: no fit ({e})")
   if len(grpo) > 1:  # the diagnostic of a pooled misfit: the seeds' levels, or the law's shape
-    seed = np.concatenate([np.full(_eval_points(r).shape[1], i) for i, r in enumerate(grpo)])
+    seed = np.concatenate([np.full(x.shape[1], i) for i, x in enumerate(points)])
     try:
       per = analysis.fit_law_per_run(h, v, seed, analysis.accuracy_se(v, num_prompts))
       out.append(
