@@ -759,21 +759,11 @@ def decode_steps(num_rows: int, max_new_tokens: int, rows_in_flight: int) -> int
 
 
 def decode_step_bytes(serving, state) -> int:
-  """HBM bytes one decode step reads per chip (abstract sharded inputs): every serving weight as
-  the chip multiplies it (gathered over the batch axes, split over the others) and the KV-cache
-  slots of its rows. The decode roofline is memory-bound: these bytes at the chip's bandwidth."""
-  import jax.sharding as js
-
-  def gathered(x):
-    # Batch axes (also an entry naming several: ('data', 'fsdp')) are gathered.
-    spec = [
-        None if isinstance(a, tuple) or a in sharding.BATCH_AXES else a for a in x.sharding.spec
-    ]
-    shape = js.NamedSharding(x.sharding.mesh, js.PartitionSpec(*spec)).shard_shape(x.shape)
-    return math.prod(shape) * np.dtype(x.dtype).itemsize
-
-  weights = sum(gathered(x) for x in jax.tree.leaves(serving))
-  return weights + _shard_bytes((state["slots"]["k"], state["slots"]["v"]))
+  """HBM bytes one decode step reads per chip (abstract sharded inputs): the chip's shard of every
+  serving weight (decoding is weight-stationary, `sharding.decode_rules`: the activations move,
+  the weights stay where they lie) and the KV-cache slots of its rows. The decode roofline is
+  memory-bound: these bytes at the chip's bandwidth."""
+  return _shard_bytes(serving) + _shard_bytes((state["slots"]["k"], state["slots"]["v"]))
 
 
 def rollout_programs(c, run, mesh, model_cfg) -> list[RolloutProgram]:

@@ -9,7 +9,14 @@ cache rows copied into slots 0 .. P - 1 of a row of P + L slots, response token 
 own position and write offset. A decode step advances every slot by one token; a slot whose pair
 emits a stop id (the stop token is part of the response) or reaches `max_new_tokens` takes the next
 queued pair; the loop ends when queue and slots are empty. Every shape is static; the KV cache
-holds R x (P + L) slots, whatever the number of pairs.
+holds R x (P + L) slots, whatever the number of pairs. With the rows split over D devices (the
+prompts' sharding), each device's R / D slots take only its own B / D prompts' pairs, from a queue
+of its own, so a refill copies cache rows within a device.
+
+A decode step is weight-stationary (`sharding.decode_rules`): its activations' rows are split over
+'data' only, so every matmul contracts the FSDP-split serving weight where it lies and all-reduces
+the [rows, features] partial sums, where gathering the weights would move all of them every token;
+the attention runs on the cache's rows, split over every batch axis.
 
 Token t of pair n is drawn with key `fold_in(fold_in(rng, n), t)` from softmax(logits / T) (by
 two-level inverse CDF, `_categorical`), optionally truncated by top-k then top-p, or taken
@@ -30,10 +37,12 @@ import dataclasses
 import functools
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from entropy_rl import stats
+from entropy_rl import sharding, stats
 from entropy_rl.models.decoder import Decoder, init_cache, unstack_layers
 
 
@@ -61,6 +70,9 @@ class _Settings:
   rows: jax.sharding.NamedSharding | None  # the prompts' row sharding, kept by every output
   # The KV buffers' [B, K, ...]: rows as `rows`, KV heads as the weights' (`_cache_sharding`).
   cache: jax.sharding.NamedSharding | None = None
+  # Row shards (the devices over `rows`' axes) with queues of their own: each shard's slots take
+  # only its own prompts' pairs, so the refill copies KV rows within a device (`_refill`).
+  shards: int = 1
 
 
 def _row_sharding(x):
@@ -212,9 +224,10 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
       slots=slots,
       prompt_cache=_keep_cache(prompt_cache, s),
       prompt_len=jnp.sum(prompt_mask_BxP, axis=1),
-      queue=jnp.argsort(done_N, stable=True).astype(jnp.int32),  # undone pairs first, in order
-      num_queued=jnp.sum(~done_N).astype(jnp.int32),
-      cursor=jnp.zeros((), jnp.int32),
+      # One queue per row shard, over its own block of pairs: undone pairs first, in order.
+      queue=_keep_rows(_shard_queues(done_N, s.shards), s),
+      num_queued=jnp.sum(~done_N.reshape(s.shards, -1), axis=1).astype(jnp.int32),
+      cursor=jnp.zeros((s.shards,), jnp.int32),
       pair=jnp.full((R,), N, jnp.int32),  # N = an empty slot
       t=jnp.ones((R,), jnp.int32),  # the slot's next token index
       prev=jnp.zeros((R,), jnp.int32),  # the slot's last token, the next step's input
@@ -223,39 +236,82 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
   return state, repeat(prompt_BxP.astype(jnp.int32)), repeat(prompt_mask_BxP)
 
 
+def _shard_queues(done_N, shards: int):
+  """[N] pair ids: block d (of `shards` equal blocks) lists block d's undone pairs first, in order."""
+  done_DxM = done_N.reshape(shards, -1)
+  offset_Dx1 = jnp.arange(shards, dtype=jnp.int32)[:, None] * done_DxM.shape[1]
+  return (jnp.argsort(done_DxM, axis=1, stable=True).astype(jnp.int32) + offset_Dx1).reshape(-1)
+
+
+_REFILL_READS = ("slots", "prompt_cache", "pair", "t", "prev", "cursor", "num_queued", "queue")
+
+
 def _refill(st, s: _Settings):
-  """Gives each empty slot the next queued pair: its prompt's cache rows and mask, token index 1
-  and token 0 as input. Copies one slot at a time, so the work grows with the pairs taken."""
-  R, (N, L) = st["pair"].shape[0], st["tokens"].shape
+  """Gives each empty slot the next pair of its row shard's queue (`_refill_shard`): with the rows
+  split over devices, every shard runs its own refill (`shard_map`), so a prompt's cached keys and
+  values are copied within the device that holds them, never gathered."""
+  part = {name: st[name] for name in _REFILL_READS}
+  part["first"] = st["tokens"][:, 0]
+  if s.shards == 1:
+    return dict(st, **_refill_shard(part, s, shard=0))
+  rows, heads = s.cache.spec[0], s.cache.spec[1]
+  kv = jax.sharding.PartitionSpec(rows, heads)
+  row = jax.sharding.PartitionSpec(rows)
+
+  def cache_specs(cache):
+    out = dict(k=(kv,) * len(cache["k"]), v=(kv,) * len(cache["v"]), mask=row)
+    return out if "index" not in cache else dict(out, index=jax.sharding.PartitionSpec())
+
+  specs = {name: row for name in part}
+  specs.update(slots=cache_specs(part["slots"]), prompt_cache=cache_specs(part["prompt_cache"]))
+  out_specs = {name: specs[name] for name in ("slots", "pair", "t", "prev", "cursor")}
+  axes = rows if isinstance(rows, tuple) else (rows,)
+  refill = jax.shard_map(
+      lambda x: _refill_shard(x, s, shard=jax.lax.axis_index(axes)),
+      mesh=s.rows.mesh,
+      in_specs=(specs,),
+      out_specs=out_specs,
+      check_vma=False,
+  )
+  return dict(st, **refill(part))
+
+
+def _refill_shard(st, s: _Settings, shard):
+  """One row shard's refill: its empty slots take its queue's next pairs, each slot its prompt's
+  cache rows and mask, token index 1 and token 0 as input. Copies one slot at a time, so the work
+  grows with the pairs taken. `st` holds the shard's rows (pair ids stay global; N, all pairs,
+  marks an empty slot) and its queue's cursor and length, shape [1]."""
+  R, M = st["pair"].shape[0], st["first"].shape[0]
+  N, first_pair = M * s.shards, shard * M
+  first_prompt = shard * st["prompt_cache"]["mask"].shape[0]
   free_R = st["pair"] >= N
-  queue_pos_R = st["cursor"] + jnp.cumsum(free_R) - 1
-  take_R = free_R & (queue_pos_R < st["num_queued"])
-  pair_R = jnp.where(take_R, st["queue"][jnp.minimum(queue_pos_R, N - 1)], st["pair"])
+  queue_pos_R = st["cursor"][0] + jnp.cumsum(free_R) - 1
+  take_R = free_R & (queue_pos_R < st["num_queued"][0])
+  pair_R = jnp.where(take_R, st["queue"][jnp.minimum(queue_pos_R, M - 1)], st["pair"])
   taken = jnp.sum(take_R).astype(jnp.int32)
   slot_R = jnp.nonzero(take_R, size=R, fill_value=0)[0].astype(jnp.int32)
+  L = st["slots"]["mask"].shape[1] - st["prompt_cache"]["mask"].shape[1]
 
   def copy_prompt(i, slots):
     slot = slot_R[i]
-    b = pair_R[slot] // s.num_samples
+    b = pair_R[slot] // s.num_samples - first_prompt
     prompt = st["prompt_cache"]
 
-    def copy(dst, src, axis):  # src [B, ..., P] -> dst [R, ..., P + L], prompt slots along axis
+    def copy(dst, src):  # src [B, ..., P] -> dst [R, ..., P + L], into the row's prompt slots
       row = jax.lax.dynamic_index_in_dim(src, b, 0)
-      start = [slot] + [0] * (dst.ndim - 1)
-      return jax.lax.dynamic_update_slice(dst, row, start)
+      return jax.lax.dynamic_update_slice(dst, row, [slot] + [0] * (dst.ndim - 1))
 
     mask_1xS = jnp.pad(jax.lax.dynamic_index_in_dim(prompt["mask"], b, 0), ((0, 0), (0, L)))
     return dict(
         slots,
-        k=tuple(copy(d, x, 3) for d, x in zip(slots["k"], prompt["k"])),
-        v=tuple(copy(d, x, 2) for d, x in zip(slots["v"], prompt["v"])),
+        k=tuple(copy(d, x) for d, x in zip(slots["k"], prompt["k"])),
+        v=tuple(copy(d, x) for d, x in zip(slots["v"], prompt["v"])),
         mask=jax.lax.dynamic_update_slice(slots["mask"], mask_1xS, (slot, 0)),
     )
 
   slots = jax.lax.fori_loop(0, taken, copy_prompt, st["slots"])
-  first_R = st["tokens"][jnp.minimum(pair_R, N - 1), 0]
+  first_R = st["first"][jnp.clip(pair_R - first_pair, 0, M - 1)]
   return dict(
-      st,
       slots=slots,
       pair=pair_R,
       cursor=st["cursor"] + taken,
@@ -276,13 +332,15 @@ def _decode(params, state, *, model: Decoder, s: _Settings):
     pair_R, t_R = st["pair"], st["t"]
     live_R = pair_R < N
     position_R = st["prompt_len"][jnp.minimum(pair_R, N - 1) // s.num_samples] + t_R - 1
-    logits_Rx1xV, slots = model.apply(
-        {"params": params},
-        st["prev"][:, None],
-        dict(st["slots"], index=P + t_R - 1),
-        positions_BxT=position_R[:, None],
-        method=Decoder.decode,
-    )
+    with nn.logical_axis_rules(sharding.decode_rules()):
+      logits_Rx1xV, slots = model.apply(
+          {"params": params},
+          st["prev"][:, None],
+          dict(st["slots"], index=P + t_R - 1),
+          positions_BxT=position_R[:, None],
+          method=Decoder.decode,
+      )
+      logits_Rx1xV = nn.with_logical_constraint(logits_Rx1xV, ("cache_batch", "length", "vocab"))
     token_R, logp_R, entropy_R = _choose(logits_Rx1xV[:, 0], st["rng"], pair_R, t_R, s)
     columns = dict(tokens=token_R, mask=jnp.ones_like(token_R), logprobs=logp_R, entropy=entropy_R)
     slots = _keep_cache({name: x for name, x in slots.items() if name != "index"}, s)
@@ -295,7 +353,7 @@ def _decode(params, state, *, model: Decoder, s: _Settings):
     return new
 
   def cond(st):
-    return jnp.any(st["pair"] < N) | (st["cursor"] < st["num_queued"])
+    return jnp.any(st["pair"] < N) | jnp.any(st["cursor"] < st["num_queued"])
 
   # The whole state comes back (the cache too) so every donated buffer is reused in place. Slots
   # are refilled at the start of an iteration: refilling at its end makes XLA copy a layer's cache.
@@ -340,6 +398,8 @@ def _settings(
   if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
     raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
   n = prompt_BxP.shape[0] * num_samples
+  rows_in_flight = min(max_rows_in_flight or n, n)
+  rows = _row_sharding(prompt_BxP)
   return _Settings(
       num_samples=num_samples,
       max_new_tokens=max_new_tokens,
@@ -350,10 +410,21 @@ def _settings(
       stop_ids=tuple(int(i) for i in stop_ids),
       pad_id=int(pad_id),
       return_entropy=bool(return_entropy),
-      rows_in_flight=min(max_rows_in_flight or n, n),
-      rows=_row_sharding(prompt_BxP),
-      cache=_cache_sharding(_row_sharding(prompt_BxP), params["layers"]["attn"]["k_proj"]),
+      rows_in_flight=rows_in_flight,
+      rows=rows,
+      cache=_cache_sharding(rows, params["layers"]["attn"]["k_proj"]),
+      shards=_row_shards(rows, prompt_BxP.shape[0], rows_in_flight),
   )
+
+
+def _row_shards(rows, num_prompts: int, rows_in_flight: int) -> int:
+  """The devices over the row axes of `rows` when they divide the prompts and the slots, else 1
+  (one queue for all: the refill then copies across devices)."""
+  if rows is None or rows.spec[0] is None:
+    return 1
+  axes = rows.spec[0] if isinstance(rows.spec[0], tuple) else (rows.spec[0],)
+  d = int(np.prod([rows.mesh.shape[a] for a in axes]))
+  return d if num_prompts % d == 0 and rows_in_flight % d == 0 else 1
 
 
 def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, **kwargs) -> SampleOutput:

@@ -142,6 +142,7 @@ def default_rules() -> tuple[tuple[str, Any], ...]:
   """Logical axis name -> mesh axes. Batch over data x fsdp, weights FSDP on embed, TP elsewhere."""
   return (
       ("batch", BATCH_AXES),
+      ("cache_batch", BATCH_AXES),
       ("embed", "fsdp"),
       ("vocab", "tensor"),
       ("heads", "tensor"),
@@ -152,6 +153,14 @@ def default_rules() -> tuple[tuple[str, Any], ...]:
       ("norm", None),
       ("length", None),
   )
+
+
+def decode_rules() -> tuple[tuple[str, Any], ...]:
+  """The rules of a decode step (one new token a row): activation rows over 'data' only, so each
+  matmul contracts the FSDP-sharded weight where it lies and all-reduces the small [rows, features]
+  partial sums over 'fsdp', instead of all-gathering every weight every step (weight-stationary
+  serving); the KV cache and the attention over it stay split over data x fsdp (`cache_batch`)."""
+  return (("batch", "data"),) + default_rules()
 
 
 def _is_axes_leaf(x) -> bool:

@@ -134,9 +134,10 @@ def test_plan_compiles_the_rollout_and_evaluation_programs(tiny_plan):
     assert p.argument_bytes >= kv_per_chip
     assert p.alias_bytes >= kv_per_chip
     assert p.peak_bytes >= held + p.argument_bytes
-    # One step reads every (float32) serving weight, gathered over the FSDP chips, and the
-    # chip's KV rows: the memory-bound roofline; the compiled step moves at least that.
-    assert p.costs.hbm_bytes == 4 * n_params + kv_per_chip
+    # One step reads the chip's shard of every (float32) serving weight, none gathered
+    # (weight-stationary decoding), and the chip's KV rows: the memory-bound roofline; the
+    # compiled step moves at least that.
+    assert 4 * n_params / chips + kv_per_chip <= p.costs.hbm_bytes < 4 * n_params + kv_per_chip
     assert p.counted_hbm_bytes >= p.costs.hbm_bytes
     assert p.seconds(result.topology.chip) > 0
   for name in ("prefill", "eval-prefill"):
@@ -196,3 +197,25 @@ def test_the_trainer_reads_no_memory_limit_from_cpu_devices():
   from entropy_rl import distributed
 
   assert jax.default_backend() != "cpu" or distributed.device_memory() is None
+
+
+def test_decode_moves_activations_not_weights(tiny_plan):
+  """Weight-stationary decoding (`sharding.decode_rules`) and shard-local refills: a decode step
+  all-gathers neither the serving weights nor the prompts' KV cache (before, it gathered every
+  layer's weights and every prompt's cache rows), at most a few activations, whatever the slice."""
+  c, result = tiny_plan
+  model_cfg = plan.model_config(c)
+  params = jax.eval_shape(lambda: models.init_params(model_cfg, jax.random.key(0)))
+  layer_bytes = 4 * sum(math.prod(x.shape) for x in jax.tree.leaves(params["layers"]))
+  layer_bytes //= model_cfg.num_layers
+  prompt_cache_bytes = 8 * config_lib.kv_bytes_per_token(model_cfg) * 16  # 8 prompts x 16 slots
+  for name in ("decode", "eval-decode"):
+    hlo = next(p for p in result.programs if p.name == name).hlo_text
+    gathered = 0
+    for line in hlo.splitlines():
+      inst = plan._split_instruction(line)
+      if inst and inst[2].removesuffix("-start") == "all-gather":
+        for dtype, dims in plan._ARRAY.findall(inst[1]):
+          size = math.prod(int(d) for d in dims.split(",") if d)
+          gathered += size * {"bf16": 2, "f32": 4}.get(dtype, 0)
+    assert gathered < min(layer_bytes, prompt_cache_bytes) / 10, (gathered, layer_bytes)

@@ -276,7 +276,10 @@ def test_categorical_draws_follow_softmax(V):
   )
 
 
-def test_sharded_equals_unsharded(main_rollout):
+@pytest.mark.parametrize("in_flight", [0, 4])
+def test_sharded_equals_unsharded(main_rollout, in_flight):
+  """Rows over 4 devices: 4 row shards, each refilling its slots from its own prompts' pairs
+  (with 4 slots, one a shard); the responses are the unsharded ones."""
   mesh = jax.make_mesh(
       (2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3
   )
@@ -293,7 +296,9 @@ def test_sharded_equals_unsharded(main_rollout):
   sharded_params = jax.device_put(params(), shardings)
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   prompt, mask = jax.device_put(PROMPT, rows), jax.device_put(PROMPT_MASK, rows)
-  out = sampling.sample(MODEL, sharded_params, prompt, mask, jax.random.key(42), **MAIN)
+  args = dict(MAIN, max_rows_in_flight=in_flight)
+  assert sampling._settings(MODEL, sharded_params, prompt, mask, **args).shards == 4
+  out = sampling.sample(MODEL, sharded_params, prompt, mask, jax.random.key(42), **args)
   for x in (out.tokens_NxL, out.mask_NxL, out.logprobs_NxL, out.entropy_NxL, out.prompt_NxP):
     assert x.sharding.is_equivalent_to(rows, x.ndim)
   np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)

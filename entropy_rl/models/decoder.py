@@ -145,11 +145,18 @@ class Attention(nn.Module):
     else:
       valid_BxS, index = mask
       kc_BxKxHxS, vc_BxKxSxH = cache_kv
+      # The cache's rows (`cache_batch`) may be split finer than the activations' (`batch`, as in
+      # `sharding.decode_rules`): the attention over the cache runs on its rows.
+      rows = lambda x, name, heads: nn.with_logical_constraint(x, (name, "length", heads, None))
+      q_BxTxNxH = rows(q_BxTxNxH, "cache_batch", "heads")
+      k_BxTxKxH = rows(k_BxTxKxH, "cache_batch", "kv_heads")
+      v_BxTxKxH = rows(v_BxTxKxH, "cache_batch", "kv_heads")
       cache_kv = (
           _write_slots(kc_BxKxHxS, jnp.transpose(k_BxTxKxH, (0, 2, 3, 1)), index, axis=3),
           _write_slots(vc_BxKxSxH, jnp.transpose(v_BxTxKxH, (0, 2, 1, 3)), index, axis=2),
       )
       out_BxTxNxH = _cached_attention(q_BxTxNxH, *cache_kv, valid_BxS, index)
+      out_BxTxNxH = rows(out_BxTxNxH, "batch", "heads")
     out_BxTxD = dense(out_BxTxNxH.reshape(B, T, N * H), o_proj.reshape(N * H, D).astype(dtype))
     return out_BxTxD, cache_kv
 
