@@ -158,6 +158,7 @@ class RolloutConfig:
   top_k: int
   max_rows_in_flight: int  # sampler slots (KV cache rows); 0 = every (prompt, sample) pair
   kv_cache_fraction: float  # read by resolve_rows_in_flight (max_rows_in_flight = -1)
+  prefill_chunks: int  # the prompts are prefilled in this many chunks, one after another
   max_prompt_len: int
   dynamic_sampling: bool
   dynamic_sampling_max_draws: int
@@ -351,6 +352,9 @@ def base_config() -> ml_collections.ConfigDict:
   # rollout.kv_cache_fraction of a chip's memory (see resolve_rows_in_flight).
   c.rollout.max_rows_in_flight = 0
   c.rollout.kv_cache_fraction = 0.5
+  # The prompts' prefill runs in this many chunks (strided, so each spans every device), one after
+  # another: the prefill's activations shrink by the factor; its cache is the same.
+  c.rollout.prefill_chunks = 1
 
   c.rl = ml_collections.ConfigDict()
   c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae
@@ -430,6 +434,7 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.rl.num_microbatches = 0  # derived from the slice: one sequence per device per micro-batch
   c.rollout.max_rows_in_flight = -1  # derived from the slice: the KV cache takes 30% of a chip
   c.rollout.kv_cache_fraction = 0.3
+  c.rollout.prefill_chunks = 4  # HE's 512 prompts on a v5p-8: 32 of a chip's 128 at a time
   c.rl.microbatch_rows_per_device = 1
   c.rl.fused_chunk_size = 16384
   c.rl.length_bucket = 0  # full-length arrays: the shapes `plan` checks, one compile per run
@@ -658,6 +663,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(
         f"config.rollout.max_rows_in_flight={c.rollout.max_rows_in_flight}: must be "
         f">= -1 (0 = all rows at once, -1 = derived from config.rollout.kv_cache_fraction)"
+    )
+  chunks = c.rollout.prefill_chunks
+  if not isinstance(chunks, int) or chunks < 1 or c.rollout.prompts_per_step % chunks:
+    raise ConfigError(
+        f"config.rollout.prefill_chunks={chunks!r}: must be a positive int that divides "
+        f"config.rollout.prompts_per_step={c.rollout.prompts_per_step}"
     )
   if not 0 < c.rollout.kv_cache_fraction < 1:
     raise ConfigError(

@@ -823,6 +823,7 @@ def rollout_programs(c, run, mesh, model_cfg) -> list[RolloutProgram]:
           max_rows_in_flight=(
               rollout_lib.eval_rows_in_flight(run) if prefix else run.rollout.max_rows_in_flight
           ),
+          prefill_chunks=run.rollout.prefill_chunks,
       )
       if serving is None:
         lowered = progs.serving_params(master)

@@ -133,6 +133,7 @@ class Rollouts:
           pad_id=pol.pad_id,
           return_entropy=True,
           max_rows_in_flight=max_rows_in_flight,
+          prefill_chunks=c.prefill_chunks,
       )
     tokens, mask = to_local(out.tokens_NxL), to_local(out.mask_NxL)
     texts = data_lib.decode_responses(pol.tokenizer, tokens, mask)

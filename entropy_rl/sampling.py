@@ -2,7 +2,8 @@
 decodes a fixed number of rows in flight over a donated cache.
 
 Prompts arrive left-padded (`prompt_mask_BxP` marks real tokens). Each prompt is prefilled once,
-into a cache of its P prompt slots only; every (prompt, sample) pair n = b * G + g (prompt-major)
+into a cache of its P prompt slots only (`prefill_chunks` strided chunks of prompts one after
+another, which bounds the prefill's activations); every (prompt, sample) pair n = b * G + g (prompt-major)
 then draws its response token 0 from that prefill. Pairs that need more tokens wait in a queue, in
 index order; R = `max_rows_in_flight` slots (0: one per pair) each hold one pair: its prompt's
 cache rows copied into slots 0 .. P - 1 of a row of P + L slots, response token t at slot P + t, its
@@ -73,6 +74,7 @@ class _Settings:
   # Row shards (the devices over `rows`' axes) with queues of their own: each shard's slots take
   # only its own prompts' pairs, so the refill copies KV rows within a device (`_refill`).
   shards: int = 1
+  prefill_chunks: int = 1  # C: the prompts are prefilled C strided chunks at a time
 
 
 def _row_sharding(x):
@@ -191,18 +193,27 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
   """Runs the prompts into a cache of their P slots, draws every pair's response token 0 (the G
   samples of a prompt share its prefill) and returns the decode state with every slot empty."""
   B, P = prompt_BxP.shape
-  G, L, R = s.num_samples, s.max_new_tokens, s.rows_in_flight
+  G, L, R, C = s.num_samples, s.max_new_tokens, s.rows_in_flight, s.prefill_chunks
   N = B * G
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-  hidden_BxPxD, prompt_cache = model.apply(
-      {"params": params},
-      prompt_BxP.astype(jnp.int32),
-      init_cache(model.config, B, P),
-      prompt_mask_BxP,
-      return_hidden=True,
-      method=Decoder.decode,
-  )
-  logits_BxV = model.apply({"params": params}, hidden_BxPxD[:, -1:], method=Decoder.unembed)[:, 0]
+
+  def prefill_chunk(_, chunk):  # B / C prompts: rows c, c + C, ... of the batch
+    prompt_bxP, mask_bxP = chunk
+    hidden_bxPxD, cache = model.apply(
+        {"params": params},
+        prompt_bxP.astype(jnp.int32),
+        init_cache(model.config, B // C, P),
+        mask_bxP,
+        return_hidden=True,
+        method=Decoder.decode,
+    )
+    logits_bxV = model.apply({"params": params}, hidden_bxPxD[:, -1:], method=Decoder.unembed)
+    return None, (logits_bxV[:, 0], dict(cache, index=None))
+
+  chunks = (_split_rows(prompt_BxP, C), _split_rows(prompt_mask_BxP, C))
+  _, (logits_CxbxV, cache_C) = jax.lax.scan(prefill_chunk, None, chunks)
+  logits_BxV = _merge_rows(logits_CxbxV)
+  prompt_cache = dict(jax.tree.map(_merge_rows, cache_C), index=jnp.int32(P))
 
   def repeat(x_BxA):
     return _keep_rows(jnp.repeat(x_BxA, G, axis=0), s)
@@ -234,6 +245,17 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
       rng=rng,
   )
   return state, repeat(prompt_BxP.astype(jnp.int32)), repeat(prompt_mask_BxP)
+
+
+def _split_rows(x_BxA, num: int):
+  """[B, ...] -> [num, B / num, ...], strided (chunk c holds rows c, c + num, ...): each chunk keeps
+  a block-sharded batch's rows on their devices."""
+  return jnp.swapaxes(x_BxA.reshape(x_BxA.shape[0] // num, num, *x_BxA.shape[1:]), 0, 1)
+
+
+def _merge_rows(x_CxbxA):
+  """Inverse of `_split_rows`."""
+  return jnp.swapaxes(x_CxbxA, 0, 1).reshape(-1, *x_CxbxA.shape[2:])
 
 
 def _shard_queues(done_N, shards: int):
@@ -376,6 +398,7 @@ def _settings(
     pad_id: int = 0,
     return_entropy: bool = False,
     max_rows_in_flight: int = 0,
+    prefill_chunks: int = 1,
 ) -> _Settings:
   """`sample`'s arguments checked and turned into the static settings of its programs."""
   if prompt_BxP.ndim != 2 or prompt_mask_BxP.shape != prompt_BxP.shape:
@@ -388,9 +411,14 @@ def _settings(
       ("max_new_tokens", max_new_tokens, 1),
       ("top_k", top_k, 0),
       ("max_rows_in_flight", max_rows_in_flight, 0),
+      ("prefill_chunks", prefill_chunks, 1),
   ):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
+  if prompt_BxP.shape[0] % prefill_chunks:
+    raise ValueError(
+        f"prefill_chunks={prefill_chunks} must divide the {prompt_BxP.shape[0]} prompts"
+    )
   if top_k > model.config.vocab_size:
     raise ValueError(f"top_k={top_k} exceeds vocab_size={model.config.vocab_size}")
   if not isinstance(temperature, (int, float)) or not temperature > 0:
@@ -414,6 +442,7 @@ def _settings(
       rows=rows,
       cache=_cache_sharding(rows, params["layers"]["attn"]["k_proj"]),
       shards=_row_shards(rows, prompt_BxP.shape[0], rows_in_flight),
+      prefill_chunks=prefill_chunks,
   )
 
 
@@ -431,7 +460,7 @@ def sample(model: Decoder, params, prompt_BxP, prompt_mask_BxP, rng, **kwargs) -
   """Samples `num_samples` responses per left-padded prompt, at most `max_rows_in_flight` (0: all)
   at a time; see the module docstring. `kwargs` are those of `_settings`: num_samples,
   max_new_tokens, temperature, top_p, top_k, greedy, stop_ids, pad_id, return_entropy,
-  max_rows_in_flight."""
+  max_rows_in_flight, prefill_chunks."""
   s = _settings(model, params, prompt_BxP, prompt_mask_BxP, **kwargs)
   params = _serving_params(params, dtype=model.config.dtype)
   state, prompt_NxP, prompt_mask_NxP = _prefill(

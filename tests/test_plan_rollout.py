@@ -71,7 +71,13 @@ def test_a_kv_budget_of_no_row_names_the_fraction():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("max_rows_in_flight", -2), ("kv_cache_fraction", 0.0), ("kv_cache_fraction", 1.0)],
+    [
+        ("max_rows_in_flight", -2),
+        ("kv_cache_fraction", 0.0),
+        ("kv_cache_fraction", 1.0),
+        ("prefill_chunks", 0),
+        ("prefill_chunks", 3),
+    ],
 )
 def test_validate_names_the_rollout_memory_fields(field, value):
   c = _em_7b(**{field: value})

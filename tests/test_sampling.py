@@ -84,6 +84,20 @@ def test_logprobs_match_training_forward_t1():
   _check_against_training_forward(out, 1.0)
 
 
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_prefill_chunks_do_not_change_responses(main_rollout, chunks):
+  """The prompts prefilled a strided chunk at a time (rows c, c + C, ...) give every pair the
+  response, log-probs and entropies of one prefill of all prompts."""
+  out = sampling.sample(
+      MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42), prefill_chunks=chunks, **MAIN
+  )
+  np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
+  np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
+  np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
+  np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
+  np.testing.assert_array_equal(out.prompt_NxP, main_rollout.prompt_NxP)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_rows_in_flight_do_not_change_responses(main_rollout, rows):
   """With fewer slots than pairs, slots are refilled as rows stop (at different steps), yet every
@@ -317,6 +331,8 @@ def test_sharded_equals_unsharded(main_rollout, in_flight):
         (dict(top_k=-1), "top_k"),
         (dict(top_k=100), "top_k"),
         (dict(max_rows_in_flight=-1), "max_rows_in_flight"),
+        (dict(prefill_chunks=0), "prefill_chunks"),
+        (dict(prefill_chunks=3), "prefill_chunks"),
     ],
 )
 def test_bad_arguments(kwargs, field):
