@@ -434,7 +434,6 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
   c.rl.num_microbatches = 0  # derived from the slice: one sequence per device per micro-batch
   c.rollout.max_rows_in_flight = -1  # derived from the slice: the KV cache takes 30% of a chip
   c.rollout.kv_cache_fraction = 0.3
-  c.rollout.prefill_chunks = 4  # HE's 512 prompts on a v5p-8: 32 of a chip's 128 at a time
   c.rl.microbatch_rows_per_device = 1
   c.rl.fused_chunk_size = 16384
   c.rl.length_bucket = 0  # full-length arrays: the shapes `plan` checks, one compile per run
@@ -463,6 +462,9 @@ def apply_paper_preset(c: ml_collections.ConfigDict, model: str, paper: str) -> 
     c.rollout.prompts_per_step = 512
     c.rollout.num_samples = 16
     c.rollout.max_new_tokens = 20480
+    # HE's 512 prompts on a v5p-8 prefill 32 of a chip's 128 at a time (EM's 256 fit at once; on
+    # a v5e-64 chunks of 1 prompt a chip would only add weight gathers).
+    c.rollout.prefill_chunks = 4
     c.rl.num_minibatches = 512 // 32
     c.rl.dynamic_sampling = True
     c.reward.overlong_buffer = 4096
