@@ -84,6 +84,14 @@ def test_logprobs_match_training_forward_t1():
   _check_against_training_forward(out, 1.0)
 
 
+def _assert_same_responses(out, reference):
+  """The same tokens and masks, log-probs and entropies to float32 rounding."""
+  np.testing.assert_array_equal(out.tokens_NxL, reference.tokens_NxL)
+  np.testing.assert_array_equal(out.mask_NxL, reference.mask_NxL)
+  np.testing.assert_allclose(out.logprobs_NxL, reference.logprobs_NxL, atol=1e-5)
+  np.testing.assert_allclose(out.entropy_NxL, reference.entropy_NxL, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunks", [2, 4])
 def test_prefill_chunks_do_not_change_responses(main_rollout, chunks):
   """The prompts prefilled a strided chunk at a time (rows c, c + C, ...) give every pair the
@@ -91,10 +99,7 @@ def test_prefill_chunks_do_not_change_responses(main_rollout, chunks):
   out = sampling.sample(
       MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42), prefill_chunks=chunks, **MAIN
   )
-  np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
-  np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
-  np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
-  np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
+  _assert_same_responses(out, main_rollout)
   np.testing.assert_array_equal(out.prompt_NxP, main_rollout.prompt_NxP)
 
 
@@ -105,10 +110,7 @@ def test_rows_in_flight_do_not_change_responses(main_rollout, rows):
   out = sampling.sample(
       MODEL, params(), PROMPT, PROMPT_MASK, jax.random.key(42), max_rows_in_flight=rows, **MAIN
   )
-  np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
-  np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
-  np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
-  np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
+  _assert_same_responses(out, main_rollout)
   _check_against_training_forward(out, 0.7)
 
 
@@ -315,10 +317,7 @@ def test_sharded_equals_unsharded(main_rollout, in_flight):
   out = sampling.sample(MODEL, sharded_params, prompt, mask, jax.random.key(42), **args)
   for x in (out.tokens_NxL, out.mask_NxL, out.logprobs_NxL, out.entropy_NxL, out.prompt_NxP):
     assert x.sharding.is_equivalent_to(rows, x.ndim)
-  np.testing.assert_array_equal(out.tokens_NxL, main_rollout.tokens_NxL)
-  np.testing.assert_array_equal(out.mask_NxL, main_rollout.mask_NxL)
-  np.testing.assert_allclose(out.logprobs_NxL, main_rollout.logprobs_NxL, atol=1e-5)
-  np.testing.assert_allclose(out.entropy_NxL, main_rollout.entropy_NxL, atol=1e-5)
+  _assert_same_responses(out, main_rollout)
 
 
 @pytest.mark.parametrize(
