@@ -375,6 +375,9 @@ def base_config() -> ml_collections.ConfigDict:
   # The update's arrays drop the padding every row shares, kept to multiples of this many tokens
   # (few shapes, so few compiles); 0 = always task.max_prompt_len + rollout.max_new_tokens.
   c.rl.length_bucket = 8
+  # Pack each micro-batch's rows into as few rows of the same length as fit (`entropy_rl.packing`):
+  # the model computes on no padding; worth it when responses are much shorter than the longest.
+  c.rl.packing = False
 
   c.loss = ml_collections.ConfigDict(
       {f.name: f.default for f in dataclasses.fields(LossConfig) if f.name in loss_keys()}

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from entropy_rl import config_lib, losses, models, sharding, stats
+from entropy_rl import config_lib, losses, models, packing, sharding, stats
 
 
 @flax.struct.dataclass
@@ -64,6 +64,8 @@ class Batch:
   old_logp: jax.Array  # float32 [N, L], the behaviour (sampler's) log-probs
   advantages: jax.Array  # float32 [N, L], the group advantage on every response token
   ref_logp: Any = None  # float32 [N, L], the reference policy's log-probs when a KL term is on
+  # The rows packed for the model (`entropy_rl.packing`, `rl.packing`); tokens/attn_mask unread.
+  packed: packing.Packed | None = None
 
 
 def lr_schedule(optim_cfg: config_lib.OptimConfig, total_updates: int) -> optax.Schedule:
@@ -95,47 +97,44 @@ def make_optimizer(
   )
 
 
-def response_logprobs(
-    model,
-    model_cfg,
-    params,
-    tokens_NxS,
-    attn_mask_NxS,
-    response_len: int,
-    temperature: float,
-    chunk_size: int,
-):
-  """Teacher-forced log-probs and entropies of the response tokens (the last `response_len`)."""
+def response_logprobs(model, model_cfg, params, batch: Batch, temperature: float, chunk_size: int):
+  """Teacher-forced log-probs and entropies of the response tokens (the last L of each row), [N, L]:
+  from the rows, or from their packed bins when `batch.packed` (the response tokens' values
+  gathered back to the rows)."""
+  unembed_DxV = models.unembedding(params, model_cfg)
+  fused = functools.partial(
+      stats.fused_logprobs_and_entropy, temperature=temperature, chunk_size=chunk_size
+  )
+  if batch.packed is not None:
+    bins = batch.packed
+    hidden_QxSxD = model.apply(
+        {"params": params},
+        bins.tokens,
+        positions_BxT=bins.positions,
+        segments_BxT=bins.segments,
+        return_hidden=True,
+    )
+    # Every position predicts the next token of its bin; only those of the same row are gathered.
+    targets_QxS = jnp.roll(bins.tokens, -1, axis=1)
+    out = fused(hidden_QxSxD, unembed_DxV.astype(hidden_QxSxD.dtype), targets_QxS)
+    return tuple(packing.unpack(x, bins) for x in out)
   hidden_NxSxD = model.apply(
-      {"params": params}, tokens_NxS, attn_mask_BxT=attn_mask_NxS, return_hidden=True
+      {"params": params}, batch.tokens, attn_mask_BxT=batch.attn_mask, return_hidden=True
   )
-  s = tokens_NxS.shape[1]
+  s, response_len = batch.tokens.shape[1], batch.response_mask.shape[1]
   hidden_NxLxD = hidden_NxSxD[:, s - response_len - 1 : s - 1]
-  targets_NxL = tokens_NxS[:, s - response_len :]
-  unembed_DxV = models.unembedding(params, model_cfg).astype(hidden_NxLxD.dtype)
-  return stats.fused_logprobs_and_entropy(
-      hidden_NxLxD, unembed_DxV, targets_NxL, temperature=temperature, chunk_size=chunk_size
-  )
+  targets_NxL = batch.tokens[:, s - response_len :]
+  return fused(hidden_NxLxD, unembed_DxV.astype(hidden_NxLxD.dtype), targets_NxL)
 
 
 def logprobs_in_chunks(
     model, model_cfg, params, batch: Batch, num_chunks: int, temperature: float, chunk_size: int
 ):
   """No-grad response log-probs and entropies of a whole batch, `num_chunks` row-splits at a time."""
-  response_len = batch.response_mask.shape[1]
   params = jax.lax.stop_gradient(params)
 
   def body(_, rows):
-    return None, response_logprobs(
-        model,
-        model_cfg,
-        params,
-        rows.tokens,
-        rows.attn_mask,
-        response_len,
-        temperature,
-        chunk_size,
-    )
+    return None, response_logprobs(model, model_cfg, params, rows, temperature, chunk_size)
 
   rows = batch.replace(old_logp=None, advantages=None, ref_logp=None)
   _, out = jax.lax.scan(body, None, split_rows(rows, num_chunks))
@@ -188,15 +187,9 @@ def update(
 
 def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule):
   loss_cfg = config.loss
-  response_len = batch.response_mask.shape[1]
   temperature, chunk_size = config.temperature, config.fused_chunk_size
   forward = functools.partial(
-      response_logprobs,
-      model,
-      model_cfg,
-      response_len=response_len,
-      temperature=temperature,
-      chunk_size=chunk_size,
+      response_logprobs, model, model_cfg, temperature=temperature, chunk_size=chunk_size
   )
   num_micro = config.num_microbatches
   forward_all = functools.partial(
@@ -216,7 +209,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   bonus = loss_cfg.adaptive_entropy or loss_cfg.entropy_coef > 0
 
   def micro_loss(params, micro, selections, key, pg_den, tok_den, ent_coef):
-    logp, entropy = forward(params, micro.tokens, micro.attn_mask)
+    logp, entropy = forward(params, micro)
     mask = micro.response_mask
     loss, metrics = losses.policy_loss(
         logp,

@@ -32,6 +32,7 @@ from entropy_rl import (
     interrupt,
     metrics,
     models,
+    packing,
     policy as policy_lib,
     rollout as rollout_lib,
     sharding,
@@ -102,6 +103,7 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
     ref_fn = step_lib.make_reference_logprobs(policy.model, policy.model_cfg, upd_cfg, mesh, rules)
   rollouts = rollout_lib.Rollouts(run.rollout, policy, reward_fn, mesh, shard)
   band = jnp.array([loss_cfg.clip_cov_lb, loss_cfg.clip_cov_ub], jnp.float32)
+  pack_groups = upd_cfg.num_minibatches * upd_cfg.num_microbatches if c.rl.packing else 0
 
   # 2. Resume from the newest intact checkpoint.
   ckpt = checkpoint.Checkpointer(
@@ -151,7 +153,7 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
           jnp.asarray(roll.rewards.reshape(-1, g)), c.rl.advantage, qae_quantile=c.rl.qae_quantile
       )
       trimmed = roll.trimmed(c.rl.length_bucket)  # no compute on the padding rows share
-      batch = make_batch(trimmed, np.asarray(adv_N).reshape(-1), mesh)
+      batch = make_batch(trimmed, np.asarray(adv_N).reshape(-1), mesh, pack_groups)
       if ref_params is not None:
         batch = batch.replace(ref_logp=ref_fn(ref_params, batch))
       t2 = time.perf_counter()
@@ -237,9 +239,12 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
   return last
 
 
-def make_batch(roll: rollout_lib.Rollout, adv_N: np.ndarray, mesh) -> step_lib.Batch:
+def make_batch(
+    roll: rollout_lib.Rollout, adv_N: np.ndarray, mesh, pack_groups: int = 0
+) -> step_lib.Batch:
   """The update's input from a rollout: [prompt | response] tokens and masks, behaviour
-  log-probs, the group advantages broadcast to the response tokens; global arrays over the mesh."""
+  log-probs, the group advantages broadcast to the response tokens; global arrays over the mesh.
+  With `pack_groups` (the update's mini- x micro-batches) the rows are also packed for the model."""
   mask = roll.mask.astype(np.float32)
   batch = step_lib.Batch(
       tokens=np.concatenate([roll.prompt, roll.tokens], axis=1).astype(np.int32),
@@ -248,4 +253,11 @@ def make_batch(roll: rollout_lib.Rollout, adv_N: np.ndarray, mesh) -> step_lib.B
       old_logp=roll.logp.astype(np.float32),
       advantages=(adv_N[:, None] * mask).astype(np.float32),
   )
+  if pack_groups:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = batch.replace(
+        packed=packing.pack(
+            batch.tokens, batch.attn_mask, mask.shape[1], groups=pack_groups, shards=shards
+        )
+    )
   return jax.tree.map(lambda x: to_global(x, mesh), batch)

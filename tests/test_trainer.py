@@ -397,8 +397,8 @@ def test_update_arrays_are_trimmed_to_the_length_bucket(monkeypatch, tmp_path, b
   shapes = []
   make_batch = trainer.make_batch
 
-  def record(roll, adv_N, mesh):
-    batch = make_batch(roll, adv_N, mesh)
+  def record(roll, adv_N, mesh, pack_groups=0):
+    batch = make_batch(roll, adv_N, mesh, pack_groups)
     shapes.append((batch.tokens.shape[1], batch.response_mask.shape[1], int(roll.mask.sum())))
     return batch
 
@@ -412,6 +412,33 @@ def test_update_arrays_are_trimmed_to_the_length_bucket(monkeypatch, tmp_path, b
       assert (tokens, response) == (full, c.rollout.max_new_tokens)
     else:
       assert tokens % bucket == 0 and response % bucket == 0 and tokens < full and n > 0
+
+
+def test_packed_run_equals_unpacked(monkeypatch, tmp_path):
+  """`rl.packing`: the loop packs every step's rows (into fewer bins than rows here) and trains
+  the same policy."""
+  bins = []
+  make_batch = trainer.make_batch
+
+  def record(roll, adv_N, mesh, pack_groups=0):
+    batch = make_batch(roll, adv_N, mesh, pack_groups)
+    if batch.packed is not None:
+      bins.append((batch.packed.tokens.shape[0], batch.tokens.shape[0]))
+    return batch
+
+  monkeypatch.setattr(trainer, "make_batch", record)
+  runs = {}
+  for packed in (False, True):
+    c = tiny_config(num_steps=2)
+    c.eval_every, c.rl.packing, c.rl.length_bucket = 0, packed, 0
+    c.task.max_prompt_len = 64  # full-length rows of 76 tokens hold about 30
+    trainer.train(c, str(tmp_path / str(packed)))
+    runs[packed] = _records(tmp_path / str(packed))
+  assert len(bins) == 2 and all(q < n for q, n in bins)
+  for a, b in zip(runs[False], runs[True]):
+    assert a["reward/mean"] == b["reward/mean"]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-4)
 
 
 def test_rows_in_flight_derived_from_the_device_memory(monkeypatch, tmp_path):

@@ -1,4 +1,10 @@
-"""Training attention (causal, grouped-query, padded keys masked), by platform.
+"""Training attention (causal, grouped-query, within segments), by platform.
+
+A query attends to the keys at or before it with its own segment id: a row's real tokens are one
+segment (1) and its padding another (0); packed rows (`entropy_rl.packing`) hold several segments.
+A real query then sees exactly the real keys of its own sequence; a padded query sees the padded
+keys at or before it, at least itself, so no row is empty and nothing is NaN, and no real
+position reads it.
 
 `ModelConfig.attention_impl`:
   xla     plain XLA ops, query-blocked: queries in at most 8 blocks (of >= 128), each block's
@@ -14,11 +20,8 @@ The platform is that of the mesh being traced for (`jax.set_mesh`), so that an a
 compile for TPU topology devices on a CPU host (`entropy_rl.plan`) takes the TPU kernel; without
 a mesh it is `jax.default_backend()`.
 
-Splash attends within one sequence; its padding mask is segment ids (real tokens 1, padding 0).
-A real query then sees exactly the real keys at or before it, as the XLA mask does; a padded
-query (left-padded prompts, the tail after a response) sees the padded keys at or before it, at
-least itself, so no row is empty and nothing is NaN. Padded rows differ from the XLA path's, and
-no real position reads them. The sequence is padded to a multiple of 128 (the kernel's lanes).
+Splash takes the segment ids natively; the sequence is padded to a multiple of 128 (the kernel's
+lanes) with segment 0.
 Under a mesh the kernel runs in `shard_map`: rows over the batch axes ('data', 'fsdp') that
 divide them, heads over 'tensor' when it divides them (the KV heads repeated up to the query
 heads when only those divide).
@@ -60,27 +63,26 @@ def resolve(impl: str, platform_name: str, dtype) -> str:
   return "cudnn" if platform_name == "gpu" and half else "xla"
 
 
-def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, impl: str = "auto"):
-  """softmax(q k^T / sqrt(H)) v over keys at or before each query that `keys_BxT` marks real."""
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT, impl: str = "auto"):
+  """softmax(q k^T / sqrt(H)) v over the keys at or before each query in its segment."""
   where = platform()
   impl = resolve(impl, where, q_BxTxNxH.dtype)
   if impl == "splash":
-    return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, interpret=where != "tpu")
+    return splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT, interpret=where != "tpu")
   if impl == "cudnn":
-    B, T = keys_BxT.shape
-    keys_Bx1xTxT = jnp.broadcast_to(keys_BxT.astype(bool)[:, None, None, :], (B, 1, T, T))
+    same_Bx1xTxT = segments_BxT[:, None, :, None] == segments_BxT[:, None, None, :]
     try:  # cuDNN takes the mask as a bias with the full [T, T] extent
       return jax.nn.dot_product_attention(
           q_BxTxNxH,
           k_BxTxKxH,
           v_BxTxKxH,
-          mask=keys_Bx1xTxT,
+          mask=same_Bx1xTxT,
           is_causal=True,
           implementation="cudnn",
       )
     except (ValueError, NotImplementedError, RuntimeError) as e:
       logging.getLogger(__name__).warning("cuDNN attention unavailable (%s); using XLA", e)
-  return blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT)
+  return blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT)
 
 
 def query_block(seq_len: int) -> int:
@@ -88,17 +90,16 @@ def query_block(seq_len: int) -> int:
   return max(_LANES, -(-seq_len // 8))
 
 
-def blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT):
-  """Causal GQA in XLA ops, one query block at a time over only the keys it can see.
+def blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT):
+  """Causal GQA within segments in XLA ops, one query block at a time over only the keys it can
+  see.
 
   Queries [i, j) attend keys [0, j): the scores above the diagonal of the other blocks are never
-  computed. Scores and softmax are float32; a query with no real key at or before it (left
-  padding) attends uniformly to its block's keys, so nothing is NaN and no real query reads it.
+  computed. Scores and softmax are float32.
   """
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxTxKxH.shape[2]
   q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-  keys_BxT = keys_BxT.astype(bool)
   block, outs = query_block(T), []
   for i in range(0, T, block):
     j = min(i + block, T)
@@ -109,7 +110,8 @@ def blocked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT):
         preferred_element_type=jnp.float32,
     )
     causal_QxS = (i + jnp.arange(j - i))[:, None] >= jnp.arange(j)[None, :]
-    allowed_BxQxS = causal_QxS[None] & keys_BxT[:, None, :j]
+    same_BxQxS = segments_BxT[:, i:j, None] == segments_BxT[:, None, :j]
+    allowed_BxQxS = causal_QxS[None] & same_BxQxS
     scores_BxKxGxQxS = jnp.where(
         allowed_BxQxS[:, None, None], scores_BxKxGxQxS * H**-0.5, jnp.finfo(jnp.float32).min
     )
@@ -163,8 +165,8 @@ def _dividing_axes(mesh, axes, size: int) -> tuple[str, ...]:
   return tuple(kept)
 
 
-def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, interpret: bool = False):
-  """Causal GQA through the Pallas splash kernel; see the module docstring for the padding."""
+def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segments_BxT, interpret: bool = False):
+  """Causal GQA within segments through the Pallas splash kernel."""
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxTxKxH.shape[2]
   S = -(-T // _LANES) * _LANES
@@ -173,7 +175,7 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, keys_BxT, interpret: bool 
   q_BxNxSxH = jnp.pad(jnp.transpose(q_BxTxNxH * scale, (0, 2, 1, 3)), pad)
   k_BxKxSxH = jnp.pad(jnp.transpose(k_BxTxKxH, (0, 2, 1, 3)), pad)
   v_BxKxSxH = jnp.pad(jnp.transpose(v_BxTxKxH, (0, 2, 1, 3)), pad)
-  segments_BxS = jnp.pad(keys_BxT.astype(jnp.int32), ((0, 0), (0, S - T)))
+  segments_BxS = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, S - T)))
   local = functools.partial(_splash_local, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:

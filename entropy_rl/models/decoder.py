@@ -99,7 +99,7 @@ def apply_rope(x_BxTxNxH, sin_BxTxH, cos_BxTxH):
 class Attention(nn.Module):
   """Grouped-query self-attention.
 
-  Training (`cache_kv` None): causal over the sequence, padded keys masked (`mask` [B, 1, T]).
+  Training (`cache_kv` None): causal within segments (`mask` [B, 1, T]: segment ids, 0 = padding).
   Decoding (`cache_kv` = this layer's keys [B, K, H, S] and values [B, K, S, H], `mask` = (valid slots
   [B, S] including the new tokens', the new tokens' first slot `index`, a scalar or one per row
   [B])): the new keys and values
@@ -262,22 +262,37 @@ class Decoder(nn.Module):
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
 
-  def __call__(self, tokens_BxT, positions_BxT=None, attn_mask_BxT=None, return_hidden=False):
-    """Training forward: logits_BxTxV (float32), or the final-normed hidden_BxTxD."""
+  def __call__(
+      self,
+      tokens_BxT,
+      positions_BxT=None,
+      attn_mask_BxT=None,
+      return_hidden=False,
+      segments_BxT=None,
+  ):
+    """Training forward: logits_BxTxV (float32), or the final-normed hidden_BxTxD.
+
+    A token attends to the tokens at or before it in its segment: `segments_BxT` (packed rows:
+    one id per sequence, 0 on padding) or else `attn_mask_BxT` (one sequence a row).
+    """
     B, T = tokens_BxT.shape
     if attn_mask_BxT is None:
       attn_mask_BxT = jnp.ones((B, T), jnp.int32)
     if positions_BxT is None:
       positions_BxT = default_positions(attn_mask_BxT)
-    keys_Bx1xT = attn_mask_BxT.astype(bool)[:, None, :]  # causality is added by the attention
+    if segments_BxT is None:
+      segments_BxT = attn_mask_BxT
+    segments_Bx1xT = segments_BxT.astype(jnp.int32)[:, None, :]  # causality: in the attention
     h_BxTxD, sin_BxTxH, cos_BxTxH = self._embed(tokens_BxT, positions_BxT)
     if self.is_initializing() or layer_loop(self.config) == "scan":
-      h_BxTxD, _ = self.layers(h_BxTxD, None, sin_BxTxH, cos_BxTxH, keys_Bx1xT)
+      h_BxTxD, _ = self.layers(h_BxTxD, None, sin_BxTxH, cos_BxTxH, segments_Bx1xT)
     else:
       block = Block(self.config, parent=None)
 
       def layer(params, h_BxTxD):
-        return block.apply({"params": params}, h_BxTxD, None, sin_BxTxH, cos_BxTxH, keys_Bx1xT)[0]
+        return block.apply({"params": params}, h_BxTxD, None, sin_BxTxH, cos_BxTxH, segments_Bx1xT)[
+            0
+        ]
 
       if self.config.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
