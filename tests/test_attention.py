@@ -82,6 +82,36 @@ def test_splash_matches_xla_on_real_positions_with_grouped_query_heads_and_paddi
     np.testing.assert_allclose(g, g_ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+def test_packed_segments_attend_only_within_their_sequence(impl):
+  """Rows packed with three sequences (segments 1-3, then padding 0): every real position gets the
+  float64 attention over its own sequence's keys at or before it, values and gradients."""
+  (q, k, v), _, _ = _inputs(B=2, T=40)
+  segments_BxT = jnp.asarray(np.repeat([[1, 2, 3, 0], [3, 1, 2, 2]], [13, 9, 11, 7], axis=1))
+  real = np.asarray(segments_BxT) > 0
+  cotangent = jax.random.normal(jax.random.key(5), q.shape) * real[:, :, None, None]
+  out, vjp = jax.vjp(lambda *a: attention.causal_attention(*a, segments_BxT, impl), q, k, v)
+  grads = vjp(cotangent)
+
+  def ref(q, k, v):
+    B, T, N, H = q.shape
+    k, v = jnp.repeat(k, N // k.shape[2], axis=2), jnp.repeat(v, N // v.shape[2], axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+    same = segments_BxT[:, :, None] == segments_BxT[:, None, :]
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None] & same
+    scores = jnp.where(allowed[:, None], scores, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
+
+  with jax.enable_x64():
+    q64, k64, v64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v))
+    want, vjp64 = jax.vjp(ref, q64, k64, v64)
+    want_grads = vjp64(jnp.asarray(np.asarray(cotangent), jnp.float64))
+    want, want_grads = np.asarray(want), [np.asarray(g) for g in want_grads]
+  np.testing.assert_allclose(np.asarray(out)[real], want[real], atol=2e-5)
+  for g, g_want in zip(grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), g_want, atol=2e-5)
+
+
 def test_splash_under_a_mesh_shards_rows_and_heads():
   """4 rows over ('data', 'fsdp') = (2, 2), 4 query heads over 'tensor' = 2 (2 KV heads: one
   per shard); another mesh whose 'tensor' divides the query heads but not the KV heads."""
