@@ -8,7 +8,7 @@ response tokens' log-probs and entropies are gathered back to the row layout, so
 and denominator is unchanged: a packed update is the unpacked update, up to float rounding.
 
 Packing stays inside each device's share of each micro-batch, so no row crosses a device. The
-update splits a rollout of N rows with strides (`step.split_rows`): micro-batch u of mini-batch m
+update splits a rollout of N rows with strides (`sharding.split_rows`): micro-batch u of mini-batch m
 holds the rows n with n mod M = m and (n // M) mod U = u, and the device holding row n is
 n // (N / D). For that group of rows the device holds `bins` bins; bin b of group g = m + M * u on
 device d is packed row g + M * U * (d * bins + b), so the same strided splits hand every micro-batch

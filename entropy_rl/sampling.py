@@ -210,10 +210,10 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
     logits_bxV = model.apply({"params": params}, hidden_bxPxD[:, -1:], method=Decoder.unembed)
     return None, (logits_bxV[:, 0], dict(cache, index=None))
 
-  chunks = (_split_rows(prompt_BxP, C), _split_rows(prompt_mask_BxP, C))
+  chunks = sharding.split_rows((prompt_BxP, prompt_mask_BxP), C)
   _, (logits_CxbxV, cache_C) = jax.lax.scan(prefill_chunk, None, chunks)
-  logits_BxV = _merge_rows(logits_CxbxV)
-  prompt_cache = dict(jax.tree.map(_merge_rows, cache_C), index=jnp.int32(P))
+  logits_BxV = sharding.merge_rows(logits_CxbxV)
+  prompt_cache = dict(sharding.merge_rows(cache_C), index=jnp.int32(P))
 
   def repeat(x_BxA):
     return _keep_rows(jnp.repeat(x_BxA, G, axis=0), s)
@@ -245,17 +245,6 @@ def _prefill(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Decoder, s: _Se
       rng=rng,
   )
   return state, repeat(prompt_BxP.astype(jnp.int32)), repeat(prompt_mask_BxP)
-
-
-def _split_rows(x_BxA, num: int):
-  """[B, ...] -> [num, B / num, ...], strided (chunk c holds rows c, c + num, ...): each chunk keeps
-  a block-sharded batch's rows on their devices."""
-  return jnp.swapaxes(x_BxA.reshape(x_BxA.shape[0] // num, num, *x_BxA.shape[1:]), 0, 1)
-
-
-def _merge_rows(x_CxbxA):
-  """Inverse of `_split_rows`."""
-  return jnp.swapaxes(x_CxbxA, 0, 1).reshape(-1, *x_CxbxA.shape[2:])
 
 
 def _shard_queues(done_N, shards: int):

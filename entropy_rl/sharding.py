@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -264,3 +265,23 @@ def under_mesh(jitted, mesh: Mesh, rules: Rules):
 
   call.lower = lower
   return call
+
+
+def split_rows(tree, num: int):
+  """[N, ...] -> [num, N / num, ...] for every leaf, strided: split i holds rows i, i + num, ...
+  Each split of a batch whose rows are in contiguous blocks over devices keeps its rows on their
+  devices, evenly spread."""
+
+  def f(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(f, tree)
+
+
+def merge_rows(tree):
+  """Inverse of `split_rows`."""
+
+  def f(x):
+    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+  return jax.tree.map(f, tree)

@@ -137,26 +137,8 @@ def logprobs_in_chunks(
     return None, response_logprobs(model, model_cfg, params, rows, temperature, chunk_size)
 
   rows = batch.replace(old_logp=None, advantages=None, ref_logp=None)
-  _, out = jax.lax.scan(body, None, split_rows(rows, num_chunks))
-  return merge_rows(out)
-
-
-def split_rows(tree, num: int):
-  """[N, ...] -> [num, N / num, ...], strided: split i holds rows i, i + num, ..."""
-
-  def f(x):
-    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
-
-  return jax.tree.map(f, tree)
-
-
-def merge_rows(tree):
-  """Inverse of `split_rows`."""
-
-  def f(x):
-    return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-  return jax.tree.map(f, tree)
+  _, out = jax.lax.scan(body, None, sharding.split_rows(rows, num_chunks))
+  return sharding.merge_rows(out)
 
 
 def update(
@@ -241,7 +223,7 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     tok_den = jnp.maximum(jnp.sum(mask), 1.0)
     if loss_cfg.selection_scope == "global":
       logp, entropy = forward_all(state.params, mini)
-      selections = split_rows(
+      selections = sharding.split_rows(
           losses.select_tokens(
               logp,
               mini.old_logp,
@@ -257,9 +239,9 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
     else:
       selections = None
       pg_den = losses.global_denominator(
-          split_rows(mask, num_micro).reshape(mask.shape), loss_cfg, num_micro
+          sharding.split_rows(mask, num_micro).reshape(mask.shape), loss_cfg, num_micro
       )
-    micros = split_rows(mini, num_micro)
+    micros = sharding.split_rows(mini, num_micro)
     keys = jax.random.split(loss_key, num_micro)
     if loss_cfg.adaptive_entropy:
       ent_coef = losses.applied_entropy_coef(state.entropy_coef, state.entropy_last, loss_cfg)
@@ -303,7 +285,9 @@ def _update(state, batch, rng, *, model, model_cfg, config, optimizer, schedule)
   epoch_metrics = []
   for epoch in range(config.ppo_epochs):
     keys = jax.random.split(jax.random.fold_in(rng, epoch), num_mini)
-    state, metrics = jax.lax.scan(minibatch_step, state, (split_rows(batch, num_mini), keys))
+    state, metrics = jax.lax.scan(
+        minibatch_step, state, (sharding.split_rows(batch, num_mini), keys)
+    )
     epoch_metrics.append(metrics)
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *epoch_metrics)  # [epochs, minibatches]
   out = {k: jnp.mean(v) for k, v in stacked.items()}

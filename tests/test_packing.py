@@ -90,9 +90,9 @@ def test_unpack_reads_every_chunk_of_the_strided_splits(chunks):
   b = _packed(_batch(3), groups=8, shards=2)
   value_QxS = jnp.asarray(b.packed.tokens * 1000 + b.packed.positions, jnp.float32)
   whole = packing.unpack(value_QxS, b.packed)
-  values, parts = step_lib.split_rows(value_QxS, chunks), step_lib.split_rows(b.packed, chunks)
+  values, parts = sharding.split_rows(value_QxS, chunks), sharding.split_rows(b.packed, chunks)
   got = [packing.unpack(values[c], jax.tree.map(lambda x, c=c: x[c], parts)) for c in range(chunks)]
-  np.testing.assert_array_equal(step_lib.merge_rows(jnp.stack(got)), whole)
+  np.testing.assert_array_equal(sharding.merge_rows(jnp.stack(got)), whole)
   # The predicting position holds the previous token of the row, at position t - 1.
   resp = b.response_mask > 0
   prev_tok = b.tokens[:, P_LEN - 1 : -1]
