@@ -172,6 +172,8 @@ def _train(c, run: config_lib.RunConfig, workdir: str, stop: interrupt.StopFlag)
       m.update(step_lib.logged_metrics(upd))
       m.update(rollout_lib.reward_metrics(every, roll, g, draws, policy.stop_ids))
       m["entropy/predicted_delta"] = -float(upd["lr"]) * m["cov/mean"]
+      if batch.packed is not None:  # the model's tokens, packed, over the rows' padded tokens
+        m["update/packed_token_fraction"] = batch.packed.tokens.size / batch.tokens.size
       if carry["prev_entropy"] is not None:
         m["entropy/actual_delta"] = m["entropy/token_mean"] - carry["prev_entropy"]
       carry["prev_entropy"] = m["entropy/token_mean"]

@@ -435,6 +435,8 @@ def test_packed_run_equals_unpacked(monkeypatch, tmp_path):
     trainer.train(c, str(tmp_path / str(packed)))
     runs[packed] = _records(tmp_path / str(packed))
   assert len(bins) == 2 and all(q < n for q, n in bins)
+  fraction = [r["update/packed_token_fraction"] for r in runs[True]]
+  np.testing.assert_allclose(fraction, [q / n for q, n in bins])
   for a, b in zip(runs[False], runs[True]):
     assert a["reward/mean"] == b["reward/mean"]
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
