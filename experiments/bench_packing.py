@@ -14,8 +14,6 @@ then interleaved rounds time them.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 import time
 
@@ -179,14 +177,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  args = parse_args(argv)
-  m = machine.begin()
-  r = run(args)
-  r["machine"] = machine.end(m)
-  print(format_table(r))
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(r, indent=2))
-  return r
+  return machine.measure(run, format_table, parse_args(argv))
 
 
 if __name__ == "__main__":

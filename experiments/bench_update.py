@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
-import pathlib
 import statistics
 import tempfile
 import time
@@ -468,14 +466,7 @@ def format_table(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  args = parse_args(argv)
-  m = machine.begin()
-  r = run(args)
-  r["machine"] = machine.end(m)
-  print(format_table(r))
-  if args.out:
-    pathlib.Path(args.out).write_text(json.dumps(r, indent=2))
-  return r
+  return machine.measure(run, format_table, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ in a WARNING line.
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import platform
 
 IDLE_LOAD = 0.5  # 1-minute load average above which the machine was not idle
@@ -84,3 +86,15 @@ def describe(info: dict) -> str:
   if "load_after" in info:
     line += f", after {fmt(info['load_after'])}"
   return line + (f"\n{info['warning']}" if info["warning"] else "")
+
+
+def measure(run, format_table, args) -> dict:
+  """`run(args)` between `begin()` and `end()` (stored as its result's 'machine'), its table
+  printed, and the result written as JSON to `args.out` when given."""
+  info = begin()
+  r = run(args)
+  r["machine"] = end(info)
+  print(format_table(r))
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(r, indent=2))
+  return r
