@@ -867,9 +867,7 @@ def _unstacked(master) -> list:
 
 def _rows_or_replicated(tree, mesh):
   """Rows over the batch axes for arrays whose leading axis they divide, else replicated."""
-  rows, shards = sharding.batch_sharding(mesh), math.prod(
-      mesh.shape[a] for a in sharding.BATCH_AXES
-  )
+  rows, shards = sharding.batch_sharding(mesh), sharding.row_shards(mesh)
   replicated = sharding.replicated_sharding(mesh)
   return jax.tree.map(lambda x: rows if x.ndim and x.shape[0] % shards == 0 else replicated, tree)
 

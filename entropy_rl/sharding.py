@@ -244,6 +244,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def row_shards(mesh: Mesh) -> int:
+  """How many blocks `batch_sharding` splits the rows into: the batch axes' devices."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
   """Fully replicated (scalars, step counters, PRNG keys)."""
   return NamedSharding(mesh, P())

@@ -256,10 +256,12 @@ def make_batch(
       advantages=(adv_N[:, None] * mask).astype(np.float32),
   )
   if pack_groups:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = batch.replace(
-        packed=packing.pack(
-            batch.tokens, batch.attn_mask, mask.shape[1], groups=pack_groups, shards=shards
-        )
+    packed = packing.pack(
+        batch.tokens,
+        batch.attn_mask,
+        mask.shape[1],
+        groups=pack_groups,
+        shards=sharding.row_shards(mesh),
     )
+    batch = batch.replace(packed=packed)
   return jax.tree.map(lambda x: to_global(x, mesh), batch)

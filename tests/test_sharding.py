@@ -176,3 +176,9 @@ def test_host_blocked_devices_names_fsdp_when_no_block_fits():
   devices = [_FakeDevice(i, i // 8) for i in range(48)]
   with pytest.raises(ValueError, match=r"config\.mesh\.fsdp=6"):
     sharding.host_blocked_devices((8, 6, 1), devices)
+
+
+def test_row_shards_counts_the_batch_axes_devices():
+  assert sharding.row_shards(sharding.make_mesh(2, 2, 2)) == 4
+  assert sharding.row_shards(sharding.make_mesh(1, 8, 1)) == 8
+  assert sharding.row_shards(sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])) == 1

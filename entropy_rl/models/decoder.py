@@ -290,9 +290,10 @@ class Decoder(nn.Module):
       block = Block(self.config, parent=None)
 
       def layer(params, h_BxTxD):
-        return block.apply({"params": params}, h_BxTxD, None, sin_BxTxH, cos_BxTxH, segments_Bx1xT)[
-            0
-        ]
+        h_BxTxD, _ = block.apply(
+            {"params": params}, h_BxTxD, None, sin_BxTxH, cos_BxTxH, segments_Bx1xT
+        )
+        return h_BxTxD
 
       if self.config.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
