@@ -12,11 +12,16 @@ policy is the same. Studies run `configs/<family>.py:<preset>`, `--preset tiny` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import gzip
+import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +31,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_ROOT = os.environ.get("ENTROPY_RL_RUNS", "/work/runs")
+# Finished full runs' records (spec.json, summary.md, metrics.jsonl.gz; no checkpoints), committed
+# so that a study spread over machines resumes and its report regenerates where the runs are gone.
+ARCHIVE = os.path.join(REPO, "experiments", "runs")
+ARCHIVED = ("spec.json", "summary.md", "metrics.jsonl")
 WARM_DIR = "_warm_start"  # under --root, shared by every run there
 # Study 2's run length: GRPO's plateau fell at steps 299-481. Studies 1, 3 and 5 reuse these runs.
 STUDY2_STEPS = 500
@@ -135,17 +144,111 @@ def _complete(path: str, num_steps: int) -> bool:
   )
 
 
-def ensure_run(root: str, s: RunSpec, log=print) -> str:
-  """Runs `s` in `<root>/<name>` unless already complete there; returns the run dir."""
+@contextlib.contextmanager
+def _locked(path: str):
+  """Holds `<path>.lock`, so two studies sharing a root never launch the same run at once (the
+  second waits, then reuses it)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _spec_key(spec: dict) -> tuple:
+  """What makes two runs the same run: the config and its overrides (not the code or warm start,
+  which `same_code` and `same_warm_start` report)."""
+  return (spec["name"], spec["family"], spec["arg"], json.dumps(spec["overrides"], sort_keys=True))
+
+
+def archive_run(path: str, archive: str) -> str:
+  """Copies run dir `path`'s records (`ARCHIVED`, metrics gzipped) to `<archive>/<name>`."""
+  dest = os.path.join(archive, os.path.basename(os.path.normpath(path)))
+  os.makedirs(dest, exist_ok=True)
+  for name in ARCHIVED:
+    src = os.path.join(path, name)
+    if name.endswith(".jsonl"):
+      with (
+          open(src, "rb") as f,
+          gzip.GzipFile(os.path.join(dest, name + ".gz"), "wb", mtime=0) as g,
+      ):
+        shutil.copyfileobj(f, g)
+    else:
+      shutil.copyfile(src, os.path.join(dest, name))
+  return dest
+
+
+def restore_run(root: str, s: RunSpec, archive: str) -> bool:
+  """Restores `s`'s records from `<archive>/<name>` into `<root>/<name>` when archived there with
+  the same config and overrides; False when not archived (a differing spec raises: rename one)."""
+  src = os.path.join(archive, s.name)
+  if not os.path.exists(os.path.join(src, "spec.json")):
+    return False
+  with open(os.path.join(src, "spec.json")) as f:
+    spec = json.load(f)
+  want = json.loads(json.dumps(dataclasses.asdict(s)))  # tuples as JSON lists, as archived
+  if _spec_key(spec) != _spec_key(want):
+    raise ValueError(f"{src}/spec.json archives another run under the name {s.name}")
+  path = run_dir(root, s)
+  os.makedirs(path, exist_ok=True)
+  for name in ARCHIVED:
+    if name.endswith(".jsonl"):
+      with (
+          gzip.open(os.path.join(src, name + ".gz"), "rb") as g,
+          open(os.path.join(path, name), "wb") as f,
+      ):
+        shutil.copyfileobj(g, f)
+    else:
+      shutil.copyfile(os.path.join(src, name), os.path.join(path, name))
+  return True
+
+
+def warm_start_sha256(warm: str) -> str | None:
+  """The shared warm start's fingerprint: sha256 of its weights (None before it is trained)."""
+  from entropy_rl import warmstart
+
+  files = sorted(
+      os.path.join(d, f)
+      for d, _, names in os.walk(os.path.join(warm, warmstart.MODEL_DIR))
+      for f in names
+      if f.endswith(".safetensors")
+  )
+  if not files:
+    return None
+  h = hashlib.sha256()
+  for name in files:
+    with open(name, "rb") as f:
+      for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+        h.update(chunk)
+  return h.hexdigest()
+
+
+def ensure_run(root: str, s: RunSpec, log=print, archive: str | None = None) -> str:
+  """Runs `s` in `<root>/<name>` unless already complete there or archived in `archive` (restored
+  from it); archives it there once finished. Returns the run dir."""
   path = run_dir(root, s)
   # ENTROPY_RL_EXTRA_OVERRIDES (JSON) applies to every run: for smoke tests in a scratch --root.
   extra = json.loads(os.environ.get("ENTROPY_RL_EXTRA_OVERRIDES", "{}"))
   overrides = {**s.config_overrides(), **extra}
-  overrides["warm_start.path"] = warm_dir(root, overrides)
+  overrides["warm_start.path"] = warm = warm_dir(root, overrides)
   num_steps = int(overrides.get("num_steps", load_config(s.family, s.arg, {}).num_steps))
-  if _complete(path, num_steps):
-    log(f"[reuse] {s.name}")
-    return path
+  archive = None if extra else archive  # a smoke test's runs are not the spec's runs
+  with _locked(path):
+    if _complete(path, num_steps):
+      log(f"[reuse] {s.name}")
+      return path
+    if archive and restore_run(root, s, archive) and _complete(path, num_steps):
+      log(f"[archived] {s.name}")
+      return path
+    _launch(path, s, overrides, warm, log)
+    if archive:
+      archive_run(path, archive)
+  return path
+
+
+def _launch(path: str, s: RunSpec, overrides: dict, warm: str, log) -> None:
   os.makedirs(path, exist_ok=True)
   spec_file = os.path.join(path, "spec.json")
   earlier = []  # a run resumed (or extended) here keeps the code of every launch
@@ -153,8 +256,8 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
     with open(spec_file) as f:
       old = json.load(f)
     earlier = old.get("earlier_code", []) + ([old["code"]] if "code" in old else [])
+  spec = {**dataclasses.asdict(s), "code": code_version(), "earlier_code": earlier}
   with open(spec_file, "w") as f:
-    spec = {**dataclasses.asdict(s), "code": code_version(), "earlier_code": earlier}
     json.dump(spec, f, indent=1)
   cmd = [
       sys.executable,
@@ -176,8 +279,10 @@ def ensure_run(root: str, s: RunSpec, log=print) -> str:
     rc = subprocess.call(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
   if rc:
     raise RuntimeError(f"run {s.name} failed (rc {rc}); see {path}/log.txt")
+  spec["warm_start_sha256"] = warm_start_sha256(warm)
+  with open(spec_file, "w") as f:
+    json.dump(spec, f, indent=1)
   log(f"[done] {s.name} in {time.time() - start:.0f} s")
-  return path
 
 
 CODE_DIRS = ("entropy_rl", "configs")  # what a run executes; experiments/ only launches and reads
@@ -217,6 +322,20 @@ def same_code(root: str, specs) -> dict:
     names = [code_of(c.get("commit")) + ("+dirty" if c.get("dirty") else "") for c in launches]
     key = " then ".join(dict.fromkeys(names))  # a run resumed on other code shows each
     out.setdefault(key, []).append(s.name)
+  return out
+
+
+def same_warm_start(root: str, specs) -> dict:
+  """{warm start sha256 (first 12 digits): [run names]} of the runs of `specs` in `root` (one key:
+  every run started from the same weights)."""
+  out: dict = {}
+  for s in specs:
+    try:
+      with open(os.path.join(run_dir(root, s), "spec.json")) as f:
+        sha = json.load(f).get("warm_start_sha256")
+    except FileNotFoundError:
+      sha = None
+    out.setdefault(str(sha)[:12], []).append(s.name)
   return out
 
 
@@ -343,7 +462,9 @@ def write_report(out_dir: str, name: str, text: str) -> str:
   return path
 
 
-def base_args(description: str, default_out: str):
+def base_args(description: str, default_out: str, archive: bool = False):
+  """The studies' shared flags; `archive`: the study reads only its runs' records (no checkpoints
+  or probes), so finished runs may be restored from `--archive`."""
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--quick", action="store_true", help="minutes: few steps, one seed")
   p.add_argument(
@@ -358,8 +479,19 @@ def base_args(description: str, default_out: str):
       help="the tiny preset's synthetic task (common.SETTINGS); paper presets read their data",
   )
   p.add_argument("--root", default=DEFAULT_ROOT, help="where run dirs live (shared across studies)")
+  if archive:
+    p.add_argument(
+        "--archive",
+        default=ARCHIVE,
+        help="finished full runs' records are restored from and saved to here ('' for neither)",
+    )
   p.add_argument("--out", default=os.path.join(REPO, "experiments", "results", default_out))
   return p
+
+
+def archive_of(a) -> str | None:
+  """The archive of parsed `base_args`: none for --quick runs (minutes; not results)."""
+  return None if a.quick or not a.archive else a.archive
 
 
 SCALING_RULE = (

@@ -60,7 +60,7 @@ def control_specs(
 
 
 def main():
-  p = common.base_args(__doc__, "entropy_control")
+  p = common.base_args(__doc__, "entropy_control", archive=True)
   p.add_argument("--steps", type=int, default=100)
   p.add_argument(
       "--study2-steps",
@@ -75,7 +75,9 @@ def main():
   specs = control_specs(a.quick, a.steps, a.study2_steps, a.sweeps.split(","), a.preset, a.setting)
   n = common.run_settings(a.quick, a.steps)["num_steps"]
   runs = {
-      label: common.truncate(common.read_records(common.ensure_run(a.root, s)), n)
+      label: common.truncate(
+          common.read_records(common.ensure_run(a.root, s, archive=common.archive_of(a))), n
+      )
       for label, s in specs.items()
   }
   os.makedirs(a.out, exist_ok=True)

@@ -137,7 +137,7 @@ def fmt_fit(f):
 
 
 def main():
-  p = common.base_args(__doc__, "entropy_law")
+  p = common.base_args(__doc__, "entropy_law", archive=True)
   p.add_argument("--seeds", type=int, default=2)
   p.add_argument("--steps", type=int, default=common.STUDY2_STEPS)
   a = p.parse_args()
@@ -145,7 +145,7 @@ def main():
   specs = grpo_specs(a.quick, seeds, a.steps, a.preset, a.setting)
   runs = {}
   for s in specs:
-    runs[s.name] = common.read_records(common.ensure_run(a.root, s))
+    runs[s.name] = common.read_records(common.ensure_run(a.root, s, archive=common.archive_of(a)))
   fits = {name: law_rows(rec) for name, rec in runs.items()}
   # pooled fits: concatenate per-run 10-step means and the per-run early fits' errors
   hs = np.concatenate(

@@ -306,7 +306,7 @@ def plot_frontier(runs: dict, out_png: str) -> str:
 
 
 def main():
-  p = common.base_args(__doc__, "methods")
+  p = common.base_args(__doc__, "methods", archive=True)
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--eval_every", type=int, default=20)
@@ -329,7 +329,9 @@ def main():
   runs = {arm: [] for arm in specs}
   for s in range(seeds):  # seed-major, so partial results cover every method
     for arm in specs:
-      records = common.read_records(common.ensure_run(a.root, specs[arm][s]))
+      records = common.read_records(
+          common.ensure_run(a.root, specs[arm][s], archive=common.archive_of(a))
+      )
       runs[arm].append(common.truncate(records, settings["num_steps"]))
   os.makedirs(a.out, exist_ok=True)
   k = settings["eval.num_samples"]
@@ -337,7 +339,8 @@ def main():
   plot_frontier(runs, os.path.join(a.out, "frontier.png"))
   common.plot_groups(runs, [V, f"eval/pass@{k}", H], os.path.join(a.out, "curves.png"), smooth=1)
   found = findings(runs, settings["eval.num_prompts"])
-  code = common.same_code(a.root, [x for v in specs.values() for x in v])
+  every = [x for v in specs.values() for x in v]
+  code, warm = common.same_code(a.root, every), common.same_warm_start(a.root, every)
   fit_txt = (
       f"R = -{ref_fit['a']:.3f} exp(H) + {ref_fit['b']:.3f} (R^2 {ref_fit['r2']:.2f})"
       if ref_fit
@@ -346,7 +349,8 @@ def main():
   text = f"""# Study 6: entropy control, side by side
 
 Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {settings['num_steps']} steps per method,
-`:{a.preset}` on the `{a.setting}` setting, one shared warm start; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())}.
+`:{a.preset}` on the `{a.setting}` setting; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())};
+warm start (sha256): {'; '.join(f'{w}: {len(v)} runs' for w, v in warm.items())}.
 Validation: {settings['eval.num_prompts']} held-out prompts every {settings['eval_every']} steps,
 greedy pass@1 and avg@{k} / pass@{k}. "vs GRPO" = the paired difference over seeds, mean ± standard
 error. Residual: validation accuracy minus GRPO's law {fit_txt} at the method's entropy.

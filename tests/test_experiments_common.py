@@ -1,5 +1,6 @@
 """The study runner's bookkeeping: the code stamp of each run and the config it launches."""
 
+import dataclasses
 import json
 import os
 import re
@@ -122,3 +123,88 @@ def test_every_study_runs_the_setting_it_is_given():
     assert s.name.startswith(("f_steps_", "mf_steps_")), s.name
     c = common.load_config(s.family, s.arg, s.config_overrides())
     assert c.task.name == "countdown_steps" and c.warm_start.corrupt_prob == 0.55, s.name
+
+
+def _fake_run(path, steps):
+  """A finished run's records in `path` as the trainer writes them."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for i in range(1, steps + 1):
+      f.write(json.dumps({"step": i, "entropy/token_mean": 1.0 / i}) + "\n")
+  with open(os.path.join(path, "summary.md"), "w") as f:
+    f.write("done\n")
+
+
+def test_a_finished_run_is_archived_and_restored_on_another_machine(tmp_path, monkeypatch):
+  s = common.RunSpec("f_r0", "grpo", overrides=(("num_steps", 3), ("seed", 0)))
+  archive, calls = str(tmp_path / "archive"), []
+
+  def run(cmd, **_):
+    calls.append(cmd)
+    _fake_run(cmd[cmd.index("--workdir") + 1], 3)
+    return 0
+
+  monkeypatch.setattr(common.subprocess, "call", run)
+  first = common.ensure_run(str(tmp_path / "a"), s, log=lambda _: None, archive=archive)
+  assert len(calls) == 1 and sorted(os.listdir(os.path.join(archive, "f_r0"))) == [
+      "metrics.jsonl.gz",
+      "spec.json",
+      "summary.md",
+  ]
+  # A fresh root (another machine) restores the records instead of running again.
+  second = common.ensure_run(str(tmp_path / "b"), s, log=lambda _: None, archive=archive)
+  assert len(calls) == 1
+  assert common.read_records(second) == common.read_records(first)
+  assert common.same_code(str(tmp_path / "b"), [s]) == common.same_code(str(tmp_path / "a"), [s])
+  # Without the archive it runs; another run archived under the same name is refused.
+  common.ensure_run(str(tmp_path / "c"), s, log=lambda _: None)
+  assert len(calls) == 2
+  other = dataclasses.replace(s, overrides=(("num_steps", 3), ("seed", 1)))
+  with pytest.raises(ValueError, match="another run under the name f_r0"):
+    common.ensure_run(str(tmp_path / "d"), other, log=lambda _: None, archive=archive)
+
+
+def test_smoke_overrides_never_reach_the_archive(tmp_path, monkeypatch):
+  s = common.RunSpec("f_r0", "grpo", overrides=(("num_steps", 3),))
+  monkeypatch.setenv("ENTROPY_RL_EXTRA_OVERRIDES", json.dumps({"num_steps": 3}))
+  monkeypatch.setattr(
+      common.subprocess,
+      "call",
+      lambda cmd, **_: _fake_run(cmd[cmd.index("--workdir") + 1], 3) or 0,
+  )
+  common.ensure_run(str(tmp_path / "a"), s, log=lambda _: None, archive=str(tmp_path / "arch"))
+  assert not os.path.exists(tmp_path / "arch")
+
+
+def test_the_warm_start_fingerprint_names_its_weights(tmp_path):
+  from entropy_rl import warmstart
+
+  warm = tmp_path / "_warm_start"
+  assert common.warm_start_sha256(str(warm)) is None
+  (warm / warmstart.MODEL_DIR).mkdir(parents=True)
+  (warm / warmstart.MODEL_DIR / "model.safetensors").write_bytes(b"weights")
+  sha = common.warm_start_sha256(str(warm))
+  assert sha == __import__("hashlib").sha256(b"weights").hexdigest()
+  specs = [common.RunSpec(f"r{i}", "grpo") for i in range(2)]
+  for s, w in zip(specs, [sha, None]):
+    os.makedirs(common.run_dir(str(tmp_path), s))
+    with open(os.path.join(common.run_dir(str(tmp_path), s), "spec.json"), "w") as f:
+      json.dump({"name": s.name, "warm_start_sha256": w}, f)
+  assert common.same_warm_start(str(tmp_path), specs) == {sha[:12]: ["r0"], "None": ["r1"]}
+
+
+def test_a_run_locked_by_another_study_is_waited_for_then_reused(tmp_path, monkeypatch):
+  import threading
+
+  s = common.RunSpec("f_r0", "grpo", overrides=(("num_steps", 3),))
+  path = common.run_dir(str(tmp_path), s)
+  monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: pytest.fail("ran twice"))
+  done = []
+  with common._locked(path):  # another study is running it
+    t = threading.Thread(target=lambda: done.append(common.ensure_run(str(tmp_path), s, print)))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not done
+    _fake_run(path, 3)
+  t.join(5)
+  assert done == [path]

@@ -1,5 +1,7 @@
 """experiments/study_methods.py: every arm is a valid run, and the table is computed right."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,34 @@ def test_findings_measure_the_plateau_the_law_and_the_paired_gains():
   prefix = "clip_cov - GRPO, last 100 steps' mean validation greedy accuracy: +0.04"
   assert averaged.startswith(prefix), averaged  # 0.34 - 0.30 on the flat part
   assert float(averaged.split("(")[1].split(" SE")[0]) > 2
+
+
+def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
+  import json
+  import os
+  import sys
+
+  settings = study_methods.validation_settings(False, 100, 10, 1024, "steps")
+  specs = study_methods.arm_specs(settings, 2, False, setting="steps")
+  archive = str(tmp_path / "archive")
+  for level, arm in [(0.9, "grpo"), (0.95, "clip_cov")]:
+    for seed, s in enumerate(specs[arm]):
+      path = str(tmp_path / "elsewhere" / s.name)
+      os.makedirs(path)
+      with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(
+            json.dumps({**r, "step": r["step"] or 1}) + "\n" for r in _records(level, 0.2, seed)
+        )
+      with open(os.path.join(path, "summary.md"), "w") as f:
+        f.write("done\n")
+      with open(os.path.join(path, "spec.json"), "w") as f:
+        json.dump({**dataclasses.asdict(s), "code": {"commit": "abc", "dirty": False}}, f)
+      common.archive_run(path, archive)
+  monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: pytest.fail("a run launched"))
+  out = tmp_path / "out"
+  argv = ["study_methods", "--setting", "steps", "--seeds", "2", "--steps", "100"]
+  argv += ["--eval_every", "10", "--arms", "clip_cov", "--root", str(tmp_path / "runs")]
+  monkeypatch.setattr(sys, "argv", argv + ["--archive", archive, "--out", str(out)])
+  study_methods.main()
+  report = (out / "report.md").read_text()
+  assert "code: abc: 4 runs" in report and "| clip_cov |" in report
