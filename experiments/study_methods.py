@@ -314,10 +314,12 @@ def main():
   p.add_argument(
       "--arms",
       default=",".join(ARMS),
-      help="comma-separated subset of the arms (grpo, the baseline, is always run)",
+      help="comma-separated subset of the arms, run in this order within each seed (grpo, the"
+      " baseline, is always run: first unless listed)",
   )
   a = p.parse_args()
-  arms = ["grpo"] + [x for x in a.arms.split(",") if x != "grpo"]
+  arms = list(dict.fromkeys(a.arms.split(",")))
+  arms = arms if "grpo" in arms else ["grpo"] + arms
   if unknown := sorted(set(arms) - set(ARMS)):
     p.error(f"--arms: {unknown} not in {list(ARMS)}")
   seeds = 1 if a.quick else a.seeds
@@ -333,6 +335,7 @@ def main():
           common.ensure_run(a.root, specs[arm][s], archive=common.archive_of(a))
       )
       runs[arm].append(common.truncate(records, settings["num_steps"]))
+  runs = {"grpo": runs["grpo"], **runs}  # the table's first row, wherever it ran
   os.makedirs(a.out, exist_ok=True)
   k = settings["eval.num_samples"]
   rows, ref_fit = report_rows(runs, k)

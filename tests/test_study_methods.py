@@ -136,8 +136,10 @@ def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
   monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: pytest.fail("a run launched"))
   out = tmp_path / "out"
   argv = ["study_methods", "--setting", "steps", "--seeds", "2", "--steps", "100"]
-  argv += ["--eval_every", "10", "--arms", "clip_cov", "--root", str(tmp_path / "runs")]
+  argv += ["--eval_every", "10", "--arms", "clip_cov,grpo", "--root", str(tmp_path / "runs")]
   monkeypatch.setattr(sys, "argv", argv + ["--archive", archive, "--out", str(out)])
   study_methods.main()
   report = (out / "report.md").read_text()
-  assert "code: abc: 4 runs" in report and "| clip_cov |" in report
+  assert "code: abc: 4 runs" in report
+  rows = [x.split(" | ")[0] for x in report.splitlines() if x.startswith("| ") and " | " in x]
+  assert rows[1:] == ["| grpo", "| clip_cov"]  # below the header: the baseline first
