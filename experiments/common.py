@@ -225,9 +225,12 @@ def warm_start_sha256(warm: str) -> str | None:
   return h.hexdigest()
 
 
-def ensure_run(root: str, s: RunSpec, log=print, archive: str | None = None) -> str:
+def ensure_run(
+    root: str, s: RunSpec, log=print, archive: str | None = None, launch: bool = True
+) -> str | None:
   """Runs `s` in `<root>/<name>` unless already complete there or archived in `archive` (restored
-  from it); archives it there once finished. Returns the run dir."""
+  from it); archives it there once finished. Returns the run dir; with `launch=False`, only a run
+  already finished (None otherwise: a report of what exists)."""
   path = run_dir(root, s)
   # ENTROPY_RL_EXTRA_OVERRIDES (JSON) applies to every run: for smoke tests in a scratch --root.
   extra = json.loads(os.environ.get("ENTROPY_RL_EXTRA_OVERRIDES", "{}"))
@@ -235,16 +238,23 @@ def ensure_run(root: str, s: RunSpec, log=print, archive: str | None = None) -> 
   overrides["warm_start.path"] = warm = warm_dir(root, overrides)
   num_steps = int(overrides.get("num_steps", load_config(s.family, s.arg, {}).num_steps))
   archive = None if extra else archive  # a smoke test's runs are not the spec's runs
-  with _locked(path):
+
+  def finished() -> bool:
     if _complete(path, num_steps):
       log(f"[reuse] {s.name}")
-      return path
+      return True
     if archive and restore_run(root, s, archive) and _complete(path, num_steps):
       log(f"[archived] {s.name}")
-      return path
-    _launch(path, s, overrides, warm, log)
-    if archive:
-      archive_run(path, archive)
+      return True
+    return False
+
+  if not launch:
+    return path if finished() else None
+  with _locked(path):
+    if not finished():
+      _launch(path, s, overrides, warm, log)
+      if archive:
+        archive_run(path, archive)
   return path
 
 

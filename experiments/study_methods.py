@@ -20,6 +20,7 @@ validation accuracy, pass@k and entropy against step.
   python -m experiments.study_methods --quick
   python -m experiments.study_methods --setting steps --seeds 3 --steps 300 --eval_every 25 \
       --arms grpo,clip_cov,kl_cov,top_20%,bottom_80%,clip_cov_r0.02
+  python -m experiments.study_methods --setting steps --steps 600 --eval_every 25 --report_only
 """
 
 from __future__ import annotations
@@ -317,6 +318,11 @@ def main():
       help="comma-separated subset of the arms, run in this order within each seed (grpo, the"
       " baseline, is always run: first unless listed)",
   )
+  p.add_argument(
+      "--report_only",
+      action="store_true",
+      help="launch nothing: the report of the runs finished in --root or --archive",
+  )
   a = p.parse_args()
   arms = list(dict.fromkeys(a.arms.split(",")))
   arms = arms if "grpo" in arms else ["grpo"] + arms
@@ -331,11 +337,18 @@ def main():
   runs = {arm: [] for arm in specs}
   for s in range(seeds):  # seed-major, so partial results cover every method
     for arm in specs:
-      records = common.read_records(
-          common.ensure_run(a.root, specs[arm][s], archive=common.archive_of(a))
+      if len(runs[arm]) < s:  # --report_only: an arm's seeds from 0 up to its first missing one
+        continue
+      path = common.ensure_run(
+          a.root, specs[arm][s], archive=common.archive_of(a), launch=not a.report_only
       )
-      runs[arm].append(common.truncate(records, settings["num_steps"]))
-  runs = {"grpo": runs["grpo"], **runs}  # the table's first row, wherever it ran
+      if path:
+        runs[arm].append(common.truncate(common.read_records(path), settings["num_steps"]))
+  if not runs["grpo"]:
+    p.error(f"no finished GRPO run in --root {a.root} or --archive {a.archive}")
+  # GRPO's row first, wherever it ran; an arm with no finished run is left out.
+  runs = {arm: v for arm, v in {"grpo": runs["grpo"], **runs}.items() if v}
+  specs = {arm: specs[arm][: len(runs[arm])] for arm in runs}
   os.makedirs(a.out, exist_ok=True)
   k = settings["eval.num_samples"]
   rows, ref_fit = report_rows(runs, k)
@@ -349,9 +362,14 @@ def main():
       if ref_fit
       else "n/a (the fit did not converge)"
   )
+  done = f"{seeds} seed(s)"
+  if any(len(v) < seeds for v in runs.values()):
+    done = f"of {seeds} seeds, finished so far: " + ", ".join(
+        f"{k} {len(v)}" for k, v in runs.items()
+    )
   text = f"""# Study 6: entropy control, side by side
 
-Mode: {'quick' if a.quick else 'full'}; {seeds} seed(s) x {settings['num_steps']} steps per method,
+Mode: {'quick' if a.quick else 'full'}; {done} x {settings['num_steps']} steps per method,
 `:{a.preset}` on the `{a.setting}` setting; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())};
 warm start (sha256): {'; '.join(f'{w}: {len(v)} runs' for w, v in warm.items())}.
 Validation: {settings['eval.num_prompts']} held-out prompts every {settings['eval_every']} steps,

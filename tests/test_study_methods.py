@@ -143,3 +143,13 @@ def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
   assert "code: abc: 4 runs" in report
   rows = [x.split(" | ")[0] for x in report.splitlines() if x.startswith("| ") and " | " in x]
   assert rows[1:] == ["| grpo", "| clip_cov"]  # below the header: the baseline first
+  # --report_only: what is finished, never a launch; an arm's seeds stop at its first missing one.
+  os.remove(os.path.join(archive, specs["clip_cov"][1].name, "spec.json"))
+  argv[argv.index("--root") + 1] = str(tmp_path / "fresh")
+  monkeypatch.setattr(
+      sys, "argv", argv + ["--archive", archive, "--out", str(out), "--report_only"]
+  )
+  study_methods.main()
+  report = (out / "report.md").read_text()
+  assert "of 2 seeds, finished so far: grpo 2, clip_cov 1" in report
+  assert "code: abc: 3 runs" in report and "| clip_cov |" in report
