@@ -208,3 +208,43 @@ def test_a_run_locked_by_another_study_is_waited_for_then_reused(tmp_path, monke
     _fake_run(path, 3)
   t.join(5)
   assert done == [path]
+
+
+def test_a_run_on_another_warm_start_than_the_archived_runs_is_refused(tmp_path, monkeypatch):
+  """The warm start trained in a fresh root must be the archived runs' (same sha256), else a new
+  run would be paired with runs from another starting policy."""
+  from entropy_rl import warmstart
+
+  def run(weights):
+    def call(cmd, **_):
+      path = cmd[cmd.index("--workdir") + 1]
+      warm = json.loads(cmd[cmd.index("--overrides") + 1])["warm_start.path"]
+      os.makedirs(os.path.join(warm, warmstart.MODEL_DIR), exist_ok=True)
+      with open(os.path.join(warm, warmstart.MODEL_DIR, "model.safetensors"), "wb") as f:
+        f.write(weights)
+      _fake_run(path, 3)
+      return 0
+
+    return call
+
+  archive, log = str(tmp_path / "archive"), lambda _: None
+  s0, s1, s2 = (common.RunSpec(f"f_r{i}", "grpo", overrides=(("num_steps", 3),)) for i in range(3))
+  monkeypatch.setattr(common.subprocess, "call", run(b"weights"))
+  common.ensure_run(str(tmp_path / "a"), s0, log=log, archive=archive)
+  spec = json.load(open(os.path.join(archive, "f_r0", "spec.json")))
+  assert spec["cpus"] == len(os.sched_getaffinity(0)) and spec["warm_start_sha256"]
+  # A fresh root whose first launch trains the same warm start archives its run.
+  common.ensure_run(str(tmp_path / "b"), s1, log=log, archive=archive)
+  assert os.path.exists(os.path.join(archive, "f_r1"))
+  # One that trains another is refused after the run (kept in its root, not archived) ...
+  monkeypatch.setattr(common.subprocess, "call", run(b"other bits"))
+  with pytest.raises(RuntimeError, match=r"f_r2: the warm start .* is not the one .* f_r0, f_r1"):
+    common.ensure_run(str(tmp_path / "c"), s2, log=log, archive=archive)
+  assert not os.path.exists(os.path.join(archive, "f_r2"))
+  assert common.read_records(common.run_dir(str(tmp_path / "c"), s2))
+  # ... and the next run on it is refused before it starts.
+  monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: pytest.fail("launched"))
+  with pytest.raises(RuntimeError, match="retrain it as they did"):
+    common.ensure_run(
+        str(tmp_path / "c"), dataclasses.replace(s2, name="f_r3"), log=log, archive=archive
+    )
