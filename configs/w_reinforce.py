@@ -1,17 +1,27 @@
-"""W-REINFORCE (arXiv 2506.01347): positive-advantage tokens weighted by lambda = 0.1.
+"""W-REINFORCE (arXiv 2506.01347): `lambda * L_PSR + L_NSR`, positive samples weighted lambda = 0.1.
 
-The paper's objective is lambda * PSR + NSR with rewards +-1 and no baseline; here lambda
-multiplies the positive advantages of any estimator (GRPO's by default), on GRPO's loss.
+`get_config("MODEL[,ADV]")`: ADV is `signed` (default, the paper's: rewards +-1 and no baseline,
+so an all-wrong group is still pushed down; dynamic sampling, which would drop such groups, is
+off) or `grpo` (lambda on GRPO's group-normalised advantages, where all-wrong groups get no
+gradient).
 """
 
 from entropy_rl import config_lib
 
-
-def method(c, model):
-  del model
-  c.loss.name = "ppo"
-  c.loss.positive_adv_weight = 0.1
+ADVANTAGES = ("signed", "grpo")
 
 
 def get_config(arg=None):
-  return config_lib.get_config_for(arg, method)
+  model, _, adv = (arg or "tiny").partition(",")
+  if (adv or "signed") not in ADVANTAGES:
+    raise ValueError(f"configs/w_reinforce.py:{arg}: advantage {adv!r} not in {ADVANTAGES}")
+
+  def method(c, model):
+    del model
+    c.loss.name = "ppo"
+    c.loss.positive_adv_weight = 0.1
+    c.rl.advantage = adv or "signed"
+    if c.rl.advantage == "signed":
+      c.rl.dynamic_sampling = False
+
+  return config_lib.get_config_for(model, method)

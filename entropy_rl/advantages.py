@@ -8,7 +8,7 @@ import math
 
 import jax.numpy as jnp
 
-ESTIMATORS = ("grpo", "drgrpo", "rloo", "qae")
+ESTIMATORS = ("grpo", "drgrpo", "rloo", "qae", "signed")
 
 
 def _rewards(rewards_PxG):
@@ -72,8 +72,17 @@ def qae_advantages(rewards_PxG, quantile=0.4, eps=1e-6):
   return (rewards_PxG - baseline_Px1) / (_group_std(rewards_PxG) + eps)
 
 
+def signed_advantages(rewards_PxG):
+  """REINFORCE with rewards +-1 and no baseline (W-REINFORCE's PSR / NSR, arXiv 2506.01347):
+  `2 r - 1`, a correct response (r = 1) +1 and a wrong one (r = 0) -1. Unlike the group-centred
+  estimators, a group whose responses are all wrong is still pushed down (NSR's signal)."""
+  return 2.0 * _rewards(rewards_PxG) - 1.0
+
+
 def compute_advantages(rewards_PxG, estimator, *, qae_quantile=0.4):
-  """Dispatch on `estimator` in ('grpo', 'drgrpo', 'rloo', 'qae'); `qae_quantile` is QAE's K."""
+  """Dispatch on `estimator` in `ESTIMATORS`; `qae_quantile` is QAE's K."""
+  if estimator == "signed":
+    return signed_advantages(rewards_PxG)
   if estimator == "qae":
     return qae_advantages(rewards_PxG, qae_quantile)
   if estimator == "grpo":

@@ -15,7 +15,7 @@ import numbers
 
 import ml_collections
 
-from entropy_rl import fileio, losses, rewards
+from entropy_rl import advantages, fileio, losses, rewards
 from entropy_rl.data import tasks as tasks_lib
 from entropy_rl.errors import ConfigError
 from entropy_rl.models.config import ATTENTION_IMPLS
@@ -357,7 +357,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.prefill_chunks = 1
 
   c.rl = ml_collections.ConfigDict()
-  c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae
+  c.rl.advantage = "grpo"  # grpo | drgrpo | rloo | qae | signed (advantages.ESTIMATORS)
   c.rl.qae_quantile = 0.4  # QAE's K (rl.advantage = 'qae'), in [0, 1]
   c.rl.num_minibatches = 4
   c.rl.num_microbatches = 1  # 0 = derived: rl.microbatch_rows_per_device rows on each device
@@ -505,7 +505,7 @@ _CHOICES = {
     "model.attention_impl": ATTENTION_IMPLS,
     "task.source": ("synthetic", "jsonl", "tfds"),
     "reward.name": rewards.REWARD_NAMES,
-    "rl.advantage": ("grpo", "drgrpo", "rloo", "qae"),
+    "rl.advantage": advantages.ESTIMATORS,
     "optim.schedule": ("constant", "cosine"),
     "distributed": ("auto", "on", "off"),
     "task.answer_format": ("auto", "raw", "boxed", "gsm8k"),

@@ -61,7 +61,8 @@ ARMS = {
     "archer": ("archer", "", {}),
     "adaptive_entropy": ("adaptive_entropy", "", {}),
     "entropy_advantage": ("entropy_advantage", "", {}),
-    "w_reinforce": ("w_reinforce", "", {}),
+    "w_reinforce": ("w_reinforce", "", {}),  # the paper's: rewards +-1, no baseline
+    "w_reinforce_grpo_adv": ("w_reinforce", "grpo", {}),  # lambda on GRPO's advantages
     "qae": ("qae", "", {}),
 }
 

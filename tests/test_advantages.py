@@ -50,6 +50,13 @@ def test_estimators_match_numpy(rewards, group):
     np.testing.assert_allclose(out, fn(r), rtol=1e-5, atol=1e-6)
 
 
+def test_signed_is_reinforce_with_rewards_plus_minus_one_and_no_baseline():
+  r = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], np.float32)
+  out = advantages.compute_advantages(r, "signed")
+  assert out.dtype == np.float32
+  np.testing.assert_array_equal(out, [[1, -1, -1], [-1, -1, -1], [1, 1, 1]])  # all-wrong: pushed
+
+
 def test_uniform_groups_get_zero_advantage(rewards):
   for name in ("grpo", "drgrpo", "rloo"):
     assert np.all(np.asarray(advantages.compute_advantages(rewards, name))[0] == 0)

@@ -81,7 +81,12 @@ def test_method_settings(arg):
     assert (ae.entropy_target, ae.entropy_coef_delta, ae.entropy_coef_max) == (0.2, 0.005, 1.0)
   ea = _get("entropy_advantage", arg).loss
   assert (ea.entropy_adv_alpha, ea.entropy_adv_kappa) == (0.4, 2.0)
-  assert _get("w_reinforce", arg).loss.positive_adv_weight == 0.1
+  wr = _get("w_reinforce", arg)
+  assert (wr.loss.positive_adv_weight, wr.rl.advantage) == (0.1, "signed")
+  assert not wr.rl.dynamic_sampling  # it would drop the all-wrong groups NSR pushes down
+  assert _get("w_reinforce", arg + ",grpo").rl.advantage == "grpo"
+  with pytest.raises(ValueError, match=r"w_reinforce.py:tiny,rloo: advantage 'rloo'"):
+    _get("w_reinforce", "tiny,rloo")
   q = _get("qae", arg)
   assert (q.rl.advantage, q.rl.qae_quantile) == ("qae", 0.4)
 
@@ -151,6 +156,7 @@ def _ref_batch():
         ("archer", "tiny"),
         ("entropy_advantage", "tiny"),
         ("w_reinforce", "tiny"),
+        ("w_reinforce", "tiny,grpo"),
     ],
 )
 def test_tiny_preset_runs_an_update_step(family, arg):
