@@ -154,6 +154,7 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
                 [common.final_mean(r, "select/cov_mass_selected", 10**6) for r in recs]
             ),
             common.mean_std([common.final_mean(r, "select/n_token_mask", 10**6) for r in recs]),
+            common.mean_std([common.final_mean(r, "select/n_high_entropy", 10**6) for r in recs]),
             f"{np.nanmean(seconds):.2f}",
         ]
     )
@@ -286,6 +287,7 @@ HEADER = [
     "cov-selected tokens / micro-batch",
     "cov mass selected",
     "token-mask tokens / micro-batch",
+    "high-entropy tokens (Archer) / micro-batch",
     "s / step",
 ]
 

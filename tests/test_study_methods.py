@@ -69,7 +69,14 @@ def test_report_pairs_seeds_against_grpo(tmp_path):
   d = np.subtract(final, ref)
   assert clip[2] == f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f}"
   assert float(clip[9].split()[0]) == pytest.approx(0.05, abs=0.01)  # +0.05 above GRPO's law
-  assert clip[-1] == "1.50"
+  assert clip[-1] == "1.50" and len(clip) == len(study_methods.HEADER)
+  runs["archer"] = [
+      [{**x, "select/n_high_entropy": 240.0 + s} for x in _records(0.9, 0.1, 20 + s)]
+      for s in range(3)
+  ]
+  archer = study_methods.report_rows(runs, 8)[0][2]
+  col = study_methods.HEADER.index("high-entropy tokens (Archer) / micro-batch")
+  assert archer[col] == "241.000 ± 1.000" and clip[col] == "n/a"  # only Archer logs it here
   png = study_methods.plot_frontier(runs, str(tmp_path / "frontier.png"))
   assert (tmp_path / "frontier.png").stat().st_size > 1000 and png.endswith("frontier.png")
 
