@@ -40,7 +40,7 @@ Fairness choices:
 
 TRL is pinned in requirements-test.txt; without it the TRL side is skipped with a message.
 
-  python -m experiments.bench_rl_step [--steps 10] [--warmup 2] [--out r.json]
+  python -m experiments.bench_rl_step [--steps 10] [--warmup 2] [--packing] [--out r.json]
   python -m experiments.bench_rl_step --smoke    # a tiny model, 8 x 2, 8 tokens, 3 steps: a minute
 """
 
@@ -101,6 +101,11 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=None, help="first steps not counted (2; smoke 1)")
   p.add_argument("--workdir", default="", help="our run's workdir and TRL's output (a temp dir)")
   p.add_argument("--out", default="", help="also write the results as JSON here")
+  p.add_argument(
+      "--packing",
+      action="store_true",
+      help="ours with rl.packing (the update computes on no padding; off in the preset)",
+  )
   args = p.parse_args(argv)
   size = SIZES["smoke" if args.smoke else "full"]
   args.steps = size["steps"] if args.steps is None else args.steps
@@ -112,9 +117,9 @@ def parse_args(argv=None):
   return args
 
 
-def bench_config(size: dict, steps: int):
+def bench_config(size: dict, steps: int, packing: bool = False):
   """configs/grpo.py:tiny with the benchmark's model, batch and length, one AdamW step per RL
-  step, warm start and evaluation off."""
+  step, warm start and evaluation off; `packing`: the update on packed rows (`rl.packing`)."""
   overrides = {f"model.{k}": v for k, v in size["model"].items()}
   overrides.update(
       {
@@ -130,6 +135,7 @@ def bench_config(size: dict, steps: int):
           "rl.num_minibatches": 1,
           "rl.num_microbatches": 1,
           "rl.ppo_epochs": 1,
+          "rl.packing": packing,
       }
   )
   return common.load_config("grpo", "tiny", overrides)
@@ -267,7 +273,7 @@ def run_trl(config, policy, model_dir: str, task, out_dir: str, warmup: int) -> 
 
 def run(args) -> dict:
   size = SIZES["smoke" if args.smoke else "full"]
-  config = bench_config(size, args.steps)
+  config = bench_config(size, args.steps, args.packing)
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   transformers.utils.logging.disable_progress_bar()
   with tempfile.TemporaryDirectory() as tmp:
@@ -289,6 +295,7 @@ def run(args) -> dict:
     )
     result = {
         "size": "smoke" if args.smoke else "full",
+        "packing": config.rl.packing,
         "model": {
             **size["model"],
             "vocab_size": policy.model_cfg.vocab_size,
@@ -337,7 +344,8 @@ def format_table(r: dict) -> str:
       "warm-up steps s |",
       "|---|---|---|---|---|---|",
   ]
-  for name, key in (("entropy_rl.trainer", "ours"), ("TRL GRPOTrainer", "trl")):
+  ours = "entropy_rl.trainer" + (" (rl.packing)" if r.get("packing") else "")
+  for name, key in ((ours, "ours"), ("TRL GRPOTrainer", "trl")):
     x = r[key]
     if "skipped" in x:
       lines.append(f"| {name} | {x['skipped']} | | | | |")

@@ -44,6 +44,8 @@ def test_full_config_is_the_issue_model_and_batch(tmp_path):
   # One optimizer step per RL step; no warm start or evaluation.
   assert c.rl.num_minibatches == c.rl.num_microbatches == c.rl.ppo_epochs == 1
   assert not c.warm_start.enabled and c.eval_every == 0 and c.num_steps == 10
+  assert not c.rl.packing and bench.bench_config(bench.SIZES["full"], 10, packing=True).rl.packing
+  assert bench.parse_args(["--packing"]).packing and not bench.parse_args([]).packing
 
 
 def test_steady_state_skips_the_warmup_steps():
