@@ -28,12 +28,10 @@ def method(c, model):
 
 
 def get_config(arg=None):
-  model, _, tokens = (arg or "tiny").partition(",")
-  if tokens not in ("", "band", "random"):
-    raise ValueError(f"configs/clip_cov.py:{arg}: {tokens!r} is not band or random")
+  model, tokens = config_lib.model_and_variant(arg, "clip_cov", "tokens", ("band", "random"))
 
   def with_tokens(c, model):
     method(c, model)
-    c.loss.clip_cov_tokens = tokens or "band"
+    c.loss.clip_cov_tokens = tokens
 
   return config_lib.get_config_for(model, with_tokens)

@@ -17,16 +17,14 @@ MASKS = {
 
 
 def get_config(arg=None):
-  model, _, mask = (arg or "tiny").partition(",")
-  if (mask or "top") not in MASKS:
-    raise ValueError(f"configs/top_entropy.py:{arg}: token mask {mask!r} not in {sorted(MASKS)}")
+  model, mask = config_lib.model_and_variant(arg, "top_entropy", "token mask", tuple(MASKS))
 
   def method(c, model):
     del model
     c.loss.name = "ppo"
     c.loss.clip_ratio_low = 0.2
     c.loss.clip_ratio_high = 0.28
-    c.loss.token_mask = MASKS[mask or "top"]
+    c.loss.token_mask = MASKS[mask]
     c.loss.token_mask_rho = 0.2
 
   return config_lib.get_config_for(model, method)

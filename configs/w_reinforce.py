@@ -12,15 +12,13 @@ ADVANTAGES = ("signed", "grpo")
 
 
 def get_config(arg=None):
-  model, _, adv = (arg or "tiny").partition(",")
-  if (adv or "signed") not in ADVANTAGES:
-    raise ValueError(f"configs/w_reinforce.py:{arg}: advantage {adv!r} not in {ADVANTAGES}")
+  model, adv = config_lib.model_and_variant(arg, "w_reinforce", "advantage", ADVANTAGES)
 
   def method(c, model):
     del model
     c.loss.name = "ppo"
     c.loss.positive_adv_weight = 0.1
-    c.rl.advantage = adv or "signed"
+    c.rl.advantage = adv
     if c.rl.advantage == "signed":
       c.rl.dynamic_sampling = False
 

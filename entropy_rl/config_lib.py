@@ -488,6 +488,15 @@ def ppo_method(clip_ratio_high: float):
   return method
 
 
+def model_and_variant(arg: str | None, family: str, what: str, variants: tuple) -> tuple:
+  """`arg` = 'MODEL[,VARIANT]' of configs/<family>.py split into (model, variant), the variant
+  one of `variants` (the first when absent); `what` names it in the error."""
+  model, _, variant = (arg or "tiny").partition(",")
+  if (variant or variants[0]) not in variants:
+    raise ValueError(f"configs/{family}.py:{arg}: {what} {variant!r} not in {variants}")
+  return model, variant or variants[0]
+
+
 def get_config_for(arg: str | None, method) -> ml_collections.ConfigDict:
   """`arg` is '' / 'tiny' (the embedded default) or a paper model (`qwen2_5_7b`, ...)."""
   c = base_config()
