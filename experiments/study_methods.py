@@ -251,12 +251,11 @@ def findings(
         "last evaluation, error per seed: " + ", ".join(early)
     )
 
-  def last_window(r):  # the mean over the evaluations of the last `window` steps
-    steps, values = common.series(r, V)
-    return float(np.mean(values[steps > steps[-1] - window])) if len(values) else float("nan")
-
   def last(r):
     return common.last_value(r, V)
+
+  def last_window(r):
+    return last_window_mean(r, window)
 
   for label, value in (("final", last), (f"last {window} steps' mean", last_window)):
     ref = [value(r) for r in grpo]
@@ -292,21 +291,58 @@ HEADER = [
 ]
 
 
-def plot_frontier(runs: dict, out_png: str) -> str:
-  """Validation greedy accuracy against token entropy, one line per method (seeds pooled)."""
+def last_window_mean(records, window: int = 100) -> float:
+  """Validation greedy accuracy averaged over the evaluations of the last `window` steps."""
+  steps, values = common.series(records, V)
+  return float(np.mean(values[steps > steps[-1] - window])) if len(values) else float("nan")
+
+
+def mean_trajectory(records_per_seed) -> np.ndarray:
+  """[2, E] (token entropy, validation greedy accuracy) at each evaluation step every seed reached,
+  averaged over the seeds."""
+  per_seed = [
+      {r["step"]: (r[H], r[V]) for r in rec if V in r and H in r} for rec in records_per_seed
+  ]
+  steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+  return np.mean([[p[t] for t in steps] for p in per_seed], axis=0).reshape(-1, 2).T
+
+
+def plot_frontier(runs: dict, out_png: str, ref_fit: dict | None = None, window: int = 100) -> str:
+  """Left: validation greedy accuracy against token entropy along training, one line per method
+  (the seeds' mean at each evaluation; GRPO's law R = -a exp(H) + b dashed). Right: where each
+  method ends, final entropy against the last `window` steps' mean accuracy (mean ± SE over
+  seeds)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+  fig, (ax, end) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
   for i, (arm, recs) in enumerate(runs.items()):
-    h, v = np.concatenate([_eval_points(r) for r in recs], axis=1)
-    order = np.argsort(h)
-    ax.plot(h[order], v[order], marker="o", ms=2, lw=0.8, color=f"C{i % 10}", label=arm)
+    h, v = mean_trajectory(recs)
+    c = colors[i % len(colors)]
+    style = {"lw": 2.0, "zorder": 3} if arm == "grpo" else {"lw": 1.0}
+    ax.plot(h, v, color=c, marker="o", ms=2, label=arm, **style)
+    hs = [common.final_mean(r, H) for r in recs]
+    vs = [last_window_mean(r, window) for r in recs]
+    se = lambda x: np.std(x, ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0.0  # noqa: E731
+    end.errorbar(np.mean(hs), np.mean(vs), xerr=se(hs), yerr=se(vs), color=c, marker="o", ms=4)
+    end.annotate(
+        arm, (np.mean(hs), np.mean(vs)), fontsize=6, xytext=(3, 2), textcoords="offset points"
+    )
+  if ref_fit:
+    grid = np.linspace(*ax.get_xlim(), 100)
+    ax.plot(grid, analysis.law(grid, ref_fit["a"], ref_fit["b"]), "k--", lw=0.8, label="GRPO's law")
   ax.set_xlabel("token entropy (nats)")
   ax.set_ylabel("validation greedy pass@1")
+  ax.set_title("along training (mean over seeds)", fontsize=8)
   ax.legend(fontsize=6, ncol=2)
+  end.set_xlabel("final token entropy (last 10 steps)")
+  end.set_ylabel(f"validation greedy, last {window} steps' mean")
+  end.set_title("where each method ends (mean ± SE over seeds)", fontsize=8)
+  for a in (ax, end):
+    a.tick_params(labelsize=7)
   return common.save_figure(fig, out_png)
 
 
@@ -356,7 +392,7 @@ def main():
   os.makedirs(a.out, exist_ok=True)
   k = settings["eval.num_samples"]
   rows, ref_fit = report_rows(runs, k)
-  plot_frontier(runs, os.path.join(a.out, "frontier.png"))
+  plot_frontier(runs, os.path.join(a.out, "frontier.png"), ref_fit)
   common.plot_groups(runs, [V, f"eval/pass@{k}", H], os.path.join(a.out, "curves.png"), smooth=1)
   found = findings(runs, settings["eval.num_prompts"])
   every = [x for v in specs.values() for x in v]

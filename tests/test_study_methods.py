@@ -81,6 +81,16 @@ def test_report_pairs_seeds_against_grpo(tmp_path):
   assert (tmp_path / "frontier.png").stat().st_size > 1000 and png.endswith("frontier.png")
 
 
+def test_the_frontier_averages_the_seeds_at_the_evaluations_all_reached():
+  H, V = study_methods.H, study_methods.V
+  a = [{"step": t, H: 0.2 - t / 1000, V: 0.1 + t / 1000} for t in (0, 25, 50)] + [{"step": 60}]
+  b = [{"step": t, H: 0.1, V: 0.3} for t in (0, 25)]
+  h, v = study_methods.mean_trajectory([a, b])
+  np.testing.assert_allclose(h, [0.15, (0.175 + 0.1) / 2])
+  np.testing.assert_allclose(v, [0.2, (0.125 + 0.3) / 2])
+  assert study_methods.last_window_mean(a, 30) == pytest.approx((0.125 + 0.15) / 2)
+
+
 def _saturating(level, seed, entropy_end=0.08):
   """Validation accuracy rising to `level` by step ~100, then flat; entropy falling 0.2 -> end."""
   rng = np.random.default_rng(seed)
