@@ -261,20 +261,19 @@ def ensure_run(
   return path
 
 
-def archived_warm_starts(archive: str, warm: str) -> dict:
-  """{sha256: [run names]} of the runs in `archive` that started from warm start dir `warm`'s task
-  (the same `warm_dir` name), as their spec.json records it."""
-  out: dict = {}
+def archived_warm_starts(archive: str, warm: str) -> list:
+  """The spec.json of every run in `archive` that started from warm start dir `warm`'s task (the
+  same `warm_dir` name) and records the warm start's sha256."""
+  out = []
   for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
     try:
       with open(os.path.join(archive, name, "spec.json")) as f:
         spec = json.load(f)
     except FileNotFoundError:
       continue
-    if spec.get("warm_start_sha256") and os.path.basename(
-        warm_dir("", dict(map(tuple, spec.get("overrides", ()))))
-    ) == os.path.basename(warm):
-      out.setdefault(spec["warm_start_sha256"], []).append(name)
+    task_warm = warm_dir("", dict(map(tuple, spec.get("overrides", ()))))
+    if spec.get("warm_start_sha256") and os.path.basename(task_warm) == os.path.basename(warm):
+      out.append(spec)
   return out
 
 
@@ -283,31 +282,22 @@ def check_warm_start(warm: str, archive: str, name: str) -> None:
   a run on it would not be paired with theirs. (XLA:CPU's reductions depend on the thread count,
   so a warm start retrained under another `taskset` differs in its last bits and its accuracy.)"""
   have = warm_start_sha256(warm)
-  want = archived_warm_starts(archive, warm)
+  specs = archived_warm_starts(archive, warm)
+  want: dict = {}
+  for spec in specs:
+    want.setdefault(spec["warm_start_sha256"], []).append(spec["name"])
   if have is None or not want or have in want:
     return
   runs = "; ".join(
       f"{sha[:12]}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}" for sha, n in want.items()
   )
-  cpus = {
-      spec_cpus
-      for n in sum(want.values(), [])
-      if (spec_cpus := _spec_field(os.path.join(archive, n), "cpus")) is not None
-  }
+  cpus = sorted({spec["cpus"] for spec in specs if "cpus" in spec})
   raise RuntimeError(
       f"run {name}: the warm start {warm} (sha256 {have[:12]}) is not the one the runs archived in "
       f"{archive} started from ({runs}); retrain it as they did"
-      + (f" (launched on {sorted(cpus)} CPUs, e.g. `taskset -c 0`)" if cpus else "")
+      + (f" (launched on {cpus} CPUs, e.g. `taskset -c 0`)" if cpus else "")
       + " in an empty --root, or archive this study elsewhere (--archive)"
   )
-
-
-def _spec_field(path: str, key: str):
-  try:
-    with open(os.path.join(path, "spec.json")) as f:
-      return json.load(f).get(key)
-  except FileNotFoundError:
-    return None
 
 
 def _launch(path: str, s: RunSpec, overrides: dict, warm: str, log) -> None:
