@@ -105,6 +105,12 @@ def test_tiny_run(tmp_path, capsys):
   assert r["ours"]["tokens_per_s"] == pytest.approx(b * s / step_s)
   assert r["ours"]["flops_per_s"] == pytest.approx(flops / step_s)
   assert r["targets_met"]["speedup>=1.5"] == (r["speedup"] >= 1.5)
+  # Every layer weight's forward, input-gradient and weight-gradient dot over all B x S positions
+  # is among the counted dots; the floor is their timed sum.
+  fl = r["dot_floor"]
+  assert fl["flops"] >= 6 * bench.TINY.num_layers * bench.layer_matmul_params(bench.TINY) * b * s
+  assert fl["seconds"] > 0 and fl["dots"] >= 3 * 7 * bench.TINY.num_layers
+  assert "dot floor (experiments/dot_floor.py)" in printed and fl["table"] in printed
   for v in (r["matmul_flops_per_s"], r["torch"]["tokens_per_s"], r["compile_s"]):
     assert v > 0 and math.isfinite(v)
 
