@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import re
 
 import pytest
@@ -228,7 +229,9 @@ def test_a_run_on_another_warm_start_than_the_archived_runs_is_refused(tmp_path,
     return call
 
   archive, log = str(tmp_path / "archive"), lambda _: None
-  s0, s1, s2 = (common.RunSpec(f"f_r{i}", "grpo", overrides=(("num_steps", 3),)) for i in range(3))
+  s0, s1, s2 = (
+      common.RunSpec(f"f_r{i}", "grpo", overrides=(("num_steps", 3), ("seed", 0))) for i in range(3)
+  )
   monkeypatch.setattr(common.subprocess, "call", run(b"weights"))
   common.ensure_run(str(tmp_path / "a"), s0, log=log, archive=archive)
   spec = json.load(open(os.path.join(archive, "f_r0", "spec.json")))
@@ -238,7 +241,7 @@ def test_a_run_on_another_warm_start_than_the_archived_runs_is_refused(tmp_path,
   assert os.path.exists(os.path.join(archive, "f_r1"))
   # One that trains another is refused after the run (kept in its root, not archived) ...
   monkeypatch.setattr(common.subprocess, "call", run(b"other bits"))
-  with pytest.raises(RuntimeError, match=r"f_r2: the warm start .* is not the one .* f_r0, f_r1"):
+  with pytest.raises(RuntimeError, match=r"f_r2: the warm start .* not the one the seed-0 runs"):
     common.ensure_run(str(tmp_path / "c"), s2, log=log, archive=archive)
   assert not os.path.exists(os.path.join(archive, "f_r2"))
   assert common.read_records(common.run_dir(str(tmp_path / "c"), s2))
@@ -248,3 +251,56 @@ def test_a_run_on_another_warm_start_than_the_archived_runs_is_refused(tmp_path,
     common.ensure_run(
         str(tmp_path / "c"), dataclasses.replace(s2, name="f_r3"), log=log, archive=archive
     )
+
+
+def test_the_warm_start_is_archived_restored_and_checked_per_seed(tmp_path, monkeypatch):
+  """The first archived run's warm start is archived; a fresh root (another machine, whose
+  retrained warm start would differ) restores it. Runs pair within a seed, so another seed may
+  start from another warm start, and a run refused at archiving is archived once it is reused."""
+  from entropy_rl import warmstart
+
+  trained = []
+
+  def call(cmd, **_):
+    warm = json.loads(cmd[cmd.index("--overrides") + 1])["warm_start.path"]
+    if common.warm_start_sha256(warm) is None:  # what the trainer does: train it when absent
+      os.makedirs(os.path.join(warm, warmstart.MODEL_DIR), exist_ok=True)
+      with open(os.path.join(warm, warmstart.MODEL_DIR, "model.safetensors"), "wb") as f:
+        f.write(b"bits of machine %d" % len(trained))
+      trained.append(warm)
+    _fake_run(cmd[cmd.index("--workdir") + 1], 3)
+    return 0
+
+  monkeypatch.setattr(common.subprocess, "call", call)
+  archive, log = str(tmp_path / "archive"), lambda _: None
+  spec = lambda name, seed: common.RunSpec(
+      name, "grpo", overrides=(("num_steps", 3), ("seed", seed))
+  )
+  a0 = common.ensure_run(str(tmp_path / "a"), spec("g_s0", 0), log=log, archive=archive)
+  warm_a = common.warm_dir(str(tmp_path / "a"), {"num_steps": 3})
+  archived = os.path.join(archive, os.path.basename(warm_a))
+  assert common.warm_start_sha256(archived) == common.warm_start_sha256(warm_a)
+  # Another machine restores it rather than training its own, so its seed-0 run is paired.
+  common.ensure_run(str(tmp_path / "b"), spec("c_s0", 0), log=log, archive=archive)
+  assert len(trained) == 1 and os.path.isdir(os.path.join(archive, "c_s0"))
+  (sha_b,) = common.same_warm_start(str(tmp_path / "b"), [spec("c_s0", 0)])
+  assert [sha_b] == list(common.same_warm_start(str(tmp_path / "a"), [spec("g_s0", 0)]))
+  # Archived seed-0 runs on a warm start that was lost: seed 1 may start from the archived one,
+  # seed 0 may not.
+  shutil.rmtree(archived)
+  with open(os.path.join(archive, "c_s0", "spec.json")) as f:
+    old = json.load(f)
+  for name in ("g_s0", "c_s0"):
+    with open(os.path.join(archive, name, "spec.json"), "w") as f:
+      json.dump({**old, "name": name, "warm_start_sha256": "lost" * 16}, f)
+  c1 = common.ensure_run(str(tmp_path / "c"), spec("g_s1", 1), log=log, archive=archive)
+  assert len(trained) == 2 and os.path.isdir(os.path.join(archive, "g_s1"))
+  with pytest.raises(RuntimeError, match="seed-0 runs"):
+    common.ensure_run(str(tmp_path / "c"), spec("k_s0", 0), log=log, archive=archive)
+  assert not os.path.isdir(os.path.join(archive, "k_s0"))
+  # Once the conflicting seed-0 runs leave the archive, reusing the finished run archives it.
+  for name in ("g_s0", "c_s0"):
+    shutil.rmtree(os.path.join(archive, name))
+  common.ensure_run(str(tmp_path / "c"), spec("k_s0", 0), log=log, archive=archive)
+  assert len(trained) == 2 and os.path.isdir(os.path.join(archive, "k_s0"))
+  assert common.read_records(c1) and common.read_records(a0)
