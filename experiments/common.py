@@ -244,9 +244,6 @@ def ensure_run(
   def finished() -> bool:
     if _complete(path, num_steps):
       log(f"[reuse] {s.name}")
-      if archive and launch and not os.path.isdir(os.path.join(archive, s.name)):
-        check_warm_start(warm, archive, s.name, seed)  # a run whose archiving was refused stays
-        archive_run(path, archive)
       return True
     if archive and restore_run(root, s, archive) and _complete(path, num_steps):
       log(f"[archived] {s.name}")
