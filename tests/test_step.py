@@ -250,3 +250,23 @@ def test_recompute_old_logp_reports_sampler_mismatch():
   # After recomputation the update is on-policy: ratios are 1, nothing is clipped.
   assert m["abs_dlogp"] < 1e-6
   assert m["clipfrac_low"] == 0 and m["clipfrac_high"] == 0
+
+
+def test_cpu_update_compiles_its_dots_without_ynnpack():
+  """On CPU the update is compiled with `CPU_UPDATE_COMPILER_OPTIONS` (Eigen dots); other jitted
+  code keeps XLA:CPU's default, which fuses the same dots into YNNPACK."""
+  model, cfg, params = _model()
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  rules = sharding.default_rules()
+  run = config_lib.typed(_config(), 1)
+  optimizer = step_lib.make_optimizer(run.optim, 10)
+  schedule = step_lib.lr_schedule(run.optim, 10)
+  pshard = sharding.logical_to_mesh_sharding(models.param_logical_axes(cfg), mesh, rules, params)
+  state, shardings = step_lib.init_state(params, optimizer, run.update.loss, mesh, pshard)
+  update = step_lib.make_update(model, cfg, run.update, optimizer, schedule, mesh, shardings, rules)
+  batch = jax.device_put(_batch(), sharding.batch_sharding(mesh))
+  text = update.lower(state, batch, jax.random.key(0)).compile().as_text()
+  assert " dot(" in text and "ynn_fusion" not in text
+  x = np.ones((N * (P_LEN + L_LEN), cfg.hidden_size), np.float32)
+  w = np.ones((cfg.hidden_size, cfg.intermediate_size), np.float32)
+  assert "ynn_fusion" in jax.jit(lambda x, w: x @ w).lower(x, w).compile().as_text()
