@@ -358,7 +358,9 @@ def run(args) -> dict:
         }
     )
   med = lambda k: statistics.median(r[k] for r in per_round)
-  dot_rows, floor_s = dot_floor.time_dots(dots)
+  dot_rows, floor_s = dot_floor.time_dots(
+      dots, compiler_options=step_lib.CPU_UPDATE_COMPILER_OPTIONS
+  )
   tokens = B * S
   result = {
       "size": size,

@@ -103,16 +103,21 @@ def module_dots(hlo_text: str) -> collections.Counter:
   return dots
 
 
-def time_dots(dots: collections.Counter, reps: int = 7) -> tuple[list[dict], float]:
+def time_dots(
+    dots: collections.Counter, reps: int = 7, compiler_options: dict | None = None
+) -> tuple[list[dict], float]:
   """([{dot, count, seconds, flops_per_s}] slowest total first, the floor: sum count x seconds),
-  each dot timed alone as its own jitted `lax.dot_general`, median of `reps` runs."""
+  each dot timed alone as its own jitted `lax.dot_general` (compiled with the program's
+  `compiler_options`), median of `reps` runs."""
   rng = np.random.default_rng(0)
   rows = []
   for dot, count in dots.items():
     x = jax.numpy.asarray(rng.standard_normal(dot.lhs, np.float32))
     y = jax.numpy.asarray(rng.standard_normal(dot.rhs, np.float32))
     dims = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
-    f = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
+    f = jax.jit(
+        lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims), compiler_options=compiler_options
+    )
     jax.block_until_ready(f(x, y))
     ts = []
     for _ in range(reps):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from entropy_rl import step as step_lib
 from experiments import dot_floor
 
 
@@ -54,6 +55,9 @@ def test_time_dots_floor_is_count_times_each():
   totals = [r["count"] * r["seconds"] for r in rows]
   assert totals == sorted(totals, reverse=True)
   assert "| 3 | [64, 32] | [32, 16] | [1]/[0] |" in dot_floor.format_rows(rows)
+  # Timed as the update compiles them on CPU (Eigen dots).
+  rows, floor = dot_floor.time_dots({d1: 2}, 3, step_lib.CPU_UPDATE_COMPILER_OPTIONS)
+  assert rows[0]["count"] == 2 and floor == 2 * rows[0]["seconds"] > 0
 
 
 def test_no_entry_raises():
