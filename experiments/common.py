@@ -271,18 +271,19 @@ def archive_warm_start(warm: str, archive: str) -> None:
   follow the CPU's vector units and thread count), so later runs on any machine restore it."""
   dest = os.path.join(archive, os.path.basename(os.path.normpath(warm)))
   if warm_start_sha256(warm) is not None and not os.path.isdir(dest):
-    _copy_dir(warm, dest)
+    _copy_warm_start(warm, dest)
 
 
 def restore_warm_start(warm: str, archive: str) -> None:
   """Copies the archived warm start of `warm`'s task into `warm` when `warm` has none."""
   src = os.path.join(archive, os.path.basename(os.path.normpath(warm)))
   if warm_start_sha256(warm) is None and warm_start_sha256(src) is not None:
-    _copy_dir(src, warm)
+    _copy_warm_start(src, warm)
 
 
-def _copy_dir(src: str, dest: str) -> None:
-  """Copies `src` to `dest` whole or not at all; another study that got there first wins."""
+def _copy_warm_start(src: str, dest: str) -> None:
+  """Copies warm start dir `src` to `dest` whole or not at all; another study that got there first
+  wins."""
   tmp = f"{dest}.tmp{os.getpid()}"
   shutil.copytree(src, tmp)
   try:
