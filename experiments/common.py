@@ -239,6 +239,8 @@ def ensure_run(
   num_steps = int(overrides.get("num_steps", load_config(s.family, s.arg, {}).num_steps))
   archive = None if extra else archive  # a smoke test's runs are not the spec's runs
 
+  seed = overrides.get("seed")
+
   def finished() -> bool:
     if _complete(path, num_steps):
       log(f"[reuse] {s.name}")
@@ -253,61 +255,88 @@ def ensure_run(
   with _locked(path):
     if not finished():
       if archive:
-        check_warm_start(warm, archive, s.name)  # before a run that would train on another one
+        restore_warm_start(warm, archive)
+        check_warm_start(warm, archive, s.name, seed)  # before a run that would train another
       _launch(path, s, overrides, warm, log)
       if archive:
-        check_warm_start(warm, archive, s.name)  # the warm start this run trained
+        check_warm_start(warm, archive, s.name, seed)  # the warm start this run trained
+        archive_warm_start(warm, archive)
         archive_run(path, archive)
   return path
 
 
-def archived_warm_starts(archive: str, warm: str) -> dict:
-  """{sha256: [run names]} of the runs in `archive` that started from warm start dir `warm`'s task
-  (the same `warm_dir` name), as their spec.json records it."""
-  out: dict = {}
+def archive_warm_start(warm: str, archive: str) -> None:
+  """Copies warm start dir `warm` (weights and `warm_start.json`, ~2 MB at tiny size) to
+  `<archive>/<its name>` unless one is there: its bits depend on the machine (XLA:CPU's reductions
+  follow the CPU's vector units and thread count), so later runs on any machine restore it."""
+  dest = os.path.join(archive, os.path.basename(os.path.normpath(warm)))
+  if warm_start_sha256(warm) is not None and not os.path.isdir(dest):
+    _copy_dir(warm, dest)
+
+
+def restore_warm_start(warm: str, archive: str) -> None:
+  """Copies the archived warm start of `warm`'s task into `warm` when `warm` has none."""
+  src = os.path.join(archive, os.path.basename(os.path.normpath(warm)))
+  if warm_start_sha256(warm) is None and warm_start_sha256(src) is not None:
+    _copy_dir(src, warm)
+
+
+def _copy_dir(src: str, dest: str) -> None:
+  """Copies `src` to `dest` whole or not at all; another study that got there first wins."""
+  tmp = f"{dest}.tmp{os.getpid()}"
+  shutil.copytree(src, tmp)
+  try:
+    os.replace(tmp, dest)
+  except OSError:  # `dest` exists and is not empty
+    shutil.rmtree(tmp)
+    if warm_start_sha256(dest) is None:
+      raise
+
+
+def archived_warm_starts(archive: str, warm: str, seed=None) -> list:
+  """The spec.json of every run in `archive` that started from warm start dir `warm`'s task (the
+  same `warm_dir` name), records the warm start's sha256 and has seed `seed` (any if None)."""
+  out = []
   for name in sorted(os.listdir(archive)) if os.path.isdir(archive) else []:
     try:
       with open(os.path.join(archive, name, "spec.json")) as f:
         spec = json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
       continue
-    if spec.get("warm_start_sha256") and os.path.basename(
-        warm_dir("", dict(map(tuple, spec.get("overrides", ()))))
-    ) == os.path.basename(warm):
-      out.setdefault(spec["warm_start_sha256"], []).append(name)
+    overrides = dict(map(tuple, spec.get("overrides", ())))
+    task_warm = warm_dir("", overrides)
+    if (
+        spec.get("warm_start_sha256")
+        and os.path.basename(task_warm) == os.path.basename(warm)
+        and (seed is None or overrides.get("seed") == seed)
+    ):
+      out.append(spec)
   return out
 
 
-def check_warm_start(warm: str, archive: str, name: str) -> None:
-  """Raises when `warm` exists and differs from the warm start of the runs archived for its task:
-  a run on it would not be paired with theirs. (XLA:CPU's reductions depend on the thread count,
-  so a warm start retrained under another `taskset` differs in its last bits and its accuracy.)"""
+def check_warm_start(warm: str, archive: str, name: str, seed=None) -> None:
+  """Raises when `warm` exists and differs from the warm start of the runs archived for its task
+  with seed `seed`: a run on it would not be paired with theirs (a study pairs seed i of every arm
+  with GRPO's seed i). XLA:CPU's reductions depend on the CPU and the thread count, so a warm start
+  retrained elsewhere differs in its last bits and its accuracy; `archive_warm_start` keeps one."""
   have = warm_start_sha256(warm)
-  want = archived_warm_starts(archive, warm)
+  specs = archived_warm_starts(archive, warm, seed)
+  want: dict = {}
+  for spec in specs:
+    want.setdefault(spec["warm_start_sha256"], []).append(spec["name"])
   if have is None or not want or have in want:
     return
   runs = "; ".join(
       f"{sha[:12]}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}" for sha, n in want.items()
   )
-  cpus = {
-      spec_cpus
-      for n in sum(want.values(), [])
-      if (spec_cpus := _spec_field(os.path.join(archive, n), "cpus")) is not None
-  }
+  cpus = sorted({spec["cpus"] for spec in specs if "cpus" in spec})
   raise RuntimeError(
-      f"run {name}: the warm start {warm} (sha256 {have[:12]}) is not the one the runs archived in "
-      f"{archive} started from ({runs}); retrain it as they did"
-      + (f" (launched on {sorted(cpus)} CPUs, e.g. `taskset -c 0`)" if cpus else "")
+      f"run {name}: the warm start {warm} (sha256 {have[:12]}) is not the one the "
+      f"{'' if seed is None else f'seed-{seed} '}runs archived in {archive} started from ({runs}); "
+      "retrain it as they did"
+      + (f" (launched on {cpus} CPUs, e.g. `taskset -c 0`)" if cpus else "")
       + " in an empty --root, or archive this study elsewhere (--archive)"
   )
-
-
-def _spec_field(path: str, key: str):
-  try:
-    with open(os.path.join(path, "spec.json")) as f:
-      return json.load(f).get(key)
-  except FileNotFoundError:
-    return None
 
 
 def _launch(path: str, s: RunSpec, overrides: dict, warm: str, log) -> None:
