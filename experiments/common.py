@@ -105,10 +105,12 @@ def run_tag(quick: bool, preset: str, setting: str = "countdown") -> str:
   return tag + ("" if preset == "tiny" else f"_{preset}")
 
 
-def arm_specs(arms: dict, settings: dict, seeds: int, tag: str, preset: str = "tiny") -> dict:
+def arm_specs(
+    arms: dict, settings: dict, seeds: int, tag: str, preset: str = "tiny", first_seed: int = 0
+) -> dict:
   """{arm: [RunSpec per seed]} for `arms` {arm: (config family, preset variant, overrides)}: run
-  configs/<family>.py:<preset>[,<variant>] with `settings`, the arm's overrides and the seed,
-  named `<tag>_<arm>_s<seed>` ('%' spelled 'pct')."""
+  configs/<family>.py:<preset>[,<variant>] with `settings`, the arm's overrides and each of the
+  `seeds` seeds from `first_seed` on, named `<tag>_<arm>_s<seed>` ('%' spelled 'pct')."""
   out = {}
   for arm, (family, variant, extra) in arms.items():
     arg = f"{preset},{variant}" if variant else preset
@@ -119,7 +121,7 @@ def arm_specs(arms: dict, settings: dict, seeds: int, tag: str, preset: str = "t
             arg,
             tuple(sorted({**settings, **extra, "seed": s}.items())),
         )
-        for s in range(seeds)
+        for s in range(first_seed, first_seed + seeds)
     ]
   return out
 

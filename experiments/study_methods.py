@@ -91,11 +91,16 @@ def validation_settings(
 
 
 def arm_specs(
-    settings: dict, seeds: int, quick: bool, preset: str = "tiny", setting: str = "countdown"
+    settings: dict,
+    seeds: int,
+    quick: bool,
+    preset: str = "tiny",
+    setting: str = "countdown",
+    first_seed: int = 0,
 ) -> dict:
   """{arm: [RunSpec per seed]}; run names are shared with no other study (the protocol differs)."""
   tag = "m" + common.run_tag(quick, preset, setting)
-  return common.arm_specs(ARMS, settings, seeds, tag, preset)
+  return common.arm_specs(ARMS, settings, seeds, tag, preset, first_seed)
 
 
 def _eval_points(records):
@@ -349,6 +354,13 @@ def plot_frontier(runs: dict, out_png: str, ref_fit: dict | None = None, window:
 def main():
   p = common.base_args(__doc__, "methods", archive=True)
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument(
+      "--first_seed",
+      type=int,
+      default=0,
+      help="seeds first_seed .. first_seed + seeds - 1: a comparison whose runs all start from one"
+      " archived warm start (seeds 0-1 of the 600-step runs started from one never archived)",
+  )
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--eval_every", type=int, default=20)
   p.add_argument("--eval_prompts", type=int, default=1024)
@@ -372,12 +384,12 @@ def main():
   settings = validation_settings(
       a.quick, a.steps, a.eval_every, a.eval_prompts, a.setting, a.preset
   )
-  specs = arm_specs(settings, seeds, a.quick, a.preset, a.setting)
+  specs = arm_specs(settings, seeds, a.quick, a.preset, a.setting, a.first_seed)
   specs = {arm: specs[arm] for arm in arms}
   runs = {arm: [] for arm in specs}
   for s in range(seeds):  # seed-major, so partial results cover every method
     for arm in specs:
-      if len(runs[arm]) < s:  # --report_only: an arm's seeds from 0 up to its first missing one
+      if len(runs[arm]) < s:  # --report_only: an arm's seeds from the first up to a missing one
         continue
       path = common.ensure_run(
           a.root, specs[arm][s], archive=common.archive_of(a), launch=not a.report_only
@@ -402,7 +414,9 @@ def main():
       if ref_fit
       else "n/a (the fit did not converge)"
   )
-  done = f"{seeds} seed(s)"
+  done = f"{seeds} seed(s)" + (
+      f" ({a.first_seed}-{a.first_seed + seeds - 1})" if a.first_seed else ""
+  )
   if any(len(v) < seeds for v in runs.values()):
     done = f"of {seeds} seeds, finished so far: " + ", ".join(
         f"{k} {len(v)}" for k, v in runs.items()

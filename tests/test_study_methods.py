@@ -32,6 +32,16 @@ def test_every_arm_is_a_valid_config(quick):
   assert common.load_config(kl.family, kl.arg, kl.config_overrides()).loss.kl_ref_coef > 0
 
 
+def test_first_seed_names_and_seeds_the_runs():
+  settings = study_methods.validation_settings(False, 600, 25, 1024, "steps")
+  base = study_methods.arm_specs(settings, 5, False, setting="steps")
+  later = study_methods.arm_specs(settings, 3, False, setting="steps", first_seed=2)
+  for arm, specs in later.items():
+    assert specs == base[arm][2:]  # the same runs, so archived ones are reused
+  assert [dict(s.overrides)["seed"] for s in later["grpo"]] == [2, 3, 4]
+  assert [s.name for s in later["bottom_80%"]] == [f"mf_steps_bottom_80pct_s{i}" for i in (2, 3, 4)]
+
+
 def _family_arg(spec):
   return spec.family, spec.arg, spec.config_overrides()
 
