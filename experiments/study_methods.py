@@ -68,6 +68,15 @@ ARMS = {
 }
 
 
+# Control -> the method it controls: both in a comparison, `findings` pairs them seed by seed.
+CONTROLS = {
+    "clip_cov_random": "clip_cov",
+    "clip_cov_random_r0.02": "clip_cov_r0.02",
+    "entropy_matched": "clip_cov_r0.02",
+    "bottom_80%": "top_20%",
+}
+
+
 def validation_settings(
     quick: bool,
     steps: int,
@@ -130,14 +139,7 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
       d = analysis.paired_difference(a[:n], b[:n])
       return f"{d['mean']:+.3f} ± {d['se']:.3f}" if n > 1 else f"{d['mean']:+.3f}"
 
-    resid = "n/a"
-    if ref_fit:
-      res = []
-      for r in recs:
-        h, v = _eval_points(r)
-        if len(h):
-          res.append(analysis.frontier_residual(ref_h, ref_v, h, v)["mean"])
-      resid = common.mean_std(res)
+    resid = common.mean_std(frontier_residuals(recs, ref_h, ref_v)) if ref_fit else "n/a"
     seconds = [
         np.nanmean([sum(v for key, v in x.items() if key.startswith("time/")) for x in r if H in x])
         for r in recs
@@ -166,13 +168,28 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
   return rows, ref_fit
 
 
+def frontier_residuals(records_per_seed, ref_h, ref_v) -> list[float]:
+  """Per seed: the mean of validation accuracy minus GRPO's law (fitted on ref_h, ref_v) at the
+  run's entropy, over its evaluations."""
+  out = []
+  for r in records_per_seed:
+    h, v = _eval_points(r)
+    if len(h):
+      out.append(analysis.frontier_residual(ref_h, ref_v, h, v)["mean"])
+  return out
+
+
 def _plateau(records_per_seed) -> dict:
   """`analysis.detect_plateau` on the seeds' validation greedy accuracy, pooled."""
   return analysis.detect_plateau(*zip(*[common.series(r, V) for r in records_per_seed]))
 
 
 def findings(
-    runs: dict, num_prompts: int, fit_fraction: float = 0.15, window: int = 100
+    runs: dict,
+    num_prompts: int,
+    fit_fraction: float = 0.15,
+    window: int = 100,
+    k: int | None = None,
 ) -> list[str]:
   """The science issue's targets, each measured on {arm: [records per seed]}: GRPO's validation
   plateau (`analysis.detect_plateau`, pooled over seeds; the other methods' by the same test) and
@@ -182,7 +199,8 @@ def findings(
   fitted on the first `fit_fraction` of the evaluations predicting the last one, against 2
   standard errors; and each method's validation accuracy against GRPO's in standard errors of the
   paired difference, at the last evaluation and averaged over the evaluations of the last
-  `window` steps (less noise, once past the plateau)."""
+  `window` steps (less noise, once past the plateau); then each control against the method it
+  controls (`control_findings`, pass@`k` among its measures)."""
   out = []
   grpo = runs["grpo"]
   try:
@@ -274,6 +292,39 @@ def findings(
           f"{arm} - GRPO, {label} validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
           f"({z:+.1f} SE, paired t-test p = {d['p_value']:.2g}, {n} paired seeds)"
       )
+  out += control_findings(runs, k, window)
+  return out
+
+
+def control_findings(runs: dict, k: int | None = None, window: int = 100) -> list[str]:
+  """Each method against its controls (`CONTROLS`), seed i against seed i: the last `window`
+  steps' validation greedy accuracy, final entropy, the residual against GRPO's law at matched
+  entropy and final pass@`k` (with k), as mean ± standard error of the paired difference."""
+  ref_h, ref_v = np.concatenate([_eval_points(r) for r in runs["grpo"]], axis=1)
+  measures = {
+      f"val. greedy (last {window} steps)": lambda recs: [
+          last_window_mean(r, window) for r in recs
+      ],
+      "final entropy": lambda recs: [common.final_mean(r, H) for r in recs],
+      "residual at matched entropy": lambda recs: frontier_residuals(recs, ref_h, ref_v),
+  }
+  if k:
+    measures[f"final pass@{k}"] = lambda recs: [
+        common.last_value(r, f"eval/pass@{k}") for r in recs
+    ]
+  out = []
+  for control, method in CONTROLS.items():
+    n = min(len(runs.get(control, [])), len(runs.get(method, [])))
+    if n < 2:
+      continue
+    parts = []
+    for label, measure in measures.items():
+      try:
+        d = analysis.paired_difference(measure(runs[method][:n]), measure(runs[control][:n]))
+      except ValueError:
+        continue
+      parts.append(f"{label} {d['mean']:+.3f} ± {d['se']:.3f} (p = {d['p_value']:.2g})")
+    out.append(f"{method} - {control}, {n} paired seeds: " + "; ".join(parts))
   return out
 
 
@@ -406,7 +457,7 @@ def main():
   rows, ref_fit = report_rows(runs, k)
   plot_frontier(runs, os.path.join(a.out, "frontier.png"), ref_fit)
   common.plot_groups(runs, [V, f"eval/pass@{k}", H], os.path.join(a.out, "curves.png"), smooth=1)
-  found = findings(runs, settings["eval.num_prompts"])
+  found = findings(runs, settings["eval.num_prompts"], k=k)
   every = [x for v in specs.values() for x in v]
   code, warm = common.same_code(a.root, every), common.same_warm_start(a.root, every)
   fit_txt = (

@@ -139,6 +139,28 @@ def test_findings_measure_the_plateau_the_law_and_the_paired_gains():
   assert float(averaged.split("(")[1].split(" SE")[0]) > 2
 
 
+def test_controls_are_paired_with_the_method_they_control():
+  runs = {
+      "grpo": [_records(0.9, 0.1, s) for s in range(3)],
+      "clip_cov_r0.02": [_records(0.95, 0.3, 10 + s) for s in range(3)],
+      "entropy_matched": [_records(0.92, 0.3, 20 + s) for s in range(3)],
+      "clip_cov_random": [_records(0.9, 0.1, 30 + s) for s in range(3)],  # its method is absent
+  }
+  lines = study_methods.control_findings(runs, 8, window=30)
+  assert len(lines) == 1 and lines[0].startswith(
+      "clip_cov_r0.02 - entropy_matched, 3 paired seeds: "
+  )
+  greedy, entropy, residual, pass8 = lines[0].split(": ", 1)[1].split("; ")
+  method = [study_methods.last_window_mean(r, 30) for r in runs["clip_cov_r0.02"]]
+  control = [study_methods.last_window_mean(r, 30) for r in runs["entropy_matched"]]
+  d = np.subtract(method, control)
+  assert greedy.startswith(f"val. greedy (last 30 steps) {d.mean():+.3f} ± ")
+  assert entropy.startswith("final entropy +0.000 ± 0.000")  # both end at entropy 0.3
+  assert float(residual.split()[4]) == pytest.approx(0.03, abs=0.005)  # 0.95 - 0.92 on one law
+  assert pass8.startswith("final pass@8 +0.000")
+  assert lines[0] in study_methods.findings(runs, 1024, window=30, k=8)
+
+
 def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
   import json
   import os
