@@ -105,10 +105,12 @@ def run_tag(quick: bool, preset: str, setting: str = "countdown") -> str:
   return tag + ("" if preset == "tiny" else f"_{preset}")
 
 
-def arm_specs(arms: dict, settings: dict, seeds: int, tag: str, preset: str = "tiny") -> dict:
+def arm_specs(
+    arms: dict, settings: dict, seeds: int, tag: str, preset: str = "tiny", first_seed: int = 0
+) -> dict:
   """{arm: [RunSpec per seed]} for `arms` {arm: (config family, preset variant, overrides)}: run
-  configs/<family>.py:<preset>[,<variant>] with `settings`, the arm's overrides and the seed,
-  named `<tag>_<arm>_s<seed>` ('%' spelled 'pct')."""
+  configs/<family>.py:<preset>[,<variant>] with `settings`, the arm's overrides and each of the
+  `seeds` seeds from `first_seed` on, named `<tag>_<arm>_s<seed>` ('%' spelled 'pct')."""
   out = {}
   for arm, (family, variant, extra) in arms.items():
     arg = f"{preset},{variant}" if variant else preset
@@ -119,7 +121,7 @@ def arm_specs(arms: dict, settings: dict, seeds: int, tag: str, preset: str = "t
             arg,
             tuple(sorted({**settings, **extra, "seed": s}.items())),
         )
-        for s in range(seeds)
+        for s in range(first_seed, first_seed + seeds)
     ]
   return out
 
@@ -271,18 +273,19 @@ def archive_warm_start(warm: str, archive: str) -> None:
   follow the CPU's vector units and thread count), so later runs on any machine restore it."""
   dest = os.path.join(archive, os.path.basename(os.path.normpath(warm)))
   if warm_start_sha256(warm) is not None and not os.path.isdir(dest):
-    _copy_dir(warm, dest)
+    _copy_warm_start(warm, dest)
 
 
 def restore_warm_start(warm: str, archive: str) -> None:
   """Copies the archived warm start of `warm`'s task into `warm` when `warm` has none."""
   src = os.path.join(archive, os.path.basename(os.path.normpath(warm)))
   if warm_start_sha256(warm) is None and warm_start_sha256(src) is not None:
-    _copy_dir(src, warm)
+    _copy_warm_start(src, warm)
 
 
-def _copy_dir(src: str, dest: str) -> None:
-  """Copies `src` to `dest` whole or not at all; another study that got there first wins."""
+def _copy_warm_start(src: str, dest: str) -> None:
+  """Copies warm start dir `src` to `dest` whole or not at all; another study that got there first
+  wins."""
   tmp = f"{dest}.tmp{os.getpid()}"
   shutil.copytree(src, tmp)
   try:

@@ -49,11 +49,12 @@ ARMS = {
     "entropy_bonus": ("grpo", "", {"loss.entropy_coef": 0.003}),
     # The entropy-matched control: an entropy bonus whose coefficient the adaptive controller tunes
     # to hold the token entropy at Clip-Cov r = 0.02's (0.17-0.18 over steps 50-300 on the steps
-    # setting), so a gain of Clip-Cov's over it is not entropy alone.
+    # setting), so a gain of Clip-Cov's over it is not entropy alone. Its cap was 0.1 until the
+    # 300-step controls showed the coefficient pinned there from step ~100 and entropy 0.140.
     "entropy_matched": (
         "adaptive_entropy",
         "",
-        {"loss.entropy_target": 0.17, "loss.entropy_coef_max": 0.1},
+        {"loss.entropy_target": 0.17, "loss.entropy_coef_max": 0.3},
     ),
     "reference_kl": ("grpo", "", {"loss.kl_ref_coef": 0.02}),
     "gspo": ("gspo", "", {}),
@@ -61,7 +62,8 @@ ARMS = {
     "archer": ("archer", "", {}),
     "adaptive_entropy": ("adaptive_entropy", "", {}),
     "entropy_advantage": ("entropy_advantage", "", {}),
-    "w_reinforce": ("w_reinforce", "", {}),
+    "w_reinforce": ("w_reinforce", "", {}),  # the paper's: rewards +-1, no baseline
+    "w_reinforce_grpo_adv": ("w_reinforce", "grpo", {}),  # lambda on GRPO's advantages
     "qae": ("qae", "", {}),
 }
 
@@ -89,11 +91,16 @@ def validation_settings(
 
 
 def arm_specs(
-    settings: dict, seeds: int, quick: bool, preset: str = "tiny", setting: str = "countdown"
+    settings: dict,
+    seeds: int,
+    quick: bool,
+    preset: str = "tiny",
+    setting: str = "countdown",
+    first_seed: int = 0,
 ) -> dict:
   """{arm: [RunSpec per seed]}; run names are shared with no other study (the protocol differs)."""
   tag = "m" + common.run_tag(quick, preset, setting)
-  return common.arm_specs(ARMS, settings, seeds, tag, preset)
+  return common.arm_specs(ARMS, settings, seeds, tag, preset, first_seed)
 
 
 def _eval_points(records):
@@ -152,6 +159,7 @@ def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
                 [common.final_mean(r, "select/cov_mass_selected", 10**6) for r in recs]
             ),
             common.mean_std([common.final_mean(r, "select/n_token_mask", 10**6) for r in recs]),
+            common.mean_std([common.final_mean(r, "select/n_high_entropy", 10**6) for r in recs]),
             f"{np.nanmean(seconds):.2f}",
         ]
     )
@@ -248,12 +256,11 @@ def findings(
         "last evaluation, error per seed: " + ", ".join(early)
     )
 
-  def last_window(r):  # the mean over the evaluations of the last `window` steps
-    steps, values = common.series(r, V)
-    return float(np.mean(values[steps > steps[-1] - window])) if len(values) else float("nan")
-
   def last(r):
     return common.last_value(r, V)
+
+  def last_window(r):
+    return last_window_mean(r, window)
 
   for label, value in (("final", last), (f"last {window} steps' mean", last_window)):
     ref = [value(r) for r in grpo]
@@ -284,31 +291,76 @@ HEADER = [
     "cov-selected tokens / micro-batch",
     "cov mass selected",
     "token-mask tokens / micro-batch",
+    "high-entropy tokens (Archer) / micro-batch",
     "s / step",
 ]
 
 
-def plot_frontier(runs: dict, out_png: str) -> str:
-  """Validation greedy accuracy against token entropy, one line per method (seeds pooled)."""
+def last_window_mean(records, window: int = 100) -> float:
+  """Validation greedy accuracy averaged over the evaluations of the last `window` steps."""
+  steps, values = common.series(records, V)
+  return float(np.mean(values[steps > steps[-1] - window])) if len(values) else float("nan")
+
+
+def mean_trajectory(records_per_seed) -> np.ndarray:
+  """[2, E] (token entropy, validation greedy accuracy) at each evaluation step every seed reached,
+  averaged over the seeds."""
+  per_seed = [
+      {r["step"]: (r[H], r[V]) for r in rec if V in r and H in r} for rec in records_per_seed
+  ]
+  steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+  return np.mean([[p[t] for t in steps] for p in per_seed], axis=0).reshape(-1, 2).T
+
+
+def plot_frontier(runs: dict, out_png: str, ref_fit: dict | None = None, window: int = 100) -> str:
+  """Left: validation greedy accuracy against token entropy along training, one line per method
+  (the seeds' mean at each evaluation; GRPO's law R = -a exp(H) + b dashed). Right: where each
+  method ends, final entropy against the last `window` steps' mean accuracy (mean ± SE over
+  seeds)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+  fig, (ax, end) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
   for i, (arm, recs) in enumerate(runs.items()):
-    h, v = np.concatenate([_eval_points(r) for r in recs], axis=1)
-    order = np.argsort(h)
-    ax.plot(h[order], v[order], marker="o", ms=2, lw=0.8, color=f"C{i % 10}", label=arm)
+    h, v = mean_trajectory(recs)
+    c = colors[i % len(colors)]
+    style = {"lw": 2.0, "zorder": 3} if arm == "grpo" else {"lw": 1.0}
+    ax.plot(h, v, color=c, marker="o", ms=2, label=arm, **style)
+    hs = [common.final_mean(r, H) for r in recs]
+    vs = [last_window_mean(r, window) for r in recs]
+    se = lambda x: np.std(x, ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0.0  # noqa: E731
+    end.errorbar(np.mean(hs), np.mean(vs), xerr=se(hs), yerr=se(vs), color=c, marker="o", ms=4)
+    end.annotate(
+        arm, (np.mean(hs), np.mean(vs)), fontsize=6, xytext=(3, 2), textcoords="offset points"
+    )
+  if ref_fit:
+    grid = np.linspace(*ax.get_xlim(), 100)
+    ax.plot(grid, analysis.law(grid, ref_fit["a"], ref_fit["b"]), "k--", lw=0.8, label="GRPO's law")
   ax.set_xlabel("token entropy (nats)")
   ax.set_ylabel("validation greedy pass@1")
+  ax.set_title("along training (mean over seeds)", fontsize=8)
   ax.legend(fontsize=6, ncol=2)
+  end.set_xlabel("final token entropy (last 10 steps)")
+  end.set_ylabel(f"validation greedy, last {window} steps' mean")
+  end.set_title("where each method ends (mean ± SE over seeds)", fontsize=8)
+  for a in (ax, end):
+    a.tick_params(labelsize=7)
   return common.save_figure(fig, out_png)
 
 
 def main():
   p = common.base_args(__doc__, "methods", archive=True)
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument(
+      "--first_seed",
+      type=int,
+      default=0,
+      help="seeds first_seed .. first_seed + seeds - 1: a comparison whose runs all start from one"
+      " archived warm start (seeds 0-1 of the 600-step runs started from one never archived)",
+  )
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--eval_every", type=int, default=20)
   p.add_argument("--eval_prompts", type=int, default=1024)
@@ -332,12 +384,12 @@ def main():
   settings = validation_settings(
       a.quick, a.steps, a.eval_every, a.eval_prompts, a.setting, a.preset
   )
-  specs = arm_specs(settings, seeds, a.quick, a.preset, a.setting)
+  specs = arm_specs(settings, seeds, a.quick, a.preset, a.setting, a.first_seed)
   specs = {arm: specs[arm] for arm in arms}
   runs = {arm: [] for arm in specs}
   for s in range(seeds):  # seed-major, so partial results cover every method
     for arm in specs:
-      if len(runs[arm]) < s:  # --report_only: an arm's seeds from 0 up to its first missing one
+      if len(runs[arm]) < s:  # --report_only: an arm's seeds from the first up to a missing one
         continue
       path = common.ensure_run(
           a.root, specs[arm][s], archive=common.archive_of(a), launch=not a.report_only
@@ -352,7 +404,7 @@ def main():
   os.makedirs(a.out, exist_ok=True)
   k = settings["eval.num_samples"]
   rows, ref_fit = report_rows(runs, k)
-  plot_frontier(runs, os.path.join(a.out, "frontier.png"))
+  plot_frontier(runs, os.path.join(a.out, "frontier.png"), ref_fit)
   common.plot_groups(runs, [V, f"eval/pass@{k}", H], os.path.join(a.out, "curves.png"), smooth=1)
   found = findings(runs, settings["eval.num_prompts"])
   every = [x for v in specs.values() for x in v]
@@ -362,7 +414,9 @@ def main():
       if ref_fit
       else "n/a (the fit did not converge)"
   )
-  done = f"{seeds} seed(s)"
+  done = f"{seeds} seed(s)" + (
+      f" ({a.first_seed}-{a.first_seed + seeds - 1})" if a.first_seed else ""
+  )
   if any(len(v) < seeds for v in runs.values()):
     done = f"of {seeds} seeds, finished so far: " + ", ".join(
         f"{k} {len(v)}" for k, v in runs.items()
