@@ -55,30 +55,71 @@ def r_squared(y, y_hat) -> float:
   return 1.0 - float(np.sum((y - y_hat) ** 2)) / ss_tot
 
 
-def fit_law(entropy, reward, sigma=None) -> dict:
+def step_noise(values) -> float:
+  """The noise standard deviation of a per-step series whose trend moves little from one step to
+  the next: von Neumann's sqrt(mean((x[t+1] - x[t])^2) / 2) over the finite values.
+
+  E.g. a training batch's mean token entropy, a one-batch estimate of the policy's entropy.
+  """
+  x = np.asarray(values, np.float64).ravel()
+  x = x[np.isfinite(x)]
+  if len(x) < 3:
+    raise ValueError(f"values: need at least 3 finite points, got {len(x)}")
+  return float(np.sqrt(np.mean(np.diff(x) ** 2) / 2.0))
+
+
+def _point_sigma(sigma, entropy, reward):
+  """`sigma` broadcast to the points and kept where both entropy and reward are finite."""
+  ok = np.isfinite(np.asarray(entropy, np.float64)) & np.isfinite(np.asarray(reward, np.float64))
+  return np.broadcast_to(np.asarray(sigma, np.float64), np.shape(entropy))[ok]
+
+
+def _effective_sigma(h, a, sigma, entropy_sigma):
+  """Orear's effective variance: an entropy error sigma_H moves the law's value by its slope
+  |dR/dH| = a exp(H), so a point's error is sqrt(sigma^2 + (a exp(H) sigma_H)^2)."""
+  return np.sqrt(sigma**2 + (a * np.exp(h) * entropy_sigma) ** 2)
+
+
+def fit_law(entropy, reward, sigma=None, entropy_sigma=None) -> dict:
   """Least-squares fit of R = -a exp(H) + b: a, b, R^2, residual RMSE, ceiling (-a + b), n points.
 
   With `sigma` (the standard error of each reward, a scalar or one per point, e.g. the binomial
   error of a validation accuracy) the fit is weighted by 1 / sigma^2 and also returns the
   goodness-of-fit test against that noise: `chi2` = sum((R - law) / sigma)^2 on `dof` = n - 2 and
-  its `p_value` (small: the law misses the curve by more than the noise explains). The model is
-  linear in (a, b), so the linear least-squares solution seeds `curve_fit`.
+  its `p_value` (small: the law misses the curve by more than the noise explains), and the
+  covariance `cov` of (a, b). With
+  `entropy_sigma` too (the standard error of each entropy, e.g. `step_noise` of a one-batch
+  estimate) the errors are the effective ones (`_effective_sigma`, iterated with a to a fixed
+  point): the test counts both measurements' noise. The model is linear in (a, b), so the linear
+  least-squares solution seeds `curve_fit`.
   """
   h, r = _finite_pairs(entropy, reward)
   if len(h) < 3:
     raise ValueError(f"entropy: need at least 3 finite (entropy, reward) points, got {len(h)}")
-  s = None
+  s = sh = None
   if sigma is not None:
-    s = np.broadcast_to(np.asarray(sigma, np.float64), np.shape(entropy))
-    s = s[
-        np.isfinite(np.asarray(entropy, np.float64)) & np.isfinite(np.asarray(reward, np.float64))
-    ]
+    s = _point_sigma(sigma, entropy, reward)
     if not np.all(s > 0):
       raise ValueError("sigma: every standard error must be positive")
-  w = np.ones_like(h) if s is None else 1.0 / s
+  if entropy_sigma is not None:
+    if s is None:
+      raise ValueError("entropy_sigma: needs sigma, the reward's standard error")
+    sh = _point_sigma(entropy_sigma, entropy, reward)
+    if not np.all(sh >= 0):
+      raise ValueError("entropy_sigma: every standard error must be non-negative")
   design = np.stack([-np.exp(h), np.ones_like(h)], axis=1)
-  p0, *_ = np.linalg.lstsq(design * w[:, None], r * w, rcond=None)
-  (a, b), _ = optimize.curve_fit(law, h, r, p0=p0, sigma=s, absolute_sigma=s is not None)
+  s_eff, a = s, None
+  for _ in range(50):
+    w = np.ones_like(h) if s_eff is None else 1.0 / s_eff
+    p0, *_ = np.linalg.lstsq(design * w[:, None], r * w, rcond=None)
+    (a_new, b), cov = optimize.curve_fit(
+        law, h, r, p0=p0, sigma=s_eff, absolute_sigma=s is not None
+    )
+    converged = a is not None and abs(a_new - a) <= 1e-10 * max(1.0, abs(a))
+    a = a_new
+    if sh is None or converged:
+      break
+    s_eff = _effective_sigma(h, abs(a), s, sh)
   residual = r - law(h, a, b)
   out = {
       "a": float(a),
@@ -89,32 +130,40 @@ def fit_law(entropy, reward, sigma=None) -> dict:
       "n": int(len(h)),
   }
   if s is not None:
-    chi2, dof = float(np.sum((residual / s) ** 2)), len(h) - 2
-    out.update(chi2=chi2, dof=dof, p_value=float(stats_lib.chi2.sf(chi2, dof)))
+    chi2, dof = float(np.sum((residual / s_eff) ** 2)), len(h) - 2
+    out.update(chi2=chi2, dof=dof, p_value=float(stats_lib.chi2.sf(chi2, dof)), cov=cov.tolist())
   return out
 
 
-def fit_law_per_run(entropy, reward, run, sigma) -> dict:
+def fit_law_per_run(entropy, reward, run, sigma, entropy_sigma=None) -> dict:
   """Weighted fit of R = -a exp(H) + b_run: one a over all runs, an intercept b per run (`run`: a
-  label per point), with the chi-squared test on n - 1 - runs dof.
+  label per point), with the chi-squared test on n - 1 - runs dof (`entropy_sigma`: as in
+  `fit_law`).
 
   Seeds of one method can settle at different levels while sharing the law's shape; pooled in one
   `fit_law` that spread counts against the law. Passing here and failing there says the misfit is
   the runs' offsets, not the shape. The model is linear, so this is weighted linear least squares.
   """
   h, r = np.asarray(entropy, np.float64), np.asarray(reward, np.float64)
-  labels = np.asarray(run)
-  s = np.broadcast_to(np.asarray(sigma, np.float64), h.shape)
-  ok = np.isfinite(h) & np.isfinite(r)
-  h, r, labels, s = h[ok], r[ok], labels[ok], s[ok]
+  labels = np.asarray(run)[np.isfinite(h) & np.isfinite(r)]
+  s = _point_sigma(sigma, h, r)
+  sh = None if entropy_sigma is None else _point_sigma(entropy_sigma, h, r)
+  h, r = _finite_pairs(h, r)
   runs = list(dict.fromkeys(labels.tolist()))
   if len(h) < len(runs) + 2:
     raise ValueError(f"entropy: need at least {len(runs) + 2} finite points, got {len(h)}")
   if not np.all(s > 0):
     raise ValueError("sigma: every standard error must be positive")
   design = np.column_stack([-np.exp(h)] + [(labels == x).astype(np.float64) for x in runs])
-  coef, *_ = np.linalg.lstsq(design / s[:, None], r / s, rcond=None)
-  chi2, dof = float(np.sum(((r - design @ coef) / s) ** 2)), len(h) - 1 - len(runs)
+  s_eff, a = s, None
+  for _ in range(50):
+    coef, *_ = np.linalg.lstsq(design / s_eff[:, None], r / s_eff, rcond=None)
+    converged = a is not None and abs(coef[0] - a) <= 1e-10 * max(1.0, abs(a))
+    a = coef[0]
+    if sh is None or converged:
+      break
+    s_eff = _effective_sigma(h, abs(a), s, sh)
+  chi2, dof = float(np.sum(((r - design @ coef) / s_eff) ** 2)), len(h) - 1 - len(runs)
   return {
       "a": float(coef[0]),
       "b": {x: float(b) for x, b in zip(runs, coef[1:])},
@@ -209,11 +258,14 @@ def noise_r2_ceiling(reward, window: int) -> dict:
   }
 
 
-def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:
+def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15, sigma=None) -> dict:
   """EM's test of the law: fit on the first `fit_fraction` of points, predict the rest.
 
   Returns the early fit (a, b, ceiling, r2 on the fit points), `rmse` and `mae` of the prediction
-  on the held-out later points, and the number of fit / predicted points.
+  on the held-out later points, the last point's error `last_error`, and the number of fit /
+  predicted points. With `sigma` (each reward's standard error) the fit is weighted and
+  `last_se` is the standard error of its prediction at the last point, the fit's parameter
+  covariance propagated through the law: how far a few early points can extrapolate.
   """
   h, r = _finite_pairs(entropy, reward)
   if not 0 < fit_fraction < 1:
@@ -221,15 +273,21 @@ def early_fit_prediction(entropy, reward, fit_fraction: float = 0.15) -> dict:
   n_fit = max(3, int(stats.kept_count(fit_fraction, len(h))))
   if n_fit >= len(h):
     raise ValueError(f"entropy: {len(h)} points leave nothing to predict after fitting {n_fit}")
-  fit = fit_law(h[:n_fit], r[:n_fit])
+  s = None if sigma is None else _point_sigma(sigma, entropy, reward)[:n_fit]
+  fit = fit_law(h[:n_fit], r[:n_fit], sigma=s)
   err = law(h[n_fit:], fit["a"], fit["b"]) - r[n_fit:]
-  return {
+  out = {
       **fit,
       "rmse": float(np.sqrt(np.mean(err**2))),
       "mae": float(np.mean(np.abs(err))),
+      "last_error": float(err[-1]),
       "n_fit": n_fit,
       "n_pred": int(len(err)),
   }
+  if s is not None:
+    grad = np.array([-np.exp(h[-1]), 1.0])  # d law / d (a, b)
+    out["last_se"] = float(np.sqrt(grad @ np.asarray(fit["cov"]) @ grad))
+  return out
 
 
 def moving_average(x, window: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from entropy_rl import analysis
 from experiments import common
 
 H, V = "entropy/token_mean", "eval/pass@1"
+E = "eval/entropy"  # the policy's entropy on the validation prompts, at the evaluation of V
 # Arm -> (config family, preset variant, overrides).
 ARMS = {
     "grpo": ("grpo", "", {}),
@@ -112,10 +113,61 @@ def arm_specs(
   return common.arm_specs(ARMS, settings, seeds, tag, preset, first_seed)
 
 
-def _eval_points(records):
-  """(entropy, validation greedy accuracy) at the evaluation steps after step 0."""
-  pts = [(r[H], r[V]) for r in records if V in r and H in r]
+def _eval_points(records, entropy=H):
+  """(entropy, validation greedy accuracy) at the evaluation steps after step 0; the entropy is
+  the training batch's (`H`, the frontier's axis) or the validation set's (`E`)."""
+  pts = [(r[entropy], r[V]) for r in records if V in r and H in r and entropy in r]
   return np.asarray(pts, np.float64).reshape(-1, 2).T
+
+
+def _law_lines(grpo, num_prompts: int) -> list[str]:
+  """The law on GRPO's validation accuracy, weighted by the binomial error of `num_prompts`
+  prompts, with its chi-squared test: against the validation entropy `E` (`eval.num_samples`
+  samples per prompt at `eval.temperature`, the same evaluation), seeds pooled and with an
+  intercept per seed (`analysis.fit_law_per_run`, the diagnostic of a pooled misfit: the seeds'
+  levels or the law's shape); and against the training batch's entropy `H`, one batch's
+  estimate, with its noise (`analysis.step_noise` of each run's per-step series) counted too."""
+
+  def line(label, fit):
+    per = ""
+    if "per_seed" in fit:
+      q = fit["per_seed"]
+      per = (
+          f"; one a and an intercept per seed: a = {q['a']:.3f}, b = "
+          + ", ".join(f"{b:.3f}" for b in q["b"].values())
+          + f", chi^2 = {q['chi2']:.1f} on {q['dof']} dof, p = {q['p_value']:.3g} (passes at 5%:"
+          f" {'yes' if q['p_value'] > 0.05 else 'no'})"
+      )
+    return (
+        f"Law on GRPO's validation accuracy against {label}, {fit['n']} points, seeds pooled, "
+        f"weighted by the binomial error of {num_prompts} prompts: a = {fit['a']:.3f}, b = "
+        f"{fit['b']:.3f}, R^2 = {fit['r2']:.2f}, chi^2 = {fit['chi2']:.1f} on {fit['dof']} dof, "
+        f"p = {fit['p_value']:.3g} (passes at 5%: {'yes' if fit['p_value'] > 0.05 else 'no'})" + per
+    )
+
+  out = []
+  views = (
+      ("the validation entropy", E, False),
+      ("the training batch's entropy", H, False),
+      ("the training batch's entropy with its noise counted", H, True),
+  )
+  for label, key, count_noise in views:
+    points = [_eval_points(r, key) for r in grpo]
+    h, v = np.concatenate(points, axis=1)
+    sigma, sigma_h = analysis.accuracy_se(v, num_prompts), None
+    try:
+      if count_noise:
+        noise = [analysis.step_noise(common.series(r, H)[1]) for r in grpo]
+        sigma_h = np.concatenate([np.full(x.shape[1], n) for x, n in zip(points, noise)])
+        label += " (" + ", ".join(f"{n:.4f}" for n in noise) + " nats per seed)"
+      fit = analysis.fit_law(h, v, sigma=sigma, entropy_sigma=sigma_h)
+      if len(grpo) > 1:
+        seed = np.concatenate([np.full(x.shape[1], i) for i, x in enumerate(points)])
+        fit["per_seed"] = analysis.fit_law_per_run(h, v, seed, sigma, sigma_h)
+      out.append(line(label, fit))
+    except (ValueError, RuntimeError) as e:
+      out.append(f"Law against {label}: no fit ({e})")
+  return out
 
 
 def report_rows(runs: dict, k: int) -> tuple[list, dict | None]:
@@ -179,6 +231,33 @@ def frontier_residuals(records_per_seed, ref_h, ref_v) -> list[float]:
   return out
 
 
+def _early_fit_lines(grpo, num_prompts: int, fit_fraction: float) -> list[str]:
+  """EM's early-fit test per GRPO seed: the law fitted to the first `fit_fraction` of the
+  evaluations (against the validation entropy) predicting the last one, against 2 SE of that
+  evaluation and beside the fit's own prediction error (`analysis.early_fit_prediction`)."""
+  early, fit_steps = [], set()
+  for r in grpo:
+    rh, rv = _eval_points(r, E)
+    try:
+      sigma = analysis.accuracy_se(rv, num_prompts)
+      e = analysis.early_fit_prediction(rh, rv, fit_fraction, sigma=sigma)
+    except (ValueError, RuntimeError):
+      continue
+    steps = [x["step"] for x in r if V in x and H in x and E in x]
+    fit_steps.add((e["n_fit"], steps[e["n_fit"] - 1]))
+    early.append(
+        f"{e['last_error']:+.3f} (2 SE {2 * sigma[-1]:.3f}; the early fit's own prediction SE"
+        f" {e['last_se']:.3f})"
+    )
+  if not early:
+    return []
+  used = ", ".join(f"the first {n} evaluations (to step {s})" for n, s in sorted(fit_steps))
+  return [
+      f"Early fit on the validation entropy ({fit_fraction:.0%} of the evaluations, at least 3:"
+      f" {used}) predicting the last evaluation, error per seed: " + ", ".join(early)
+  ]
+
+
 def _plateau(records_per_seed) -> dict:
   """`analysis.detect_plateau` on the seeds' validation greedy accuracy, pooled."""
   return analysis.detect_plateau(*zip(*[common.series(r, V) for r in records_per_seed]))
@@ -193,13 +272,13 @@ def findings(
 ) -> list[str]:
   """The science issue's targets, each measured on {arm: [records per seed]}: GRPO's validation
   plateau (`analysis.detect_plateau`, pooled over seeds; the other methods' by the same test) and
-  its entropy at the end against the start (first and last 10 steps); the law fitted on GRPO's
-  validation accuracy, weighted by the binomial error of `num_prompts` prompts, with its
-  chi-squared test, pooled and with an intercept per seed (`analysis.fit_law_per_run`); the law
-  fitted on the first `fit_fraction` of the evaluations predicting the last one, against 2
-  standard errors; and each method's validation accuracy against GRPO's in standard errors of the
-  paired difference, at the last evaluation and averaged over the evaluations of the last
-  `window` steps (less noise, once past the plateau); then each control against the method it
+  its entropy at the end against the start (first and last 10 steps); the law on GRPO's
+  validation accuracy with its chi-squared test (`_law_lines`); the law fitted on the first
+  `fit_fraction` of the evaluations (against the validation entropy) predicting the last one,
+  against 2 standard errors (and on twice as many, to show how stable that test is); and each
+  method's validation accuracy against GRPO's in standard errors of the paired difference, at
+  the last evaluation and averaged over the evaluations of the last `window` steps (less noise,
+  once past the plateau); then each control against the method it
   controls (`control_findings`, pass@`k` among its measures)."""
   out = []
   grpo = runs["grpo"]
@@ -232,47 +311,9 @@ def findings(
       + ", ".join(f"{x:.2f}" for x in ratios)
       + f" (target <= 0.5: {'yes' if all(x <= 0.5 for x in ratios) else 'no'})"
   )
-  points = [_eval_points(r) for r in grpo]
-  h, v = np.concatenate(points, axis=1)
-  try:
-    fit = analysis.fit_law(h, v, sigma=analysis.accuracy_se(v, num_prompts))
-    out.append(
-        f"Law on GRPO's validation accuracy ({fit['n']} points, seeds pooled, weighted by the "
-        f"binomial error of {num_prompts} prompts): a = {fit['a']:.3f}, b = {fit['b']:.3f}, "
-        f"R^2 = {fit['r2']:.2f}, chi^2 = {fit['chi2']:.1f} on {fit['dof']} dof, p = "
-        f"{fit['p_value']:.3g} (passes at 5%: {'yes' if fit['p_value'] > 0.05 else 'no'})"
-    )
-  except (ValueError, RuntimeError) as e:
-    out.append(f"Law on GRPO's validation accuracy: no fit ({e})")
-  if len(grpo) > 1:  # the diagnostic of a pooled misfit: the seeds' levels, or the law's shape
-    seed = np.concatenate([np.full(x.shape[1], i) for i, x in enumerate(points)])
-    try:
-      per = analysis.fit_law_per_run(h, v, seed, analysis.accuracy_se(v, num_prompts))
-      out.append(
-          f"Law with one a and an intercept per seed: a = {per['a']:.3f}, b = "
-          + ", ".join(f"{b:.3f}" for b in per["b"].values())
-          + f", chi^2 = {per['chi2']:.1f} on {per['dof']} dof, p = {per['p_value']:.3g} (passes"
-          f" at 5%: {'yes' if per['p_value'] > 0.05 else 'no'})"
-      )
-    except ValueError as e:
-      out.append(f"Law with an intercept per seed: no fit ({e})")
-  early, fit_steps = [], set()
-  for r in grpo:
-    rh, rv = _eval_points(r)
-    try:
-      e = analysis.early_fit_prediction(rh, rv, fit_fraction)
-    except (ValueError, RuntimeError):
-      continue
-    steps = [x["step"] for x in r if V in x and H in x]
-    fit_steps.add((e["n_fit"], steps[e["n_fit"] - 1]))
-    err = float(analysis.law(rh[-1], e["a"], e["b"]) - rv[-1])
-    early.append(f"{err:+.3f} (2 SE {2 * float(analysis.accuracy_se(rv[-1], num_prompts)):.3f})")
-  if early:
-    used = ", ".join(f"the first {n} evaluations (to step {s})" for n, s in sorted(fit_steps))
-    out.append(
-        f"Early fit ({fit_fraction:.0%} of the evaluations, at least 3: {used}) predicting the "
-        "last evaluation, error per seed: " + ", ".join(early)
-    )
+  out += _law_lines(grpo, num_prompts)
+  for fraction in (fit_fraction, 2 * fit_fraction):  # twice the points: how stable the test is
+    out += _early_fit_lines(grpo, num_prompts, fraction)
 
   def last(r):
     return common.last_value(r, V)

@@ -66,6 +66,25 @@ def test_early_fit_prediction_reports_the_extrapolation_error():
   assert out["mae"] == pytest.approx(0.05, abs=1e-6)
 
 
+def test_early_fit_prediction_se_is_the_spread_of_its_prediction():
+  """`last_se` (the fit's covariance through the law) matches the Monte Carlo spread of the
+  prediction at the last point, and shrinks as the fit sees a wider span of entropy."""
+  rng = np.random.default_rng(0)
+  h = np.linspace(0.18, 0.06, 24)
+  sigma = analysis.accuracy_se(analysis.law(h, 1.3, 1.8), 1024)
+  preds, ses = [], []
+  for _ in range(400):
+    r = analysis.law(h, 1.3, 1.8) + rng.normal(0, sigma)
+    out = analysis.early_fit_prediction(h, r, 0.3, sigma=sigma)
+    preds.append(out["last_error"] + r[-1])
+    ses.append(out["last_se"])
+  assert np.std(preds) == pytest.approx(np.mean(ses), rel=0.1)
+  assert np.mean(preds) == pytest.approx(analysis.law(h[-1], 1.3, 1.8), abs=0.01)
+  narrow = analysis.early_fit_prediction(h, analysis.law(h, 1.3, 1.8), 0.15, sigma=sigma)
+  assert narrow["last_se"] > 2 * np.mean(ses) and abs(narrow["last_error"]) < 1e-6
+  assert "last_se" not in analysis.early_fit_prediction(h, analysis.law(h, 1.3, 1.8), 0.3)
+
+
 def test_moving_average():
   np.testing.assert_allclose(analysis.moving_average([1.0, 3.0, 5.0, 7.0], 2), [1, 2, 4, 6])
 
@@ -302,6 +321,47 @@ def test_weighted_law_fit_passes_chi2_on_its_own_noise_and_fails_on_a_wrong_curv
   fit = analysis.fit_law(h, bent + rng.normal(0, sigma), sigma=sigma)
   assert fit["p_value"] < 1e-6 and fit["dof"] == 38
   assert "chi2" not in analysis.fit_law(h, bent)
+
+
+def test_law_fit_counts_the_entropys_noise():
+  """A one-batch entropy is noisy too: the test that counts only the reward's error rejects the
+  law it was drawn from; with the entropy's error (effective variance) it rejects ~5%."""
+  rng = np.random.default_rng(0)
+  h_true = np.tile(np.linspace(0.18, 0.05, 24), 3)
+  run = np.repeat([0, 1, 2], 24)
+  r_true = -1.3 * np.exp(h_true) + 1.8
+  sigma, sigma_h = analysis.accuracy_se(r_true, 1024), 0.0075
+  plain, counted, per_run, a = [], [], [], []
+  for _ in range(200):
+    h = h_true + rng.normal(0, sigma_h, h_true.shape)
+    r = r_true + rng.normal(0, sigma)
+    plain.append(analysis.fit_law(h, r, sigma=sigma)["p_value"])
+    fit = analysis.fit_law(h, r, sigma=sigma, entropy_sigma=sigma_h)
+    counted.append(fit["p_value"])
+    a.append(fit["a"])
+    per_run.append(analysis.fit_law_per_run(h, r, run, sigma, sigma_h)["p_value"])
+  assert np.mean(np.asarray(plain) < 0.05) > 0.5
+  assert 0.01 < np.mean(np.asarray(counted) < 0.05) < 0.12
+  assert 0.01 < np.mean(np.asarray(per_run) < 0.05) < 0.12
+  assert abs(np.median(a) - 1.3) < 0.2
+  h = h_true + rng.normal(0, sigma_h, h_true.shape)
+  bent = r_true + 0.05 * np.sin(60 * h_true) + rng.normal(0, sigma)  # not of the law's form
+  assert analysis.fit_law(h, bent, sigma=sigma, entropy_sigma=sigma_h)["p_value"] < 1e-4
+  exact = analysis.fit_law(h, r_true, sigma=sigma, entropy_sigma=0.0)
+  assert exact["chi2"] == analysis.fit_law(h, r_true, sigma=sigma)["chi2"]
+  with pytest.raises(ValueError, match="needs sigma"):
+    analysis.fit_law(h, r_true, entropy_sigma=sigma_h)
+
+
+def test_step_noise_is_the_noise_around_a_slow_trend():
+  rng = np.random.default_rng(0)
+  trend = 0.18 * np.exp(-np.arange(600) / 200)
+  for sd in (0.002, 0.0075, 0.02):
+    est = analysis.step_noise(trend + rng.normal(0, sd, 600))
+    assert abs(est / sd - 1) < 0.1
+  assert analysis.step_noise(np.r_[trend, np.nan]) < 1e-3
+  with pytest.raises(ValueError, match="at least 3"):
+    analysis.step_noise([0.1, np.nan, 0.2])
 
 
 def test_law_per_run_separates_run_offsets_from_the_laws_shape():

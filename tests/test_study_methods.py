@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from entropy_rl import config_lib
+from entropy_rl import analysis, config_lib
 from experiments import common, study_methods
 
 
@@ -112,6 +112,7 @@ def _saturating(level, seed, entropy_end=0.08):
             "step": step,
             "entropy/token_mean": h,
             "eval/pass@1": level - 0.1 * np.exp(-step / 30) + rng.normal(0, 0.004),
+            "eval/entropy": 0.95 * h,
         }
     )
     out += [{"step": step + i, "entropy/token_mean": h} for i in range(1, 25)]
@@ -127,16 +128,48 @@ def test_findings_measure_the_plateau_the_law_and_the_paired_gains():
   assert "**plateaued**" in lines[0] and "3 seeds pooled" in lines[0], lines[0]
   assert lines[1].startswith("The other methods' plateaus, by the same test: clip_cov plateaued")
   assert lines[2].endswith("(target <= 0.5: yes)"), lines[2]
-  assert lines[3].startswith("Law on GRPO's validation accuracy (39 points"), lines[3]
-  assert lines[4].startswith("Law with one a and an intercept per seed: a = "), lines[4]
-  assert "on 35 dof" in lines[4], lines[4]  # 39 points, one a, 3 intercepts
-  assert "Early fit" in lines[5]
+  law = "Law on GRPO's validation accuracy against the "
+  assert lines[3].startswith(law + "validation entropy, 39 points"), lines[3]
+  assert "; one a and an intercept per seed: a = " in lines[3], lines[3]
+  assert "on 35 dof" in lines[3], lines[3]  # 39 points, one a, 3 intercepts
+  assert lines[4].startswith(law + "training batch's entropy, 39 points"), lines[4]
+  assert lines[5].startswith(law + "training batch's entropy with its noise counted ("), lines[5]
+  assert lines[6].startswith("Early fit on the validation entropy (15% of"), lines[6]
+  assert lines[7].startswith("Early fit on the validation entropy (30% of"), lines[7]
   gain, averaged = lines[-2:]
   assert gain.startswith("clip_cov - GRPO, final validation greedy accuracy: +0.0"), gain
   assert float(gain.split("(")[1].split(" SE")[0]) > 2
   prefix = "clip_cov - GRPO, last 100 steps' mean validation greedy accuracy: +0.04"
   assert averaged.startswith(prefix), averaged  # 0.34 - 0.30 on the flat part
   assert float(averaged.split("(")[1].split(" SE")[0]) > 2
+
+
+def test_the_law_counts_the_noise_of_a_one_batch_entropy():
+  """Accuracy follows the law of the validation entropy; the training batch's entropy is that
+  plus one batch's noise: the law passes against the first, fails against the second unless its
+  noise is counted."""
+  rng = np.random.default_rng(0)
+  H, V, E = study_methods.H, study_methods.V, study_methods.E
+  grpo = []
+  for _ in range(3):
+    records = []
+    for step in range(601):
+      e = 0.05 + 0.13 * np.exp(-step / 200)
+      records.append({"step": step, H: e + rng.normal(0, 0.015)})
+      if step % 25 == 0 and step:
+        v = -1.3 * np.exp(e) + 1.8
+        records[-1].update({E: e, V: v + rng.normal(0, analysis.accuracy_se(v, 1024))})
+    grpo.append(records)
+  valid, batch, counted = study_methods._law_lines(grpo, 1024)
+
+  def p_values(line):
+    return [float(x.split(",")[0].split(" (")[0]) for x in line.split("p = ")[1:]]
+
+  assert min(p_values(valid)) > 0.05 and "72 points" in valid, valid
+  assert max(p_values(batch)) < 1e-3, batch
+  assert min(p_values(counted)) > 0.05, counted
+  noise = [float(x) for x in counted.split("counted (")[1].split(" nats")[0].split(", ")]
+  np.testing.assert_allclose(noise, 0.015, rtol=0.1)
 
 
 def test_controls_are_paired_with_the_method_they_control():
