@@ -2,9 +2,9 @@
 
 GRPO, clip-higher, Clip-Cov (at EM's covariance mass, its count-matched random control, and the
 earlier r = 0.02 with its two controls: random tokens at its count, and an entropy bonus held at
-its entropy), KL-Cov, top-20% and bottom-80% forking tokens, an entropy bonus, a reference KL, and
-the methods that followed (GSPO, CISPO, Archer, adaptive entropy, entropy-shaped advantage,
-W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several seeds from one shared warm start
+its entropy), KL-Cov, top-20% forking tokens with HE's controls (bottom-80%, random-20%), an
+entropy bonus, a reference KL, and the methods that followed (GSPO, CISPO, Archer, adaptive
+entropy, entropy-shaped advantage, W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several seeds from one shared warm start
 (`--arms` runs a subset; a run longer than `--steps` counts its first `--steps` steps, as the LR
 schedule is constant). Validation: a fixed held-out set (`--eval_prompts`, 1,024 by default)
 every `--eval_every` steps, greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
@@ -13,14 +13,17 @@ One table: final and best validation greedy accuracy with the paired difference 
 (seed i against seed i, mean +- standard error), avg@k and pass@k, final entropy, the residual
 against GRPO's entropy-validation law at matched entropy, tokens and positive covariance mass
 each rule selected, seconds per step. The findings (`findings`): GRPO's plateau, its entropy
-spent, the law's chi-squared test on validation accuracy, the early fit's prediction, and each
-method's gain over GRPO in standard errors. Figures: validation accuracy against entropy, and
+spent, the law's chi-squared test on validation accuracy, the early fit's prediction, each
+method's gain over GRPO in standard errors, and each control against the method it controls
+(`CONTROLS`). Figures: validation accuracy against entropy, and
 validation accuracy, pass@k and entropy against step.
 
   python -m experiments.study_methods --quick
   python -m experiments.study_methods --setting steps --seeds 3 --steps 300 --eval_every 25 \
       --arms grpo,clip_cov,kl_cov,top_20%,bottom_80%,clip_cov_r0.02
   python -m experiments.study_methods --setting steps --steps 600 --eval_every 25 --report_only
+  python -m experiments.study_methods --setting steps --first_seed 2 --seeds 3 --steps 600 \
+      --eval_every 25 --arms grpo,top_20%,bottom_80%,random_20%   # seeds 2-4
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ ARMS = {
     "kl_cov": ("kl_cov", "", {}),
     "top_20%": ("top_entropy", "", {}),
     "bottom_80%": ("top_entropy", "bottom", {}),
+    "random_20%": ("top_entropy", "random", {}),  # HE's control: as many tokens, chosen at random
     "entropy_bonus": ("grpo", "", {"loss.entropy_coef": 0.003}),
     # The entropy-matched control: an entropy bonus whose coefficient the adaptive controller tunes
     # to hold the token entropy at Clip-Cov r = 0.02's (0.17-0.18 over steps 50-300 on the steps
@@ -75,6 +79,7 @@ CONTROLS = {
     "clip_cov_random_r0.02": "clip_cov_r0.02",
     "entropy_matched": "clip_cov_r0.02",
     "bottom_80%": "top_20%",
+    "random_20%": "top_20%",
 }
 
 
