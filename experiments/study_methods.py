@@ -46,6 +46,7 @@ ARMS = {
     "kl_cov": ("kl_cov", "", {}),
     "top_20%": ("top_entropy", "", {}),
     "bottom_80%": ("top_entropy", "bottom", {}),
+    "random_20%": ("top_entropy", "random", {}),  # HE's control: as many tokens, chosen at random
     "entropy_bonus": ("grpo", "", {"loss.entropy_coef": 0.003}),
     # The entropy-matched control: an entropy bonus whose coefficient the adaptive controller tunes
     # to hold the token entropy at Clip-Cov r = 0.02's (0.17-0.18 over steps 50-300 on the steps
