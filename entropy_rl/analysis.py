@@ -19,7 +19,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import optimize
 from scipy import stats as stats_lib
 
 from entropy_rl import stats
@@ -57,7 +56,7 @@ def r_squared(y, y_hat) -> float:
 
 def step_noise(values) -> float:
   """The noise standard deviation of a per-step series whose trend moves little from one step to
-  the next: von Neumann's sqrt(mean((x[t+1] - x[t])^2) / 2) over the finite values.
+  the next, from its successive differences: sqrt(var(x[t+1] - x[t]) / 2) over the finite values.
 
   E.g. a training batch's mean token entropy, a one-batch estimate of the policy's entropy.
   """
@@ -65,7 +64,7 @@ def step_noise(values) -> float:
   x = x[np.isfinite(x)]
   if len(x) < 3:
     raise ValueError(f"values: need at least 3 finite points, got {len(x)}")
-  return float(np.sqrt(np.mean(np.diff(x) ** 2) / 2.0))
+  return math.sqrt(np.var(np.diff(x)) / 2.0)
 
 
 def _point_sigma(sigma, entropy, reward):
@@ -74,10 +73,27 @@ def _point_sigma(sigma, entropy, reward):
   return np.broadcast_to(np.asarray(sigma, np.float64), np.shape(entropy))[ok]
 
 
-def _effective_sigma(h, a, sigma, entropy_sigma):
-  """Orear's effective variance: an entropy error sigma_H moves the law's value by its slope
-  |dR/dH| = a exp(H), so a point's error is sqrt(sigma^2 + (a exp(H) sigma_H)^2)."""
-  return np.sqrt(sigma**2 + (a * np.exp(h) * entropy_sigma) ** 2)
+def _weighted_law_fit(h, r, design, s, sh):
+  """Weighted linear least squares of r on `design` (column 0 the law's -exp(H), whose coefficient
+  is a): the coefficients, their covariance (X^T W X)^-1 and the errors used.
+
+  `s` is each r's standard error (None: unweighted, no covariance). With `sh`, each entropy's,
+  the errors are Orear's effective ones: an entropy error moves the law's value by its slope
+  a exp(H), so sqrt(s^2 + (a exp(H) sh)^2), iterated with a to a fixed point.
+  """
+  if sh is not None and not np.all(sh >= 0):
+    raise ValueError("entropy_sigma: every standard error must be non-negative")
+  s_eff, a = s, None
+  for _ in range(50):
+    x = design if s_eff is None else design / s_eff[:, None]
+    coef, *_ = np.linalg.lstsq(x, r if s_eff is None else r / s_eff, rcond=None)
+    converged = a is not None and abs(coef[0] - a) <= 1e-10 * max(1.0, abs(a))
+    a = coef[0]
+    if sh is None or converged:
+      break
+    s_eff = np.sqrt(s**2 + (abs(a) * np.exp(h) * sh) ** 2)
+  cov = None if s_eff is None else np.linalg.inv(x.T @ x)
+  return coef, cov, s_eff
 
 
 def fit_law(entropy, reward, sigma=None, entropy_sigma=None) -> dict:
@@ -87,11 +103,9 @@ def fit_law(entropy, reward, sigma=None, entropy_sigma=None) -> dict:
   error of a validation accuracy) the fit is weighted by 1 / sigma^2 and also returns the
   goodness-of-fit test against that noise: `chi2` = sum((R - law) / sigma)^2 on `dof` = n - 2 and
   its `p_value` (small: the law misses the curve by more than the noise explains), and the
-  covariance `cov` of (a, b). With
-  `entropy_sigma` too (the standard error of each entropy, e.g. `step_noise` of a one-batch
-  estimate) the errors are the effective ones (`_effective_sigma`, iterated with a to a fixed
-  point): the test counts both measurements' noise. The model is linear in (a, b), so the linear
-  least-squares solution seeds `curve_fit`.
+  covariance `cov` of (a, b). With `entropy_sigma` too (the standard error of each entropy, e.g.
+  `step_noise` of a one-batch estimate) the errors are the effective ones (`_weighted_law_fit`):
+  the test counts both measurements' noise. The model is linear in (a, b): linear least squares.
   """
   h, r = _finite_pairs(entropy, reward)
   if len(h) < 3:
@@ -105,21 +119,8 @@ def fit_law(entropy, reward, sigma=None, entropy_sigma=None) -> dict:
     if s is None:
       raise ValueError("entropy_sigma: needs sigma, the reward's standard error")
     sh = _point_sigma(entropy_sigma, entropy, reward)
-    if not np.all(sh >= 0):
-      raise ValueError("entropy_sigma: every standard error must be non-negative")
   design = np.stack([-np.exp(h), np.ones_like(h)], axis=1)
-  s_eff, a = s, None
-  for _ in range(50):
-    w = np.ones_like(h) if s_eff is None else 1.0 / s_eff
-    p0, *_ = np.linalg.lstsq(design * w[:, None], r * w, rcond=None)
-    (a_new, b), cov = optimize.curve_fit(
-        law, h, r, p0=p0, sigma=s_eff, absolute_sigma=s is not None
-    )
-    converged = a is not None and abs(a_new - a) <= 1e-10 * max(1.0, abs(a))
-    a = a_new
-    if sh is None or converged:
-      break
-    s_eff = _effective_sigma(h, abs(a), s, sh)
+  (a, b), cov, s_eff = _weighted_law_fit(h, r, design, s, sh)
   residual = r - law(h, a, b)
   out = {
       "a": float(a),
@@ -155,14 +156,7 @@ def fit_law_per_run(entropy, reward, run, sigma, entropy_sigma=None) -> dict:
   if not np.all(s > 0):
     raise ValueError("sigma: every standard error must be positive")
   design = np.column_stack([-np.exp(h)] + [(labels == x).astype(np.float64) for x in runs])
-  s_eff, a = s, None
-  for _ in range(50):
-    coef, *_ = np.linalg.lstsq(design / s_eff[:, None], r / s_eff, rcond=None)
-    converged = a is not None and abs(coef[0] - a) <= 1e-10 * max(1.0, abs(a))
-    a = coef[0]
-    if sh is None or converged:
-      break
-    s_eff = _effective_sigma(h, abs(a), s, sh)
+  coef, _, s_eff = _weighted_law_fit(h, r, design, s, sh)
   chi2, dof = float(np.sum(((r - design @ coef) / s_eff) ** 2)), len(h) - 1 - len(runs)
   return {
       "a": float(coef[0]),
@@ -233,8 +227,8 @@ def window_means(x, window: int) -> np.ndarray:
 def noise_r2_ceiling(reward, window: int) -> dict:
   """The R^2 a perfect law could reach on `window`-step means of a noisy per-step reward.
 
-  Per-step sampling noise is estimated from consecutive differences, sigma^2 = var(diff) / 2
-  (a slow trend barely enters them); window means carry sigma^2 / window of it, so no curve fits
+  Per-step sampling noise is estimated from consecutive differences (`step_noise`; a slow trend
+  barely enters them); window means carry sigma^2 / window of it, so no curve fits
   them better than 1 - (sigma^2 / window) / var(window means) in expectation. `reward` is one
   run's series, or a list of runs' series pooled as a pooled fit sees them (sigma^2 averaged over
   the runs, the variance taken over all their window means).
@@ -248,7 +242,7 @@ def noise_r2_ceiling(reward, window: int) -> dict:
       raise ValueError(
           f"need at least {2 * window} finite rewards for {window}-step means; " f"got {len(r)}"
       )
-    sigma2s.append(np.var(np.diff(r)) / 2)
+    sigma2s.append(step_noise(r) ** 2)
     means.append(window_means(r, window))
   sigma2 = float(np.mean(sigma2s))
   return {

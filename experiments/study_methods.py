@@ -4,10 +4,11 @@ GRPO, clip-higher, Clip-Cov (at EM's covariance mass, its count-matched random c
 earlier r = 0.02 with its two controls: random tokens at its count, and an entropy bonus held at
 its entropy), KL-Cov, top-20% forking tokens with HE's controls (bottom-80%, random-20%), an
 entropy bonus, a reference KL, and the methods that followed (GSPO, CISPO, Archer, adaptive
-entropy, entropy-shaped advantage, W-REINFORCE, QAE), each `configs/<family>.py:<preset>`, several seeds from one shared warm start
-(`--arms` runs a subset; a run longer than `--steps` counts its first `--steps` steps, as the LR
-schedule is constant). Validation: a fixed held-out set (`--eval_prompts`, 1,024 by default)
-every `--eval_every` steps, greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
+entropy, entropy-shaped advantage, W-REINFORCE, QAE), each `configs/<family>.py:<preset>`,
+several seeds from one shared warm start (`--arms` runs a subset; a run longer than `--steps`
+counts its first `--steps` steps, as the LR schedule is constant). Validation: a fixed held-out
+set (`--eval_prompts`, 1,024 by default) every `--eval_every` steps, greedy pass@1 and avg@k /
+pass@k at T = 1 and T = 0.6.
 
 One table: final and best validation greedy accuracy with the paired difference against GRPO
 (seed i against seed i, mean +- standard error), avg@k and pass@k, final entropy, the residual
@@ -15,8 +16,8 @@ against GRPO's entropy-validation law at matched entropy, tokens and positive co
 each rule selected, seconds per step. The findings (`findings`): GRPO's plateau, its entropy
 spent, the law's chi-squared test on validation accuracy, the early fit's prediction, each
 method's gain over GRPO in standard errors, and each control against the method it controls
-(`CONTROLS`). Figures: validation accuracy against entropy, and
-validation accuracy, pass@k and entropy against step.
+(`CONTROLS`). Figures: validation accuracy against entropy, and validation accuracy, pass@k and
+entropy against step.
 
   python -m experiments.study_methods --quick
   python -m experiments.study_methods --setting steps --seeds 3 --steps 300 --eval_every 25 \
@@ -283,8 +284,8 @@ def findings(
   against 2 standard errors (and on twice as many, to show how stable that test is); and each
   method's validation accuracy against GRPO's in standard errors of the paired difference, at
   the last evaluation and averaged over the evaluations of the last `window` steps (less noise,
-  once past the plateau); then each control against the method it
-  controls (`control_findings`, pass@`k` among its measures)."""
+  once past the plateau); then each control against the method it controls
+  (`control_findings`, pass@`k` among its measures)."""
   out = []
   grpo = runs["grpo"]
   try:
