@@ -163,6 +163,28 @@ def test_decoding_with_one_index_per_row_equals_full_forward():
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full[:, 5:], atol=1e-5)
 
 
+def test_decoding_on_cpu_fuses_the_projections(monkeypatch):
+  """On CPU a decode step computes q, k, v and then gate, up as one matmul each (4 dots a layer
+  and the unembedding), with the same logits as the separate dots."""
+  cfg = QWEN2
+  params = unstack_layers(random_params(cfg))
+  tokens = jnp.array([[3], [5]])
+  _, cache = decode(cfg, params, jnp.array([[1, 2], [4, 6]]), init_cache(cfg, 2, 4))
+
+  def dots_and_logits(fuse):
+    monkeypatch.setattr(decoder, "fuse_decode_dots", lambda: fuse)
+    step = functools.partial(decode.__wrapped__, cfg)
+    jaxpr = jax.make_jaxpr(step)(params, tokens, cache)
+    dots = sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns)
+    return dots, step(params, tokens, cache)[0]
+
+  assert decoder.fuse_decode_dots()  # the tests run on CPU
+  fused, logits = dots_and_logits(True)
+  separate, expected = dots_and_logits(False)
+  assert (fused, separate) == (4 * cfg.num_layers + 1, 7 * cfg.num_layers + 1)
+  np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
 def test_bf16_and_remat():
   cfg = dataclasses.replace(QWEN3, dtype="bfloat16", param_dtype="bfloat16")
   params = random_params(cfg)
