@@ -63,9 +63,10 @@ def dense_each(x_BxTxI, ws, fuse: bool):
 
 def fuse_decode_dots() -> bool:
   """Whether decoding computes q, k, v and then gate, up as one matmul each (`dense_each`): on CPU,
-  whose decode steps have few rows (64 in `bench_sampling`, where fusing takes 0.91x the time in
-  an interleaved A/B); XLA hoists the weights' concatenation out of the sampler's loop. Training
-  and accelerators keep separate dots, every weight sharded where it lies (unmeasured there)."""
+  whose decode steps have few rows (64 in `bench_sampling`: 0.93x the sampler's time, median of 16
+  interleaved rounds in one process; the benchmark's own runs drift by more than that); XLA hoists
+  the weights' concatenation out of the sampler's loop. Training (no gain measured in the update
+  step) and accelerators keep separate dots, every weight sharded where it lies."""
   return attention.platform() == "cpu"
 
 
