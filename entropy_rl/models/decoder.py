@@ -130,7 +130,8 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask, cache_kv):
+  def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask, cache_kv, fuse: bool = False):
+    """`fuse`: q, k, v as one matmul (`dense_each`)."""
     cfg = self.config
     dtype = cfg.jnp_dtype
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -143,7 +144,7 @@ class Attention(nn.Module):
     q, k, v = dense_each(
         x,
         [w.reshape(D, -1).astype(dtype) for w in (q_proj, k_proj, v_proj)],
-        fuse=cache_kv is not None and fuse_decode_dots(),
+        fuse,
     )
     q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (y.reshape(B, T, -1, H) for y in (q, k, v))
     if cfg.qkv_bias:
@@ -255,11 +256,13 @@ class Block(nn.Module):
     D = cfg.hidden_size
     attn_norm = _param(self, "attn_norm", (D,), ("norm",), ones)
     mlp_norm = _param(self, "mlp_norm", (D,), ("norm",), ones)
+    fuse = cache_kv is not None and fuse_decode_dots()
     x = rms_norm(h_BxTxD, attn_norm, cfg.rms_norm_eps, cfg.jnp_dtype)
-    attn_BxTxD, new_kv = Attention(cfg, name="attn")(x, sin_BxTxH, cos_BxTxH, mask, cache_kv)
+    attn = Attention(cfg, name="attn")
+    attn_BxTxD, new_kv = attn(x, sin_BxTxH, cos_BxTxH, mask, cache_kv, fuse)
     h_BxTxD = h_BxTxD + attn_BxTxD
     x = rms_norm(h_BxTxD, mlp_norm, cfg.rms_norm_eps, cfg.jnp_dtype)
-    h_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(x, cache_kv is not None and fuse_decode_dots())
+    h_BxTxD = h_BxTxD + MLP(cfg, name="mlp")(x, fuse)
     h_BxTxD = nn.with_logical_constraint(h_BxTxD, ("batch", "length", "embed"))
     return h_BxTxD, (None if cache_kv is None else new_kv)
 
