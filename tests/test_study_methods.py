@@ -30,6 +30,9 @@ def test_every_arm_is_a_valid_config(quick):
   assert loss.adaptive_entropy and loss.entropy_target == 0.17
   kl = specs["reference_kl"][0]
   assert common.load_config(kl.family, kl.arg, kl.config_overrides()).loss.kl_ref_coef > 0
+  for arm, rho in (("top_10%", 0.1), ("top_20%", 0.2), ("top_50%", 0.5)):
+    top = common.load_config(*_family_arg(specs[arm][0])).loss
+    assert top.token_mask == "top_entropy" and top.token_mask_rho == rho
 
 
 def test_first_seed_names_and_seeds_the_runs():
