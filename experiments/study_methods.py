@@ -2,13 +2,13 @@
 
 GRPO, clip-higher, Clip-Cov (at EM's covariance mass, its count-matched random control, and the
 earlier r = 0.02 with its two controls: random tokens at its count, and an entropy bonus held at
-its entropy), KL-Cov, top-20% forking tokens with HE's controls (bottom-80%, random-20%), an
-entropy bonus, a reference KL, and the methods that followed (GSPO, CISPO, Archer, adaptive
-entropy, entropy-shaped advantage, W-REINFORCE, QAE), each `configs/<family>.py:<preset>`,
-several seeds from one shared warm start (`--arms` runs a subset; a run longer than `--steps`
-counts its first `--steps` steps, as the LR schedule is constant). Validation: a fixed held-out
-set (`--eval_prompts`, 1,024 by default) every `--eval_every` steps, greedy pass@1 and avg@k /
-pass@k at T = 1 and T = 0.6.
+its entropy), KL-Cov, top-20% forking tokens with HE's controls (bottom-80%, random-20%) and
+its rho sweep (top 10%, top 50%), an entropy bonus, a reference KL, and the methods that followed
+(GSPO, CISPO, Archer, adaptive entropy, entropy-shaped advantage, W-REINFORCE, QAE), each
+`configs/<family>.py:<preset>`, several seeds from one shared warm start (`--arms` runs a subset;
+a run longer than `--steps` counts its first `--steps` steps, as the LR schedule is constant).
+Validation: a fixed held-out set (`--eval_prompts`, 1,024 by default) every `--eval_every` steps,
+greedy pass@1 and avg@k / pass@k at T = 1 and T = 0.6.
 
 One table: final and best validation greedy accuracy with the paired difference against GRPO
 (seed i against seed i, mean +- standard error), avg@k and pass@k, final entropy, the residual
@@ -25,6 +25,8 @@ entropy against step.
   python -m experiments.study_methods --setting steps --steps 600 --eval_every 25 --report_only
   python -m experiments.study_methods --setting steps --first_seed 2 --seeds 3 --steps 600 \
       --eval_every 25 --arms grpo,top_20%,bottom_80%,random_20%   # seeds 2-4
+  python -m experiments.study_methods --setting steps --first_seed 2 --seeds 3 --steps 600 \
+      --eval_every 25 --arms grpo,top_10%,top_20%,top_50%   # HE's rho sweep, seeds 2-4
 """
 
 from __future__ import annotations
