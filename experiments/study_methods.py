@@ -47,6 +47,9 @@ ARMS = {
     "top_20%": ("top_entropy", "", {}),
     "bottom_80%": ("top_entropy", "bottom", {}),
     "random_20%": ("top_entropy", "random", {}),  # HE's control: as many tokens, chosen at random
+    # HE's rho sweep around 20%: the top 10% and the top 50% highest-entropy tokens.
+    "top_10%": ("top_entropy", "", {"loss.token_mask_rho": 0.1}),
+    "top_50%": ("top_entropy", "", {"loss.token_mask_rho": 0.5}),
     "entropy_bonus": ("grpo", "", {"loss.entropy_coef": 0.003}),
     # The entropy-matched control: an entropy bonus whose coefficient the adaptive controller tunes
     # to hold the token entropy at Clip-Cov r = 0.02's (0.17-0.18 over steps 50-300 on the steps
