@@ -286,11 +286,11 @@ def findings(
   its entropy at the end against the start (first and last 10 steps); the law on GRPO's
   validation accuracy with its chi-squared test (`_law_lines`); the law fitted on the first
   `fit_fraction` of the evaluations (against the validation entropy) predicting the last one,
-  against 2 standard errors (and on twice as many, to show how stable that test is); and each
-  method's validation accuracy against GRPO's in standard errors of the paired difference, at
-  the last evaluation and averaged over the evaluations of the last `window` steps (less noise,
-  once past the plateau); then each control against the method it controls
-  (`control_findings`, pass@`k` among its measures)."""
+  against 2 standard errors (and on twice as many, to show how stable that test is); each method
+  against GRPO (`paired_findings`: greedy accuracy, entropy, residual, pass@`k`); each method's
+  validation accuracy against GRPO's in standard errors of the paired difference, at the last
+  evaluation and averaged over the evaluations of the last `window` steps (less noise, once past
+  the plateau); then each control against the method it controls (`control_findings`)."""
   out = []
   grpo = runs["grpo"]
   try:
@@ -326,6 +326,8 @@ def findings(
   for fraction in (fit_fraction, 2 * fit_fraction):  # twice the points: how stable the test is
     out += _early_fit_lines(grpo, num_prompts, fraction)
 
+  out += paired_findings(runs, [(arm, "grpo") for arm in runs if arm != "grpo"], k, window)
+
   def last(r):
     return common.last_value(r, V)
 
@@ -349,7 +351,14 @@ def findings(
 
 
 def control_findings(runs: dict, k: int | None = None, window: int = 100) -> list[str]:
-  """Each method against its controls (`CONTROLS`), seed i against seed i: the last `window`
+  """Each method against its controls (`CONTROLS`): `paired_findings` of (method, control)."""
+  return paired_findings(
+      runs, [(method, control) for control, method in CONTROLS.items()], k, window
+  )
+
+
+def paired_findings(runs: dict, pairs, k: int | None = None, window: int = 100) -> list[str]:
+  """Each (arm, baseline) of `pairs` present in `runs`, seed i against seed i: the last `window`
   steps' validation greedy accuracy, final entropy, the residual against GRPO's law at matched
   entropy and final pass@`k` (with k), as mean ± standard error of the paired difference."""
   ref_h, ref_v = np.concatenate([_eval_points(r) for r in runs["grpo"]], axis=1)
@@ -365,7 +374,7 @@ def control_findings(runs: dict, k: int | None = None, window: int = 100) -> lis
         common.last_value(r, f"eval/pass@{k}") for r in recs
     ]
   out = []
-  for control, method in CONTROLS.items():
+  for method, control in pairs:
     n = min(len(runs.get(control, [])), len(runs.get(method, [])))
     if n < 2:
       continue

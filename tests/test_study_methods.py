@@ -197,6 +197,22 @@ def test_controls_are_paired_with_the_method_they_control():
   assert lines[0] in study_methods.findings(runs, 1024, window=30, k=8)
 
 
+def test_findings_pair_every_method_with_grpo_on_entropy_residual_and_pass_at_k():
+  runs = {
+      "grpo": [_records(0.9, 0.1, s) for s in range(3)],
+      "top_10%": [_records(0.9, 0.3, 10 + s) for s in range(3)],
+  }
+  lines = study_methods.findings(runs, 1024, window=30, k=8)
+  vs_grpo = [x for x in lines if x.startswith("top_10% - grpo, 3 paired seeds: ")]
+  assert len(vs_grpo) == 1, lines
+  greedy, entropy, residual, pass8 = vs_grpo[0].split(": ", 1)[1].split("; ")
+  assert greedy.startswith("val. greedy (last 30 steps) ")
+  # the last 10 records (steps 10-100) differ by 0.2 x step / 100: 0.11 on average
+  assert entropy.startswith("final entropy +0.110 ± 0.000")
+  assert residual.startswith("residual at matched entropy ")
+  assert pass8.startswith("final pass@8 ")
+
+
 def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
   import json
   import os
