@@ -103,6 +103,36 @@ def module_dots(hlo_text: str) -> collections.Counter:
   return dots
 
 
+def median_seconds(f, reps: int) -> float:
+  """Median wall time of `reps` calls of `f` (its result awaited), after one untimed call."""
+  jax.block_until_ready(f())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def loop_time_dot(dot: Dot, n: int = 256, reps: int = 5) -> float:
+  """Seconds per execution of `dot`, run `n` times inside one jitted loop (median of `reps`), for
+  dots too small to time one call at a time (dispatch would dominate); each iteration also adds a
+  scalar to the lhs and sums the output, so that no iteration is hoisted."""
+  rng = np.random.default_rng(0)
+  x = jax.numpy.asarray(rng.standard_normal(dot.lhs, np.float32))
+  y = jax.numpy.asarray(rng.standard_normal(dot.rhs, np.float32) * 0.01)
+  dims = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
+
+  @jax.jit
+  def loop(x, y):
+    def body(_, c):
+      return c + 1e-12 * jax.numpy.sum(jax.lax.dot_general(x + c, y, dims))
+
+    return jax.lax.fori_loop(0, n, body, jax.numpy.float32(0))
+
+  return median_seconds(lambda: loop(x, y), reps) / n
+
+
 def time_dots(
     dots: collections.Counter, reps: int = 7, compiler_options: dict | None = None
 ) -> tuple[list[dict], float]:
@@ -118,13 +148,7 @@ def time_dots(
     f = jax.jit(
         lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims), compiler_options=compiler_options
     )
-    jax.block_until_ready(f(x, y))
-    ts = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(x, y))
-      ts.append(time.perf_counter() - t0)
-    s = statistics.median(ts)
+    s = median_seconds(lambda f=f, x=x, y=y: f(x, y), reps)
     rows.append({"dot": dot, "count": count, "seconds": s, "flops_per_s": dot.flops / s})
   rows.sort(key=lambda r: -r["count"] * r["seconds"])
   return rows, sum(r["count"] * r["seconds"] for r in rows)

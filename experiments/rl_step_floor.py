@@ -8,8 +8,9 @@ arguments. Each recorded call is lowered and compiled again and its dots counted
 count once per generated position: the step's longest response (`response/len_max`), the fewest
 iterations that could have produced it. The update's and prefill's dots are timed alone
 (`dot_floor.time_dots`); the decode's, which take microseconds, inside a jitted loop
-(`loop_time_dot`), so that dispatch does not count. The sum over the steady steps' calls, per
-step, is the floor no schedule beats while the dots run one after another on the same cores.
+(`dot_floor.loop_time_dot`), so that dispatch does not count. The sum over the steady steps'
+calls, per step, is the floor no schedule beats while the dots run one after another on the same
+cores.
 Compare it with a third of TRL's step time from `bench_rl_step` (the 3x target).
 
   python -m experiments.rl_step_floor [--packing] [--steps 8] [--warmup 2]
@@ -24,13 +25,10 @@ import contextlib
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from entropy_rl import metrics, sampling, step as step_lib, trainer  # noqa: E402
 from experiments import bench_rl_step, dot_floor, machine  # noqa: E402
@@ -94,30 +92,6 @@ def call_dots(call) -> collections.Counter:
   return dot_floor.module_dots(fn.lower(*args, **kwargs).compile().as_text())
 
 
-def loop_time_dot(dot: dot_floor.Dot, n: int = 256, reps: int = 5) -> float:
-  """Seconds per execution of `dot`, run `n` times inside one jitted loop (median of `reps`); each
-  iteration also adds a scalar to the lhs and sums the output, so that no iteration is hoisted."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(dot.lhs, np.float32))
-  y = jnp.asarray(rng.standard_normal(dot.rhs, np.float32) * 0.01)
-  dims = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
-
-  @jax.jit
-  def loop(x, y):
-    def body(_, c):
-      return c + 1e-12 * jnp.sum(jax.lax.dot_general(x + c, y, dims))
-
-    return jax.lax.fori_loop(0, n, body, jnp.float32(0))
-
-  jax.block_until_ready(loop(x, y))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(loop(x, y))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) / n
-
-
 def run(args) -> dict:
   size = bench_rl_step.SIZES["smoke" if args.smoke else "full"]
   config = bench_rl_step.bench_config(size, args.steps, args.packing)
@@ -144,7 +118,7 @@ def run(args) -> dict:
   )
   _, prefill_s = dot_floor.time_dots(per_step["prefill"])
   decode_rows = [
-      {"dot": dot, "count": count, "seconds": loop_time_dot(dot)}
+      {"dot": dot, "count": count, "seconds": dot_floor.loop_time_dot(dot)}
       for dot, count in per_step["decode"].items()
   ]
   decode_s = sum(r["count"] * r["seconds"] for r in decode_rows)

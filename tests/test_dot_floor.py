@@ -63,3 +63,9 @@ def test_time_dots_floor_is_count_times_each():
 def test_no_entry_raises():
   with pytest.raises(ValueError, match="ENTRY"):
     dot_floor.module_dots("HloModule empty\n")
+
+
+def test_loop_time_dot_times_one_execution():
+  dot = dot_floor.Dot((64, 256), (256, 512), (), (), (1,), (0,))
+  short, long = dot_floor.loop_time_dot(dot, n=64), dot_floor.loop_time_dot(dot, n=512)
+  assert short > 0 and 0.25 < short / long < 4  # per execution: a per-loop time would be 8x apart
