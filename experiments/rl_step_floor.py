@@ -10,8 +10,7 @@ iterations that could have produced it. The update's and prefill's dots are time
 (`dot_floor.time_dots`); the decode's, which take microseconds, inside a jitted loop
 (`dot_floor.loop_time_dot`), so that dispatch does not count. The sum over the steady steps'
 calls, per step, is the floor no schedule beats while the dots run one after another on the same
-cores.
-Compare it with a third of TRL's step time from `bench_rl_step` (the 3x target).
+cores. Compare it with a third of TRL's step time from `bench_rl_step` (the 3x target).
 
   python -m experiments.rl_step_floor [--packing] [--steps 8] [--warmup 2]
   python -m experiments.rl_step_floor --smoke
@@ -44,10 +43,10 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=None, help="first steps not counted (2; smoke 1)")
   p.add_argument("--out", default="", help="also write the results as JSON here")
   args = p.parse_args(argv)
-  args.steps = args.steps or (3 if args.smoke else 8)
+  args.steps = (3 if args.smoke else 8) if args.steps is None else args.steps
   args.warmup = (1 if args.smoke else 2) if args.warmup is None else args.warmup
   if not 0 <= args.warmup < args.steps:
-    raise ValueError(f"need 0 <= --warmup < --steps, got {args.warmup} and {args.steps}")
+    p.error(f"need 0 <= --warmup < --steps, got {args.warmup} and {args.steps}")
   return args
 
 

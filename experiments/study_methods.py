@@ -287,10 +287,10 @@ def findings(
   validation accuracy with its chi-squared test (`_law_lines`); the law fitted on the first
   `fit_fraction` of the evaluations (against the validation entropy) predicting the last one,
   against 2 standard errors (and on twice as many, to show how stable that test is); each method
-  against GRPO (`paired_findings`: greedy accuracy, entropy, residual, pass@`k`); each method's
-  validation accuracy against GRPO's in standard errors of the paired difference, at the last
-  evaluation and averaged over the evaluations of the last `window` steps (less noise, once past
-  the plateau); then each control against the method it controls (`control_findings`)."""
+  against GRPO (`paired_findings`: greedy accuracy over the last `window` steps, less noisy once
+  past the plateau, entropy, residual, pass@`k`); each method's validation accuracy at the last
+  evaluation against GRPO's in standard errors of the paired difference; then each control against
+  the method it controls (`control_findings`)."""
   out = []
   grpo = runs["grpo"]
   try:
@@ -328,24 +328,17 @@ def findings(
 
   out += paired_findings(runs, [(arm, "grpo") for arm in runs if arm != "grpo"], k, window)
 
-  def last(r):
-    return common.last_value(r, V)
-
-  def last_window(r):
-    return last_window_mean(r, window)
-
-  for label, value in (("final", last), (f"last {window} steps' mean", last_window)):
-    ref = [value(r) for r in grpo]
-    for arm, recs in runs.items():
-      n = min(len(recs), len(grpo))
-      if arm == "grpo" or n < 2:
-        continue
-      d = analysis.paired_difference([value(r) for r in recs[:n]], ref[:n])
-      z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
-      out.append(
-          f"{arm} - GRPO, {label} validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
-          f"({z:+.1f} SE, paired t-test p = {d['p_value']:.2g}, {n} paired seeds)"
-      )
+  ref = [common.last_value(r, V) for r in grpo]
+  for arm, recs in runs.items():
+    n = min(len(recs), len(grpo))
+    if arm == "grpo" or n < 2:
+      continue
+    d = analysis.paired_difference([common.last_value(r, V) for r in recs[:n]], ref[:n])
+    z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
+    out.append(
+        f"{arm} - GRPO, final validation greedy accuracy: {d['mean']:+.3f} ± {d['se']:.3f} "
+        f"({z:+.1f} SE, paired t-test p = {d['p_value']:.2g}, {n} paired seeds)"
+    )
   out += control_findings(runs, k, window)
   return out
 

@@ -34,3 +34,14 @@ def test_recording_restores_the_programs():
   with rl_step_floor.recording() as calls:
     assert sampling._decode is not before[2] and set(calls) == set(rl_step_floor.PROGRAMS)
   assert (step.make_update, sampling._prefill, sampling._decode) == before
+
+
+def test_steps_and_warmup_defaults_and_errors(capsys):
+  a = rl_step_floor.parse_args([])
+  assert (a.steps, a.warmup) == (8, 2)
+  a = rl_step_floor.parse_args(["--smoke"])
+  assert (a.steps, a.warmup) == (3, 1)
+  for argv in (["--steps", "0"], ["--steps", "4", "--warmup", "4"], ["--warmup", "-1"]):
+    with pytest.raises(SystemExit):
+      rl_step_floor.parse_args(argv)
+    assert "need 0 <= --warmup < --steps" in capsys.readouterr().err
