@@ -144,6 +144,8 @@ def test_findings_measure_the_plateau_the_law_and_the_paired_gains():
   assert float(gain.split("(")[1].split(" SE")[0]) > 2
   prefix = "clip_cov - grpo, 3 paired seeds: val. greedy (last 100 steps) +0.04"
   assert averaged.startswith(prefix), averaged  # 0.34 - 0.30 on the flat part
+  mean, se = averaged.split("(last 100 steps) ")[1].split(" (p")[0].split(" ± ")
+  assert float(mean) / float(se) > 2, averaged
   assert sum("val. greedy (last 100 steps)" in x for x in lines) == 1, lines  # stated once
 
 
