@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from experiments import machine
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_ROOT = os.environ.get("ENTROPY_RL_RUNS", "/work/runs")
@@ -345,15 +347,17 @@ def check_warm_start(warm: str, archive: str, name: str, seed=None) -> None:
 def _launch(path: str, s: RunSpec, overrides: dict, warm: str, log) -> None:
   os.makedirs(path, exist_ok=True)
   spec_file = os.path.join(path, "spec.json")
-  earlier = []  # a run resumed (or extended) here keeps the code of every launch
+  old = {}  # a run resumed (or extended) here keeps the code and the machine of every launch
   if os.path.exists(spec_file):
     with open(spec_file) as f:
       old = json.load(f)
-    earlier = old.get("earlier_code", []) + ([old["code"]] if "code" in old else [])
   spec = {
       **dataclasses.asdict(s),
       "code": code_version(),
-      "earlier_code": earlier,
+      "earlier_code": old.get("earlier_code", []) + ([old["code"]] if "code" in old else []),
+      "machine": machine.cpu_kind(),  # XLA:CPU compiles for its vector units: the bits depend on it
+      "earlier_machine": old.get("earlier_machine", [])
+      + ([old.get("machine", "unrecorded")] if old else []),
       "cpus": len(os.sched_getaffinity(0)),  # XLA:CPU's reductions, so its bits, depend on it
   }
   with open(spec_file, "w") as f:
@@ -407,20 +411,36 @@ def code_of(commit: str | None) -> str:
   return _git("log", "--format=%H", "-1", commit, "--", *CODE_DIRS) or commit
 
 
+def _spec(root: str, s: RunSpec) -> dict:
+  """The spec.json `_launch` wrote for `s` in `root`; {} before its first launch."""
+  try:
+    with open(os.path.join(run_dir(root, s), "spec.json")) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {}
+
+
 def same_code(root: str, specs) -> dict:
   """{code: [run names]} of the runs of `specs` in `root`, the code named by `code_of`, every launch
   of a resumed run counted (one key: all ran the same `entropy_rl/` and `configs/`)."""
   out: dict = {}
   for s in specs:
-    try:
-      with open(os.path.join(run_dir(root, s), "spec.json")) as f:
-        spec = json.load(f)
-    except FileNotFoundError:
-      spec = {}
+    spec = _spec(root, s)
     launches = spec.get("earlier_code", []) + [spec.get("code", {})]
     names = [code_of(c.get("commit")) + ("+dirty" if c.get("dirty") else "") for c in launches]
     key = " then ".join(dict.fromkeys(names))  # a run resumed on other code shows each
     out.setdefault(key, []).append(s.name)
+  return out
+
+
+def same_machine(root: str, specs) -> dict:
+  """{CPU: [run names]} of the runs of `specs` in `root`, every launch of a resumed run counted
+  ('unrecorded' for runs launched before specs named the machine)."""
+  out: dict = {}
+  for s in specs:
+    spec = _spec(root, s)
+    launches = spec.get("earlier_machine", []) + [spec.get("machine", "unrecorded")]
+    out.setdefault(" then ".join(dict.fromkeys(launches)), []).append(s.name)
   return out
 
 
@@ -429,12 +449,7 @@ def same_warm_start(root: str, specs) -> dict:
   every run started from the same weights)."""
   out: dict = {}
   for s in specs:
-    try:
-      with open(os.path.join(run_dir(root, s), "spec.json")) as f:
-        sha = json.load(f).get("warm_start_sha256")
-    except FileNotFoundError:
-      sha = None
-    out.setdefault(str(sha)[:12], []).append(s.name)
+    out.setdefault(str(_spec(root, s).get("warm_start_sha256"))[:12], []).append(s.name)
   return out
 
 

@@ -6,7 +6,7 @@ Every benchmark calls `begin()` before measuring and `end(info)` after, stores t
 threads (one per usable core) plus `IDLE_LOAD`: a benchmark that keeps every core busy for a minute
 raises the load to about the core count by itself, so only more than that means another job ran
 during it. Otherwise the numbers are not comparable with an idle machine's, and `describe` says so
-in a WARNING line.
+in a WARNING line. `cpu_kind()` (model and vector extension) is stamped in every study run's spec.
 """
 
 from __future__ import annotations
@@ -20,18 +20,40 @@ IDLE_LOAD = 0.5  # 1-minute load average above which the machine was not idle
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_model() -> str:
-  """The CPU's model name (x86 'model name', Arm 'Hardware' / 'Model'), else `platform`'s."""
+def _cpuinfo() -> dict:
+  """/proc/cpuinfo's fields (the first processor's where they repeat); {} where it cannot be read."""
   try:
     with open(CPUINFO) as f:
-      fields = dict(line.split(":", 1) for line in f if ":" in line)
+      fields = dict(line.split(":", 1) for line in reversed(f.readlines()) if ":" in line)
   except OSError:
     fields = {}
-  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  return {k.strip(): v.strip() for k, v in fields.items()}
+
+
+def cpu_model() -> str:
+  """The CPU's model name (x86 'model name', Arm 'Hardware' / 'Model'), else `platform`'s."""
+  fields = _cpuinfo()
   for key in ("model name", "Hardware", "Model"):
     if fields.get(key):
       return fields[key]
   return platform.processor() or platform.machine() or "unknown"
+
+
+# Widest first. XLA:CPU compiles for the host's vector units, so runs on one CPU model with other
+# units (an EPYC with AVX-512 and one without) differ in their last bits and then in their curves.
+VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2", "sve2", "sve", "asimd")
+
+
+def vector_isa() -> str:
+  """The widest SIMD extension the CPU reports (x86 'flags', Arm 'Features'), else 'unknown'."""
+  fields = _cpuinfo()
+  flags = set((fields.get("flags") or fields.get("Features") or "").split())
+  return next((isa for isa in VECTOR_ISAS if isa in flags), "unknown")
+
+
+def cpu_kind() -> str:
+  """The CPU a run's bits depend on: its model and widest vector extension."""
+  return f"{cpu_model()} ({vector_isa()})"
 
 
 def idle_limits(info: dict) -> dict:

@@ -514,6 +514,7 @@ def main():
   found = findings(runs, settings["eval.num_prompts"], k=k)
   every = [x for v in specs.values() for x in v]
   code, warm = common.same_code(a.root, every), common.same_warm_start(a.root, every)
+  cpu = common.same_machine(a.root, every)
   fit_txt = (
       f"R = -{ref_fit['a']:.3f} exp(H) + {ref_fit['b']:.3f} (R^2 {ref_fit['r2']:.2f})"
       if ref_fit
@@ -530,7 +531,8 @@ def main():
 
 Mode: {'quick' if a.quick else 'full'}; {done} x {settings['num_steps']} steps per method,
 `:{a.preset}` on the `{a.setting}` setting; code: {'; '.join(f'{c}: {len(v)} runs' for c, v in code.items())};
-warm start (sha256): {'; '.join(f'{w}: {len(v)} runs' for w, v in warm.items())}.
+warm start (sha256): {'; '.join(f'{w}: {len(v)} runs' for w, v in warm.items())};
+machine: {'; '.join(f'{m}: {len(v)} runs' for m, v in cpu.items())}.
 Validation: {settings['eval.num_prompts']} held-out prompts every {settings['eval_every']} steps,
 greedy pass@1 and avg@{k} / pass@{k}. "vs GRPO" = the paired difference over seeds, mean ± standard
 error. Residual: validation accuracy minus GRPO's law {fit_txt} at the method's entropy.

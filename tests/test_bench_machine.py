@@ -81,3 +81,21 @@ def test_cpu_model_without_cpuinfo(monkeypatch, tmp_path):
   monkeypatch.setattr(machine.platform, "processor", lambda: "")
   monkeypatch.setattr(machine.platform, "machine", lambda: "arm64")
   assert machine.cpu_model() == "arm64"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, isa",
+    [
+        ("model name\t: AMD EPYC\nflags\t: fpu sse4_2 avx avx2 avx512f avx512dq\n", "avx512f"),
+        ("model name\t: AMD EPYC\nflags\t: fpu sse4_2 avx avx2 fma\n", "avx2"),
+        ("processor\t: 0\nFeatures\t: fp asimd sve sve2\nCPU part\t: 0xd4f\n", "sve2"),
+        ("processor\t: 0\nFeatures\t: fp asimd evtstrm\n", "asimd"),
+        ("processor\t: 0\n", "unknown"),
+    ],
+)
+def test_vector_isa_is_the_widest_extension_listed(monkeypatch, tmp_path, cpuinfo, isa):
+  path = tmp_path / "cpuinfo"
+  path.write_text(cpuinfo)
+  monkeypatch.setattr(machine, "CPUINFO", str(path))
+  assert machine.vector_isa() == isa
+  assert machine.cpu_kind().endswith(f" ({isa})")

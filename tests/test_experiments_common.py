@@ -52,8 +52,16 @@ def test_a_run_resumed_on_other_code_shows_both(tmp_path, monkeypatch):
     json.dump({"name": s.name, "code": {"commit": "old", "dirty": False}}, f)
   monkeypatch.setattr(common, "code_version", lambda: {"commit": "new", "dirty": False})
   monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: 0)  # the run itself
+  monkeypatch.setattr(common.machine, "cpu_kind", lambda: "EPYC (avx2)")
   common.ensure_run(str(tmp_path), s, log=lambda _: None)
   assert common.same_code(str(tmp_path), [s]) == {"old then new": ["r0"]}
+  # Its first launch predates the machine stamp; a third launch on another CPU adds that one.
+  assert common.same_machine(str(tmp_path), [s]) == {"unrecorded then EPYC (avx2)": ["r0"]}
+  monkeypatch.setattr(common.machine, "cpu_kind", lambda: "EPYC (avx512f)")
+  common.ensure_run(str(tmp_path), s, log=lambda _: None)
+  assert common.same_machine(str(tmp_path), [s]) == {
+      "unrecorded then EPYC (avx2) then EPYC (avx512f)": ["r0"]
+  }
 
 
 def test_load_config_applies_overrides_and_refuses_unknown_keys():
@@ -236,6 +244,7 @@ def test_a_run_on_another_warm_start_than_the_archived_runs_is_refused(tmp_path,
   common.ensure_run(str(tmp_path / "a"), s0, log=log, archive=archive)
   spec = json.load(open(os.path.join(archive, "f_r0", "spec.json")))
   assert spec["cpus"] == len(os.sched_getaffinity(0)) and spec["warm_start_sha256"]
+  assert spec["machine"] == common.machine.cpu_kind() and spec["earlier_machine"] == []
   # A fresh root whose first launch trains the same warm start archives its run.
   common.ensure_run(str(tmp_path / "b"), s1, log=log, archive=archive)
   assert os.path.exists(os.path.join(archive, "f_r1"))

@@ -234,7 +234,8 @@ def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
       with open(os.path.join(path, "summary.md"), "w") as f:
         f.write("done\n")
       with open(os.path.join(path, "spec.json"), "w") as f:
-        json.dump({**dataclasses.asdict(s), "code": {"commit": "abc", "dirty": False}}, f)
+        cpu = {"machine": "EPYC (avx2)"} if arm == "grpo" else {}  # clip_cov's predate the stamp
+        json.dump({**dataclasses.asdict(s), "code": {"commit": "abc", "dirty": False}, **cpu}, f)
       common.archive_run(path, archive)
   monkeypatch.setattr(common.subprocess, "call", lambda *a, **k: pytest.fail("a run launched"))
   out = tmp_path / "out"
@@ -244,6 +245,7 @@ def test_the_report_regenerates_from_archived_runs_alone(tmp_path, monkeypatch):
   study_methods.main()
   report = (out / "report.md").read_text()
   assert "code: abc: 4 runs" in report
+  assert "machine: EPYC (avx2): 2 runs; unrecorded: 2 runs." in report
   rows = [x.split(" | ")[0] for x in report.splitlines() if x.startswith("| ") and " | " in x]
   assert rows[1:] == ["| grpo", "| clip_cov"]  # below the header: the baseline first
   # --report_only: what is finished, never a launch; an arm's seeds stop at its first missing one.
