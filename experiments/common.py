@@ -525,6 +525,15 @@ def run_settings(
 # ----------------------------------------------------------------------------- reports
 
 
+def line_colors(n: int) -> list:
+  """`n` colours for `n` lines: matplotlib's default cycle (tab10) up to 10 lines, tab20 up to 20
+  (past 20 they repeat), so no two of a study's arms share a colour."""
+  import matplotlib
+
+  colors = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+  return [colors[i % len(colors)] for i in range(n)]
+
+
 def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = "") -> str:
   """One panel per metric key; one line per label (mean over its runs, band = min..max)."""
   import matplotlib
@@ -534,6 +543,7 @@ def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = 
   from entropy_rl import analysis
 
   fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
+  colors = line_colors(len(groups))
   for ax, key in zip(axes[0], keys):
     for i, (label, runs) in enumerate(groups.items()):
       curves = [series(r, key) for r in runs]
@@ -544,7 +554,7 @@ def plot_groups(groups: dict, keys, out_png: str, smooth: int = 5, title: str = 
       n = len(x)
       window = smooth if n > 2 * smooth else 1
       ys = np.stack([analysis.moving_average(c[1][np.isin(c[0], x)], window) for c in curves])
-      color = f"C{i}"
+      color = colors[i]
       ax.plot(x, ys.mean(0), color=color, label=label, lw=1.2, marker="o" if n < 12 else None, ms=3)
       if len(ys) > 1:
         ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)

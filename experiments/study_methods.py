@@ -427,11 +427,11 @@ def plot_frontier(runs: dict, out_png: str, ref_fit: dict | None = None, window:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+  colors = common.line_colors(len(runs))
   fig, (ax, end) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
   for i, (arm, recs) in enumerate(runs.items()):
     h, v = mean_trajectory(recs)
-    c = colors[i % len(colors)]
+    c = colors[i]
     style = {"lw": 2.0, "zorder": 3} if arm == "grpo" else {"lw": 1.0}
     ax.plot(h, v, color=c, marker="o", ms=2, label=arm, **style)
     hs = [common.final_mean(r, H) for r in recs]

@@ -308,3 +308,15 @@ def test_the_warm_start_is_archived_restored_and_checked_per_seed(tmp_path, monk
     common.ensure_run(str(tmp_path / "c"), spec("k_s0", 0), log=log, archive=archive)
   assert not os.path.isdir(os.path.join(archive, "k_s0"))
   assert common.read_records(c1) and common.read_records(a0)
+
+
+def test_plot_groups_gives_each_of_eleven_arms_its_own_colour(tmp_path, monkeypatch):
+  from matplotlib.colors import to_rgb
+
+  figs = []
+  monkeypatch.setattr(common, "save_figure", lambda fig, path: figs.append(fig) or path)
+  groups = {f"arm{i}": [[{"step": t, "acc": i + t} for t in range(5)]] for i in range(11)}
+  common.plot_groups(groups, ["acc"], str(tmp_path / "curves.png"))
+  colors = {to_rgb(line.get_color()) for line in figs[0].axes[0].get_lines()}
+  assert len(colors) == 11
+  assert common.line_colors(3) == [to_rgb(f"C{i}") for i in range(3)]  # the default cycle
